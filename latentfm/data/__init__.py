@@ -1,0 +1,1 @@
+"""Volume I/O, preprocessing, the embedded brain cohort and the grain loader."""

@@ -1,0 +1,1 @@
+"""Train states, the shared training loop, sharding and checkpoints."""
