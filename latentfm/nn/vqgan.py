@@ -1,0 +1,173 @@
+"""3D VQ-GAN autoencoder (Khader et al. "Medical Diffusion" layout) and its parameter count.
+
+Parameter tree of `VQGAN` (collection `"params"`):
+  encoder/{conv_in, down_i, res_i, norm_out}
+  decoder/{norm_in, up_i, res_i_0, res_i_1, conv_out}
+  pre_vq_conv, post_vq_conv
+Every conv holds `kernel` (*k, in, out) and `bias`; ResBlocks hold norm1, conv1, norm2, conv2.
+The decoder's last layer (for the adaptive GAN weight) is `params["decoder"]["conv_out"]`.
+The codebook lives in the `"codebook"` collection (see `quantizer.py`).
+"""
+
+from collections.abc import Sequence
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from latentfm.nn.discriminators import PatchDiscriminator
+from latentfm.nn.layers import GroupNorm, ResBlock, SamePadConv, SamePadConvTranspose
+from latentfm.nn.quantizer import VectorQuantizer
+
+Array = jax.Array
+
+
+def stage_strides(factors: Sequence[int]) -> list[tuple[int, ...]]:
+  """Per-stage strides: 2 on an axis while it still needs halving, else 1."""
+  remaining = [int(round(math.log2(f))) for f in factors]
+  if any(2**r != f for r, f in zip(remaining, factors)):
+    raise ValueError(f"down/upsampling factors must be powers of two, got {tuple(factors)}")
+  strides = []
+  for _ in range(max(remaining)):
+    strides.append(tuple(2 if r > 0 else 1 for r in remaining))
+    remaining = [r - 1 for r in remaining]
+  return strides
+
+
+class Encoder(nn.Module):
+  """conv3 -> [strided conv4 -> ResBlock] per stage -> GN -> SiLU."""
+  n_hiddens: int
+  downsample: Sequence[int]
+  norm_groups: int = 32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = SamePadConv(self.n_hiddens, 3, 1, name="conv_in")(x)
+    for i, s in enumerate(stage_strides(self.downsample)):
+      h = SamePadConv(self.n_hiddens * 2**(i + 1), 4, s, name=f"down_{i}")(h)
+      h = ResBlock(self.norm_groups, name=f"res_{i}")(h)
+    h = GroupNorm(h.shape[-1], self.norm_groups, name="norm_out")(h)
+    return nn.silu(h)
+
+
+class Decoder(nn.Module):
+  """GN -> SiLU -> [transposed conv4 -> 2 ResBlocks] per stage -> conv3 to image channels."""
+  n_hiddens: int
+  upsample: Sequence[int]
+  image_channels: int = 1
+  norm_groups: int = 32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = nn.silu(GroupNorm(x.shape[-1], self.norm_groups, name="norm_in")(x))
+    strides = stage_strides(self.upsample)
+    for i, s in enumerate(strides):
+      h = SamePadConvTranspose(self.n_hiddens * 2**(len(strides) - i), 4, s, name=f"up_{i}")(h)
+      h = ResBlock(self.norm_groups, name=f"res_{i}_0")(h)
+      h = ResBlock(self.norm_groups, name=f"res_{i}_1")(h)
+    return SamePadConv(self.image_channels, 3, 1, name="conv_out")(h)
+
+
+class VQGAN(nn.Module):
+  """Encoder -> 1x1x1 conv -> vector quantiser -> 1x1x1 conv -> decoder.
+
+  Inputs are (B, D, H, W, image_channels) in [-1, 1]; latents are (B, D/f, H/f, W/f, embedding_dim).
+  """
+  image_channels: int = 1
+  n_hiddens: int = 16
+  downsample: Sequence[int] = (4, 4, 4)
+  embedding_dim: int = 8
+  n_codes: int = 12288
+  norm_groups: int = 32
+  codebook_decay: float = 0.99
+  restart_dead_codes: bool = True
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict) -> "VQGAN":
+    """Builds the autoencoder from a config's `model` section."""
+    return cls(
+        image_channels=model.image_channels, n_hiddens=model.n_hiddens,
+        downsample=tuple(model.downsample), embedding_dim=model.embedding_dim,
+        n_codes=model.n_codes, norm_groups=model.norm_groups,
+        codebook_decay=model.codebook_decay, restart_dead_codes=model.restart_dead_codes)
+
+  def setup(self):
+    stages = len(stage_strides(self.downsample))
+    self.encoder = Encoder(self.n_hiddens, tuple(self.downsample), self.norm_groups)
+    self.decoder = Decoder(self.n_hiddens, tuple(self.downsample), self.image_channels,
+                           self.norm_groups)
+    self.pre_vq_conv = SamePadConv(self.embedding_dim, 1, 1)
+    self.post_vq_conv = SamePadConv(self.n_hiddens * 2**stages, 1, 1)
+    self.quantizer = VectorQuantizer(self.n_codes, self.embedding_dim, self.codebook_decay,
+                                     self.restart_dead_codes)
+
+  def encode(self, x: Array) -> Array:
+    """Continuous latent after the pre-VQ conv (before quantisation)."""
+    return self.pre_vq_conv(self.encoder(x))
+
+  def quantize(self, z: Array, train: bool = False) -> dict[str, Array]:
+    """Quantiser output dict for a latent `z` (see `VectorQuantizer.__call__`)."""
+    return self.quantizer(z, train=train)
+
+  def decode(self, z: Array) -> Array:
+    """Image from a (quantised or continuous) latent with `embedding_dim` channels."""
+    return self.decoder(self.post_vq_conv(z))
+
+  def lookup(self, indices: Array) -> Array:
+    """Latent of code vectors for integer code indices (B, d, h, w)."""
+    return self.quantizer.lookup(indices)
+
+  def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+    """Full autoencoding pass.
+
+    Returns `recon`, `latent` (continuous z), `quantized` (straight-through), `indices`,
+    `commitment_loss`, `perplexity`, `live_codes`.
+    """
+    z = self.encode(x)
+    q = self.quantize(z, train=train)
+    return {"recon": self.decode(q["quantized"]), "latent": z, **q}
+
+
+def _count(tree) -> int:
+  return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def _lpips_count() -> int:
+  """Parameters of the frozen LPIPS network (VGG16 features + linear heads)."""
+  try:
+    from latentfm.nn.lpips import LPIPS  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    # VGG16's 13 conv layers (14,714,688) + 5 bias-free 1x1 heads over 64+128+256+512+512 channels.
+    return 14_714_688 + 1_472
+  img = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  shapes = jax.eval_shape(LPIPS().init, jax.random.key(0), img, img)
+  return _count(shapes.get("params", shapes))
+
+
+def parameter_breakdown(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Trainable parameter counts per part (LPIPS: frozen, counted for reference).
+
+  `config` is the `model` section of a VQ-GAN config. Shapes only; nothing is allocated.
+  """
+  key = jax.random.key(0)
+  c = config.image_channels
+  vol = jax.ShapeDtypeStruct((1, 16, 16, 16, c), jnp.float32)
+  img = jax.ShapeDtypeStruct((1, 16, 16, c), jnp.float32)
+  p = jax.eval_shape(VQGAN.from_config(config).init, key, vol)["params"]
+
+  def disc(dims, x):
+    d = PatchDiscriminator(config.disc_channels, config.disc_layers, spatial_dims=dims)
+    return _count(jax.eval_shape(d.init, key, x)["params"])
+
+  return {
+      "encoder": _count(p["encoder"]),
+      "decoder": _count(p["decoder"]),
+      "pre_vq_conv": _count(p["pre_vq_conv"]),
+      "post_vq_conv": _count(p["post_vq_conv"]),
+      "codebook": _count(p.get("quantizer", {})),
+      "image_discriminator": disc(2, img),
+      "volume_discriminator": disc(3, vol),
+      "lpips": _lpips_count(),
+  }
