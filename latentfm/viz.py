@@ -1,0 +1,74 @@
+"""Tri-planar previews: axial, coronal and sagittal mid-slices of volumes, as arrays or PNGs."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+PLANES = ("axial", "coronal", "sagittal")
+
+
+def _as_batch(volumes) -> np.ndarray:
+  arr = np.asarray(volumes, np.float32)
+  if arr.ndim == 5 and arr.shape[-1] == 1:
+    arr = arr[..., 0]
+  if arr.ndim == 3:
+    arr = arr[None]
+  if arr.ndim != 4:
+    raise ValueError(f"expected (D,H,W), (N,D,H,W) or (N,D,H,W,1) volumes, got {arr.shape}")
+  return arr
+
+
+def mid_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Axial (D-mid), coronal (H-mid) and sagittal (W-mid) slices of a (D, H, W) volume.
+
+  Arrays are indexed (z, y, x); slices are flipped so that z points up on screen.
+  """
+  d, h, w = volume.shape
+  return volume[d // 2], volume[::-1, h // 2, :], volume[::-1, :, w // 2]
+
+
+def triplanar_image(volumes, pad: int = 2) -> np.ndarray:
+  """A mosaic (rows = volumes, columns = planes) as a 2D float array for TensorBoard or PNG."""
+  batch = _as_batch(volumes)
+  rows = []
+  for vol in batch:
+    tiles = mid_slices(vol)
+    height = max(t.shape[0] for t in tiles)
+    tiles = [np.pad(t, ((0, height - t.shape[0] + pad), (0, pad))) for t in tiles]
+    rows.append(np.concatenate(tiles, axis=1))
+  return np.concatenate(rows, axis=0)
+
+
+def save_triplanar(path: str, volumes, row_labels: Sequence[str] | None = None,
+                   title: str | None = None, vmin: float = 0.0, vmax: float = 1.0) -> str:
+  """Writes a PNG with one row per volume and the three mid-slices as columns; returns `path`."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  batch = _as_batch(volumes)
+  n = len(batch)
+  if row_labels is not None and len(row_labels) != n:
+    raise ValueError(f"{len(row_labels)} row labels for {n} volumes")
+  fig, axes = plt.subplots(n, 3, figsize=(6.0, 2.0 * n + (0.4 if title else 0.0)),
+                           squeeze=False)
+  for i, vol in enumerate(batch):
+    for j, (plane, img) in enumerate(zip(PLANES, mid_slices(vol))):
+      ax = axes[i, j]
+      ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(plane, fontsize=9)
+      if j == 0 and row_labels is not None:
+        ax.set_ylabel(row_labels[i], fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
