@@ -21,21 +21,23 @@ def _as_batch(volumes) -> np.ndarray:
   return arr
 
 
-def mid_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Axial (D-mid), coronal (H-mid) and sagittal (W-mid) slices of a (D, H, W) volume.
+def mid_slices(volume: np.ndarray, at: Sequence[float] = (0.5, 0.5, 0.5)
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Axial, coronal and sagittal slices of a (D, H, W) volume at fractional position `at`.
 
-  Arrays are indexed (z, y, x); slices are flipped so that z points up on screen.
+  Arrays are indexed (z, y, x); slices are flipped so that z points up on screen. The default
+  is the middle of each axis.
   """
-  d, h, w = volume.shape
-  return volume[d // 2], volume[::-1, h // 2, :], volume[::-1, :, w // 2]
+  d, h, w = (min(int(f * n), n - 1) for f, n in zip(at, volume.shape))
+  return volume[d], volume[::-1, h, :], volume[::-1, :, w]
 
 
-def triplanar_image(volumes, pad: int = 2) -> np.ndarray:
+def triplanar_image(volumes, pad: int = 2, at: Sequence[float] = (0.5, 0.5, 0.5)) -> np.ndarray:
   """A mosaic (rows = volumes, columns = planes) as a 2D float array for TensorBoard or PNG."""
   batch = _as_batch(volumes)
   rows = []
   for vol in batch:
-    tiles = mid_slices(vol)
+    tiles = mid_slices(vol, at)
     height = max(t.shape[0] for t in tiles)
     tiles = [np.pad(t, ((0, height - t.shape[0] + pad), (0, pad))) for t in tiles]
     rows.append(np.concatenate(tiles, axis=1))
@@ -43,8 +45,9 @@ def triplanar_image(volumes, pad: int = 2) -> np.ndarray:
 
 
 def save_triplanar(path: str, volumes, row_labels: Sequence[str] | None = None,
-                   title: str | None = None, vmin: float = 0.0, vmax: float = 1.0) -> str:
-  """Writes a PNG with one row per volume and the three mid-slices as columns; returns `path`."""
+                   title: str | None = None, vmin: float = 0.0, vmax: float = 1.0,
+                   at: Sequence[float] = (0.5, 0.5, 0.5)) -> str:
+  """Writes a PNG with one row per volume and the three slices (see `mid_slices`) as columns."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -56,7 +59,7 @@ def save_triplanar(path: str, volumes, row_labels: Sequence[str] | None = None,
   fig, axes = plt.subplots(n, 3, figsize=(6.0, 2.0 * n + (0.4 if title else 0.0)),
                            squeeze=False)
   for i, vol in enumerate(batch):
-    for j, (plane, img) in enumerate(zip(PLANES, mid_slices(vol))):
+    for j, (plane, img) in enumerate(zip(PLANES, mid_slices(vol, at))):
       ax = axes[i, j]
       ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
       ax.set_xticks([])

@@ -27,3 +27,11 @@ def test_save_triplanar_writes_png(tmp_path):
   assert img.shape[0] > 100 and img.shape[1] > 100
   with pytest.raises(ValueError, match="row labels"):
     viz.save_triplanar(str(tmp_path / "q.png"), np.zeros((2, 4, 4, 4)), row_labels=["a"])
+
+
+def test_slices_at_fractional_position():
+  vol = np.random.rand(10, 10, 10)
+  axial, coronal, sagittal = viz.mid_slices(vol, at=(0.0, 0.99, 0.3))
+  np.testing.assert_array_equal(axial, vol[0])
+  np.testing.assert_array_equal(coronal, vol[::-1, 9, :])
+  np.testing.assert_array_equal(sagittal, vol[::-1, :, 3])

@@ -13,13 +13,14 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import grain
 import numpy as np
 
+from latentfm.data.cohort import write_cohort
 from latentfm.data.io import VolumeError, is_volume_file, read_volume
-from latentfm.data.preprocess import augment, preprocess_volume
+from latentfm.data.preprocess import augment, preprocess_volume, train_val_split
 
 CACHE_VERSION = 1
 UNLABELLED = -1
@@ -160,3 +161,24 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0
   return grain.DataLoader(data_source=ArraySource(dataset), sampler=sampler, operations=ops,
                           worker_count=worker_count,
                           read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+
+
+def load_splits(data: Any, workdir: str, seed: int = 0,
+                progress: Callable[[Iterable], Iterable] | None = None
+                ) -> tuple[Dataset, Dataset]:
+  """(train, validation) datasets for a config's `data` section.
+
+  `data.dir = None` generates the embedded cohort into `workdir/cohort` (already on the model
+  grid, so it is not resampled); a user directory is preprocessed at `data.spacing` mm. The
+  preprocessed arrays are cached in `workdir/cache`; the split is deterministic by
+  `data.split_seed`.
+  """
+  shape = tuple(int(s) for s in data.shape)
+  if data.dir:
+    directory, spacing = str(data.dir), data.spacing
+  else:
+    directory = write_cohort(os.path.join(workdir, "cohort"), int(data.cohort_size), shape, seed)
+    spacing = None
+  dataset = load_dataset(directory, shape, spacing, os.path.join(workdir, "cache"), progress)
+  train, val = train_val_split(len(dataset.volumes), data.val_fraction, data.split_seed)
+  return dataset.subset(train), dataset.subset(val)

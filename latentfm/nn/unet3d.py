@@ -1,0 +1,174 @@
+"""3D UNet velocity field v(z, t) for latent flow matching.
+
+True 3D convolutions on channels-last latents `(B, D, H, W, C)`. Levels are indexed from the
+finest (0) to the coarsest (`len(channel_mults) - 1`); the spatial size halves between
+consecutive levels, so every spatial axis must be divisible by `2 ** (levels - 1)`.
+
+Layout (DDPM / guided-diffusion style): conv3 stem; per level `num_res_blocks` residual blocks
+(each followed by self-attention at `attention_levels`) and a stride-2 conv downsample; a middle
+block res-attn-res (attention only when the coarsest level is an attention level); a mirrored
+decoder whose blocks take the concatenated skip connections (`num_res_blocks + 1` per level)
+with nearest-neighbour upsampling + conv3; GroupNorm + SiLU + zero-initialised conv3 back to
+the input channels.
+"""
+
+from collections.abc import Sequence
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+Array = jax.Array
+
+TIME_SCALE = 1000.0  # t in [0, 1] is scaled to [0, 1000] before the sinusoidal embedding
+
+
+def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
+  """Sinusoidal embedding `(B,) -> (B, dim)` ([cos | sin], geometric frequencies)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def _norm(channels: int, max_groups: int, name: str | None = None) -> nn.GroupNorm:
+  """GroupNorm with the largest group count <= `max_groups` that divides `channels`."""
+  return nn.GroupNorm(num_groups=math.gcd(channels, max_groups), epsilon=1e-6, name=name)
+
+
+def _conv(features: int, name: str | None = None, **kw) -> nn.Conv:
+  return nn.Conv(features, (3, 3, 3), padding=((1, 1),) * 3, name=name, **kw)
+
+
+class ResBlock(nn.Module):
+  """GN -> SiLU -> conv3 -> + time projection -> GN -> SiLU -> dropout -> conv3, plus skip."""
+  features: int
+  dropout: float = 0.0
+  norm_groups: int = 32
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Array, train: bool) -> Array:
+    h = nn.silu(_norm(x.shape[-1], self.norm_groups, "norm1")(x))
+    h = _conv(self.features, "conv1")(h)
+    h = h + nn.Dense(self.features, name="time_proj")(nn.silu(temb))[:, None, None, None, :]
+    h = nn.silu(_norm(self.features, self.norm_groups, "norm2")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = _conv(self.features, "conv2")(h)
+    if x.shape[-1] != self.features:
+      x = nn.Conv(self.features, (1, 1, 1), name="skip")(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over all voxels (pre-GroupNorm, residual)."""
+  num_heads: int = 4
+  norm_groups: int = 32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, *spatial, c = x.shape
+    h = _norm(c, self.norm_groups, "norm")(x).reshape(b, -1, c)
+    h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=c,
+                                        out_features=c, name="attention")(h)
+    return x + h.reshape(b, *spatial, c)
+
+
+class Downsample(nn.Module):
+  """Stride-2 conv3 (padding 1): halves every spatial axis."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return nn.Conv(x.shape[-1], (3, 3, 3), strides=2, padding=((1, 1),) * 3, name="conv")(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2 upsampling followed by conv3."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    for axis in (1, 2, 3):
+      x = jnp.repeat(x, 2, axis=axis)
+    return _conv(x.shape[-1], "conv")(x)
+
+
+class UNet3D(nn.Module):
+  """Velocity field `v(z, t)`: `(B, D, H, W, C), (B,) -> (B, D, H, W, C)`."""
+  channels: int = 64
+  channel_mults: Sequence[int] = (1, 2, 4)
+  num_res_blocks: int = 2
+  attention_levels: Sequence[int] = (1, 2)
+  num_heads: int = 4
+  dropout: float = 0.0
+  time_embed_dim: int | None = None  # default: 4 * channels
+  norm_groups: int = 32
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> "UNet3D":
+    """Builds the network from a flow config or its `model` section."""
+    m = cfg.model if "model" in cfg else cfg
+    return cls(
+        channels=m.channels, channel_mults=tuple(m.channel_mults),
+        num_res_blocks=m.num_res_blocks, attention_levels=tuple(m.attention_levels),
+        num_heads=m.num_heads, dropout=m.dropout, time_embed_dim=m.time_embed_dim,
+        norm_groups=m.norm_groups)
+
+  @nn.compact
+  def __call__(self, z: Array, t: Array, train: bool = False) -> Array:
+    levels = len(self.channel_mults)
+    factor = 2 ** (levels - 1)
+    if z.ndim != 5 or any(s % factor for s in z.shape[1:4]):
+      raise ValueError(f"expected (B, D, H, W, C) with D, H, W divisible by {factor}, "
+                       f"got {z.shape}")
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z.shape[0],))
+    tdim = self.time_embed_dim or 4 * self.channels
+    temb = timestep_embedding(t * TIME_SCALE, self.channels)
+    temb = nn.Dense(tdim, name="time_mlp_0")(temb)
+    temb = nn.Dense(tdim, name="time_mlp_1")(nn.silu(temb))
+
+    res = lambda f: ResBlock(f, self.dropout, self.norm_groups)
+    attn = lambda: AttentionBlock(self.num_heads, self.norm_groups)
+    attn_levels = set(self.attention_levels)
+
+    h = _conv(self.channels, "stem")(z)
+    skips = [h]
+    for level, mult in enumerate(self.channel_mults):
+      for _ in range(self.num_res_blocks):
+        h = res(self.channels * mult)(h, temb, train)
+        if level in attn_levels:
+          h = attn()(h)
+        skips.append(h)
+      if level < levels - 1:
+        h = Downsample()(h)
+        skips.append(h)
+
+    h = res(h.shape[-1])(h, temb, train)
+    if levels - 1 in attn_levels:
+      h = attn()(h)
+    h = res(h.shape[-1])(h, temb, train)
+
+    for level in reversed(range(levels)):
+      for _ in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res(self.channels * self.channel_mults[level])(h, temb, train)
+        if level in attn_levels:
+          h = attn()(h)
+      if level > 0:
+        h = Upsample()(h)
+
+    h = nn.silu(_norm(h.shape[-1], self.norm_groups, "out_norm")(h))
+    return _conv(z.shape[-1], "out", kernel_init=nn.initializers.zeros)(h)
+
+
+def count_params(cfg: ml_collections.ConfigDict, in_channels: int = 8) -> int:
+  """Trainable parameters of the UNet for `in_channels` latent channels (shapes only)."""
+  model = UNet3D.from_config(cfg)
+  size = 2 ** (len(model.channel_mults) - 1)
+  z = jax.ShapeDtypeStruct((1, size, size, size, in_channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), z, t)
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes["params"])))
