@@ -39,6 +39,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                        "(powers of two)")
   if min(shape[1:]) < 16 and config.loss.perceptual_weight > 0:
     raise ValueError(f"data.shape {shape}: LPIPS slices need at least 16x16")
+  if config.train.batch_size < 1:
+    raise ValueError(f"train.batch_size must be positive, got {config.train.batch_size}")
   if config.train.batch_size % jax.device_count():
     raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by the "
                      f"{jax.device_count()} devices")

@@ -135,7 +135,7 @@ def make_train_step(config: ml_collections.ConfigDict, *, use_gan: bool
     updates, g_opt = g_tx.update(grads, state["g_opt"], state["params"])
     new = dict(state, params=optax.apply_updates(state["params"], updates), g_opt=g_opt,
                codebook=codebook, step=state["step"] + 1)
-    terms["g_grad_norm"] = optax.global_norm(grads)
+    terms["g_grad_norm"] = optax.tree.norm(grads)
     if use_gan:
       fake_vol, fake_img = jax.lax.stop_gradient(recon), jax.lax.stop_gradient(rs)
 

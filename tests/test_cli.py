@@ -1,0 +1,54 @@
+"""Command-line entry points: bad input gives one line on stderr and exit code 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=120):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+VQ = ("experiments.vqgan", "--config", "experiments/configs/vqgan.py:demo")
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--config.model.nope=3"], "nope"),
+    (["--config.data.shape=(30,32,32)"], "not divisible"),
+    (["--config.data.dir=/no/such/dir"], "/no/such/dir"),
+    (["--config.train.batch_size=0"], "batch"),
+])
+def test_vqgan_bad_input_exits_2(tmp_path, extra, expected):
+  result = run(*VQ, "--workdir", str(tmp_path / "w"), *extra)
+  assert result.returncode == 2, result.stderr
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr
+
+
+def test_vqgan_requires_workdir():
+  result = run(*VQ)
+  assert result.returncode == 2 and "--workdir" in result.stderr
+
+
+def test_unknown_config_name(tmp_path):
+  result = run("experiments.vqgan", "--config", "experiments/configs/vqgan.py:nope",
+               "--workdir", str(tmp_path))
+  assert result.returncode == 2 and "nope" in result.stderr
+
+
+def test_cohort_command(tmp_path):
+  out = tmp_path / "c"
+  result = run("experiments.cohort", "--out", str(out), "--n", "4", "--size", "16")
+  assert result.returncode == 0, result.stderr
+  assert (out / "manifest.csv").is_file() and (out / "montage.png").is_file()
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "keep.txt").write_text("x")
+  result = run("experiments.cohort", "--out", str(tmp_path / "other"), "--n", "4", "--size", "16")
+  assert result.returncode == 2 and "refusing" in result.stderr
+  assert (tmp_path / "other" / "keep.txt").read_text() == "x"

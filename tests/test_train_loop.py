@@ -1,0 +1,110 @@
+"""The shared training loop with a trivial step: logging, checkpoint/resume, signals, NaN stop."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from latentfm.data import loader
+from latentfm.train import checkpoint, parallel
+from latentfm.train.loop import NonFiniteLossError, check_finite, train_loop
+from latentfm.train.writer import MetricWriter, read_metrics
+
+
+def _data():
+  rng = np.random.default_rng(0)
+  return loader.Dataset(rng.random((6, 4, 4, 4), dtype=np.float32), np.arange(6, dtype=np.int32),
+                        tuple(map(str, range(6))))
+
+
+@jax.jit
+def _step_fn(state, batch):
+  w = state["w"] + jnp.mean(batch["image"]) * 0.1
+  return {"w": w, "step": state["step"] + 1}, {"loss": w, "label_sum": jnp.sum(batch["label"])}
+
+
+def step(state, batch, _):
+  return _step_fn(state, batch)
+
+
+def run(workdir, num_steps, hook=None):
+  mesh = parallel.make_mesh()
+  state = parallel.replicate({"w": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}, mesh)
+  manager = checkpoint.open_manager(os.path.join(workdir, "ckpt"))
+  it = iter(loader.make_loader(_data(), 2, train=True, seed=0, augmentation=loader.Augment()))
+  first = checkpoint.latest_step(manager) or 0
+  if first:
+    state, data_state, _ = checkpoint.restore(manager, state)
+    it.set_state(data_state)
+  writer = MetricWriter(workdir, tensorboard=False, resume_step=first)
+  fn = step if hook is None else (lambda s, b, i: hook(i) or step(s, b, i))
+  try:
+    result = train_loop(state, fn, it, mesh=mesh, first_step=first, num_steps=num_steps,
+                        manager=manager, writer=writer, log_every=1, ckpt_every=3)
+  finally:
+    checkpoint.close(manager)
+    writer.close()
+  return result
+
+
+def test_resume_continues_exactly(tmp_path):
+  full = run(str(tmp_path / "full"), 8)
+  part = tmp_path / "part"
+  run(str(part), 5)  # checkpoints at 3 and 5 (the last step)
+  resumed = run(str(part), 8)
+  assert resumed.step == 8 and float(resumed.state["w"]) == float(full.state["w"])
+  assert read_metrics(str(part)) == read_metrics(str(tmp_path / "full"))
+
+
+def test_writer_drops_rows_after_resume_step(tmp_path):
+  w = MetricWriter(str(tmp_path), tensorboard=False)
+  for s in range(1, 6):
+    w.write_scalars(s, {"loss": s})
+  w.close()
+  w = MetricWriter(str(tmp_path), tensorboard=True, resume_step=3)
+  w.write_scalars(4, {"loss": 40.0})
+  w.close()
+  assert [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path))] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+  assert os.path.isdir(tmp_path / "tensorboard")
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+  def hook(i):
+    if i == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+  result = run(str(tmp_path), 10, hook)
+  assert result.stopped_by_signal == signal.SIGTERM and result.step == 2
+  manager = checkpoint.open_manager(str(tmp_path / "ckpt"))
+  assert checkpoint.latest_step(manager) == 2
+  checkpoint.close(manager)
+  assert run(str(tmp_path), 4).step == 4  # the rerun resumes
+
+
+def test_nan_stops_with_named_term_and_keeps_checkpoint(tmp_path):
+  def bad_step(state, batch, i):
+    new, metrics = step(state, batch, i)
+    if i == 4:
+      metrics = dict(metrics, loss=jnp.nan)
+    return new, metrics
+  mesh = parallel.make_mesh()
+  manager = checkpoint.open_manager(str(tmp_path / "ckpt"))
+  writer = MetricWriter(str(tmp_path), tensorboard=False)
+  it = iter(loader.make_loader(_data(), 2, train=True))
+  state = {"w": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}
+  with pytest.raises(NonFiniteLossError, match="step 5: loss is nan"):
+    train_loop(state, bad_step, it, mesh=mesh, first_step=0, num_steps=10, manager=manager,
+               writer=writer, log_every=1, ckpt_every=3)
+  checkpoint.wait(manager)
+  assert checkpoint.latest_step(manager) == 3
+  checkpoint.close(manager)
+
+
+def test_check_finite():
+  check_finite(1, {"a": 1.0})
+  with pytest.raises(NonFiniteLossError, match="step 7: d_loss is inf"):
+    check_finite(7, {"a": 1.0, "d_loss": float("inf")})
