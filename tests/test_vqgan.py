@@ -29,7 +29,9 @@ def tiny():
 
 
 def test_parameter_breakdown_thesis_exact():
-  assert vqgan.parameter_breakdown(get_config("thesis").model) == {
+  full = vqgan.parameter_breakdown(get_config("thesis"))
+  assert sum(v for k, v in full.items() if k != "lpips") == 15_205_227  # total trainable
+  assert vqgan.parameter_breakdown(get_config("thesis").model) == full == {
       "encoder": 441_568,
       "decoder": 948_417,
       "pre_vq_conv": 520,

@@ -136,11 +136,7 @@ def _count(tree) -> int:
 
 def _lpips_count() -> int:
   """Parameters of the frozen LPIPS network (VGG16 features + linear heads)."""
-  try:
-    from latentfm.nn.lpips import LPIPS  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    # VGG16's 13 conv layers (14,714,688) + 5 bias-free 1x1 heads over 64+128+256+512+512 channels.
-    return 14_714_688 + 1_472
+  from latentfm.nn.lpips import LPIPS  # pylint: disable=import-outside-toplevel
   img = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   shapes = jax.eval_shape(LPIPS().init, jax.random.key(0), img, img)
   return _count(shapes.get("params", shapes))
@@ -149,8 +145,9 @@ def _lpips_count() -> int:
 def parameter_breakdown(config: ml_collections.ConfigDict) -> dict[str, int]:
   """Trainable parameter counts per part (LPIPS: frozen, counted for reference).
 
-  `config` is the `model` section of a VQ-GAN config. Shapes only; nothing is allocated.
+  `config` is a VQ-GAN config or its `model` section. Shapes only; nothing is allocated.
   """
+  config = config.model if "model" in config else config
   key = jax.random.key(0)
   c = config.image_channels
   vol = jax.ShapeDtypeStruct((1, 16, 16, 16, c), jnp.float32)
