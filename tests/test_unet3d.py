@@ -1,0 +1,139 @@
+"""Tests for the 3D UNet velocity field."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs.flow import get_config
+from latentfm.nn.unet3d import UNet3D, count_params
+
+THESIS_PARAMS = 37_910_568  # channels 80, mults (1, 2, 2, 2), 2 res blocks, attention (2, 3)
+
+
+def random_params(model: UNet3D, z: jax.Array, seed: int = 0):
+  """Random, non-zero parameters of the right shapes (no compiled init: fast on CPU)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), z, jnp.zeros(z.shape[0]))["params"]
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name = path[-1].key
+    if name == "kernel":
+      x = rng.normal(size=s.shape) / math.sqrt(math.prod(s.shape[:-1]))
+    elif name == "scale":
+      x = 1.0 + 0.1 * rng.normal(size=s.shape)
+    else:
+      x = 0.1 * rng.normal(size=s.shape)
+    return jnp.asarray(x, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _latent(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+TINY = UNet3D(channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
+              num_heads=2, dropout=0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  z = _latent((2, 8, 8, 8, 4))
+  params = random_params(TINY, z)
+
+  def run(t, key=jax.random.key(0), train=False):
+    return TINY.apply({"params": params}, z, t, train=train, rngs={"dropout": key})
+
+  return z, jax.jit(run, static_argnames="train")
+
+
+def test_output_shape_matches_input(tiny):
+  z, run = tiny
+  assert run(jnp.array([0.2, 0.7])).shape == z.shape
+
+
+@pytest.mark.parametrize("model, shape", [
+    (TINY, (1, 4, 8, 12, 3)),
+    (UNet3D(8, (1, 1, 2), 1, (2,), 2), (1, 8, 4, 12, 2)),
+])
+def test_anisotropic_shapes(model, shape):
+  z = _latent(shape)
+  out = jax.jit(model.apply)({"params": random_params(model, z)}, z, jnp.full((1,), 0.5))
+  assert out.shape == shape and bool(jnp.isfinite(out).all())
+
+
+def test_indivisible_shape_raises():
+  with pytest.raises(ValueError, match="divisible by 2"):
+    TINY.init(jax.random.key(0), jnp.zeros((1, 8, 8, 7, 2)), jnp.zeros(1))
+
+
+def test_time_conditioning_changes_output(tiny):
+  _, run = tiny
+  a, b = run(jnp.full((2,), 0.1)), run(jnp.full((2,), 0.9))
+  assert float(jnp.abs(a - b).mean()) > 1e-3
+
+
+def test_dropout_only_in_training(tiny):
+  _, run = tiny
+  t = jnp.full((2,), 0.5)
+  k1, k2 = jax.random.key(1), jax.random.key(2)
+  e1, e2 = run(t, k1), run(t, k2)
+  np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2))
+  r1, r2 = run(t, k1, train=True), run(t, k2, train=True)
+  assert float(jnp.abs(r1 - r2).mean()) > 1e-3
+  assert float(jnp.abs(r1 - e1).mean()) > 1e-3
+
+
+def test_thesis_parameter_count():
+  n = count_params(get_config("thesis"))
+  print(f"thesis UNet3D parameters: {n:,}")
+  assert n == THESIS_PARAMS
+  assert abs(n / 37.9e6 - 1) < 0.02
+  # 151.604 MB of float32 in the thesis.
+  assert abs(4 * n / 1e6 - 151.604) < 0.1
+
+
+def _frozen_group_stats(next_fun, args, kwargs, context):
+  """GroupNorm whose statistics carry no derivative (same value, purely local tangent)."""
+  if not (isinstance(context.module, nn.GroupNorm) and context.method_name == "__call__"):
+    return next_fun(*args, **kwargs)
+  (x,) = args
+  gn = context.module
+  x0 = jax.lax.stop_gradient(x)
+  g = gn.num_groups
+  grouped = x0.reshape(x.shape[0], -1, g, x.shape[-1] // g)
+  std = jnp.sqrt(grouped.var(axis=(1, 3)) + gn.epsilon)  # (B, G)
+  std = jnp.repeat(std, x.shape[-1] // g, axis=-1).reshape(x.shape[0], *(1,) * (x.ndim - 2), -1)
+  return next_fun(x0) + (x - x0) * gn.variables["params"]["scale"] / std
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_attention_mixes_distant_voxels(attention):
+  """Directional derivative of the output at voxels far from a perturbed one.
+
+  The 12 convolutions of a one-level UNet reach 12 voxels; GroupNorm statistics are global but
+  are held fixed here, so only attention can carry the perturbation along a 32-voxel axis.
+  """
+  model = UNet3D(16, (1,), 1, (0,) if attention else (), 2)
+  z = _latent((1, 2, 2, 32, 2))
+  params = random_params(model, z, seed=1)
+  dz = jnp.zeros_like(z).at[0, 0, 0, 0].set(1.0)
+
+  def f(z):
+    with nn.intercept_methods(_frozen_group_stats):
+      return model.apply({"params": params}, z, jnp.full((1,), 0.5))
+
+  out, tangent = jax.jit(lambda z, dz: jax.jvp(f, (z,), (dz,)))(z, dz)
+  np.testing.assert_allclose(out, model.apply({"params": params}, z, jnp.full((1,), 0.5)),
+                             atol=1e-5)
+  near = float(jnp.abs(tangent[0, :, :, :3]).max())
+  far = float(jnp.abs(tangent[0, :, :, 16:]).max())
+  assert near > 1e-3
+  if attention:
+    assert far > 1e-3 * near
+  else:
+    assert far == 0.0
