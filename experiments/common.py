@@ -68,4 +68,4 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool = True):
 
 def file_progress(desc: str, enabled: bool = True):
   import tqdm  # pylint: disable=import-outside-toplevel
-  return lambda items: tqdm.tqdm(items, desc=desc, disable=not enabled, unit="vol", leave=False)
+  return lambda items: tqdm.tqdm(items, desc=desc, disable=not enabled, leave=False)

@@ -1,4 +1,8 @@
-"""Sampling from the latent flow: ODE integration with Diffrax.
+"""Sampling from the latent flow: the public notebook API.
+
+  models = load("runs/demo/flow")
+  volumes, nfe = sample(jax.random.PRNGKey(0), models, 4, solver="tsit5")
+  write_samples("samples/", volumes)
 
 `integrate` solves dz/dt = v(z, t) from t = 1 (noise) to t = 0 (data). Fixed-step solvers
 (`euler`, `heun`, `midpoint`) take `steps` equal steps; `euler` is thesis Algorithm 3 exactly.
@@ -7,6 +11,9 @@ initial step. Each returns the number of velocity evaluations actually made.
 """
 
 from collections.abc import Callable
+import dataclasses
+import functools
+import os
 from typing import Any
 
 import diffrax
@@ -14,6 +21,9 @@ import equinox as eqx
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from latentfm.flow import LatentStats, denormalize, normalize
 
 Array = jax.Array
 VelocityFn = Callable[[Array, Array], Array]
@@ -112,3 +122,97 @@ class ModelVelocity:
 def velocity_from_model(apply_fn: Callable[..., Array], params: Any) -> ModelVelocity:
   """Wraps e.g. `UNet3D(...).apply` and its `params` as `velocity_fn(z, t)` (t broadcast)."""
   return ModelVelocity(apply_fn=apply_fn, params=params)
+
+
+# ----------------------------------------------------------------------------- trained models
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """A trained pipeline: the flow's EMA velocity field and the VQ-GAN that decodes its latents."""
+
+  velocity: ModelVelocity
+  vqgan: Any
+  vqgan_variables: dict
+  stats: LatentStats
+  latent_shape: tuple[int, ...]
+  flow_step: int
+  vqgan_step: int
+
+
+def load(workdir: str, vqgan_workdir: str | None = None) -> Models:
+  """Loads a trained flow (EMA weights) and its VQ-GAN from their checkpoints.
+
+  `workdir` is the flow stage's workdir; its config names the VQ-GAN workdir unless
+  `vqgan_workdir` is given.
+  """
+  from latentfm.nn.unet3d import UNet3D  # pylint: disable=import-outside-toplevel
+  from latentfm.train import flow_step, stages  # pylint: disable=import-outside-toplevel
+  config = stages.load_config(workdir)
+  vq_config, vq_model, vq_vars, vq_step = stages.restore_vqgan(
+      vqgan_workdir or config.vqgan_workdir)
+  meta = stages.read_extra(workdir)
+  shape = tuple(int(s) for s in meta["latent_shape"])
+  state, extra, step = stages.restore_latest(workdir, flow_step.create_state,
+                                             jax.random.PRNGKey(0), config, shape)
+  unet = UNet3D.from_config(config.model)
+  return Models(velocity=velocity_from_model(unet.apply, state["ema_params"]), vqgan=vq_model,
+                vqgan_variables=vq_vars, stats=LatentStats.from_dict(extra["latent_stats"]),
+                latent_shape=shape, flow_step=step, vqgan_step=vq_step)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _decode(model, variables, z, snap):
+  if snap:
+    z = model.apply(variables, z, method=lambda m, v: m.quantize(v)["quantized"])
+  return jnp.clip((model.apply(variables, z, method=model.decode) + 1.0) / 2.0, 0.0, 1.0)[..., 0]
+
+
+def decode(models: Models, z0: Array, snap_to_codebook: bool = False) -> Array:
+  """Normalised latents → volumes [N, D, H, W] in [0, 1] (optionally snapped to the codebook)."""
+  z = denormalize(z0, models.stats)
+  return _decode(models.vqgan, models.vqgan_variables, z, bool(snap_to_codebook))
+
+
+def sample(key: Array, models: Models, num: int, *, solver: str = "euler", steps: int = 50,
+           rtol: float = 1e-5, atol: float = 1e-5, snap_to_codebook: bool = False,
+           batch_size: int = 8) -> tuple[np.ndarray, int]:
+  """`num` synthetic volumes [num, D, H, W] in [0, 1] and the NFE per batch.
+
+  Noise z1 ~ N(0, I) is integrated from t = 1 to t = 0 with `solver`, un-normalised and decoded.
+  """
+  if num < 1:
+    raise ValueError(f"num must be positive, got {num}")
+  out, nfe = [], 0
+  for i, k in enumerate(jax.random.split(key, -(-num // batch_size))):
+    n = min(batch_size, num - i * batch_size)
+    z1 = jax.random.normal(k, (n,) + models.latent_shape)
+    z0, used = integrate(models.velocity, z1, solver=solver, steps=steps, rtol=rtol, atol=atol)
+    out.append(np.asarray(decode(models, z0, snap_to_codebook)))
+    nfe = max(nfe, int(used))
+  return np.concatenate(out), nfe
+
+
+def encode_to_noise(models: Models, volumes: Array, *, solver: str = "tsit5", steps: int = 50,
+                    rtol: float = 1e-5, atol: float = 1e-5) -> tuple[Array, Array]:
+  """Inverts real volumes [N, D, H, W] in [0, 1]: encode, normalise, integrate t = 0 → 1."""
+  x = jnp.asarray(volumes, jnp.float32)[..., None] * 2.0 - 1.0
+  z = models.vqgan.apply(models.vqgan_variables, x, method=models.vqgan.encode)
+  return integrate(models.velocity, normalize(z, models.stats), solver=solver, steps=steps,
+                   rtol=rtol, atol=atol, t0=0.0, t1=1.0)
+
+
+def write_samples(directory: str, volumes: np.ndarray, *, spacing: float = 1.0,
+                  prefix: str = "sample") -> list[str]:
+  """Writes volumes [N, D, H, W] as NIfTI (`spacing` mm) plus one tri-planar PNG; returns paths."""
+  from latentfm import viz  # pylint: disable=import-outside-toplevel
+  from latentfm.data.io import write_volume  # pylint: disable=import-outside-toplevel
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for i, vol in enumerate(np.asarray(volumes)):
+    path = os.path.join(directory, f"{prefix}_{i:04d}.nii.gz")
+    write_volume(path, vol, spacing=(spacing,) * 3)
+    paths.append(path)
+  viz.save_triplanar(os.path.join(directory, f"{prefix}s.png"), volumes[:8],
+                     [f"{prefix} {i}" for i in range(min(8, len(volumes)))])
+  return paths

@@ -104,7 +104,7 @@ def load_dataset(directory: str, shape: Sequence[int] = (64, 64, 64), spacing: f
 
 
 class ArraySource:
-  """grain random-access source over a `Dataset`: records {"image": (D,H,W,1), "label": ()}."""
+  """grain random-access source over a `Dataset`: records {"image": (D,H,W,C), "label": ()}."""
 
   def __init__(self, dataset: Dataset):
     self._dataset = dataset
@@ -113,8 +113,10 @@ class ArraySource:
     return len(self._dataset.volumes)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {"image": self._dataset.volumes[index][..., None],
-            "label": np.int32(self._dataset.labels[index])}
+    item = self._dataset.volumes[index]
+    if item.ndim == 3:  # a scalar volume gets its channel axis; latents (d,h,w,C) have one
+      item = item[..., None]
+    return {"image": item, "label": np.int32(self._dataset.labels[index])}
 
   def __repr__(self) -> str:
     return f"ArraySource(n={len(self)}, shape={self._dataset.volumes.shape[1:]})"

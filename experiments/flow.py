@@ -1,0 +1,151 @@
+r"""Trains latent rectified flow matching (stage 2) on a trained VQ-GAN's latents.
+
+  python -m experiments.flow --config experiments/configs/flow.py:demo --workdir runs/demo/flow \
+      --config.vqgan_workdir=runs/demo/vqgan
+
+Encodes the VQ-GAN's training volumes once (continuous pre-quantisation latents, cached in
+`workdir/latents.npz`), normalises them per channel (statistics stored with every checkpoint),
+and trains the 3D UNet velocity field. Resumes automatically. Every `train.sample_every` steps
+it decodes samples from the EMA weights to `images/samples_<step>.png`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments import common
+from latentfm import flow, viz
+from latentfm.data import loader
+from latentfm.sample import integrate, velocity_from_model
+from latentfm.nn.unet3d import UNet3D
+from latentfm.train import checkpoint, parallel, stages
+from latentfm.train.flow_step import create_state, encode_volumes, make_train_step
+from latentfm.train.loop import Periodic, train_loop
+from latentfm.train.writer import MetricWriter
+
+common.define_flags("experiments/configs/flow.py:demo")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects impossible settings before any heavy work (ValueError naming the key)."""
+  if not config.vqgan_workdir:
+    raise ValueError("config.vqgan_workdir is required (a trained VQ-GAN stage)")
+  if not os.path.isfile(os.path.join(config.vqgan_workdir, "config.json")):
+    raise ValueError(f"config.vqgan_workdir {config.vqgan_workdir}: no trained VQ-GAN there")
+  if config.train.batch_size < 1 or config.train.batch_size % jax.device_count():
+    raise ValueError(f"train.batch_size {config.train.batch_size} must be positive and "
+                     f"divisible by the {jax.device_count()} devices")
+  flow.fm_loss(jnp.zeros(()), jnp.zeros(()), config.flow.loss)
+
+
+def prepare_latents(config, workdir: str, main_process: bool):
+  """(normalised train latents, stats, VQ-GAN (config, model, variables)), cached on disk."""
+  vq_config, vq_model, vq_vars, vq_step = stages.restore_vqgan(config.vqgan_workdir)
+  latent_spatial = [s // f for s, f in zip(vq_config.data.shape, vq_config.model.downsample)]
+  factor = 2 ** (len(config.model.channel_mults) - 1)
+  if any(s % factor for s in latent_spatial):
+    raise ValueError(f"latent size {latent_spatial} is not divisible by 2^(levels-1) = {factor} "
+                     f"of model.channel_mults {tuple(config.model.channel_mults)}")
+  cache = os.path.join(workdir, "latents.npz")
+  if os.path.isfile(cache):
+    with np.load(cache) as f:
+      latents, cached_step = f["latents"], int(f["vqgan_step"])
+    if cached_step != vq_step:
+      raise ValueError(f"{cache} was encoded with VQ-GAN step {cached_step}, but "
+                       f"{config.vqgan_workdir} is at step {vq_step}; use a new workdir")
+  else:
+    train_ds, _ = loader.load_splits(vq_config.data, config.vqgan_workdir, vq_config.seed)
+    latents = encode_volumes(vq_model, vq_vars, train_ds.volumes,
+                             progress=common.file_progress("encode", main_process))
+    if main_process:
+      os.makedirs(workdir, exist_ok=True)
+      np.savez(cache + ".tmp.npz", latents=latents, vqgan_step=vq_step)
+      os.replace(cache + ".tmp.npz", cache)
+  stats = flow.compute_latent_stats(latents)
+  normalised = np.asarray(flow.normalize(jnp.asarray(latents), stats))
+  return normalised, stats, (vq_config, vq_model, vq_vars)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the flow model in `workdir`; returns the last logged metrics."""
+  parallel.maybe_initialize_distributed()
+  validate_config(config)
+  main_process = jax.process_index() == 0
+  latents, stats, (_, vq_model, vq_vars) = prepare_latents(config, workdir, main_process)
+  mesh = parallel.make_mesh()
+  state = parallel.replicate(
+      create_state(jax.random.PRNGKey(config.seed), config, latents.shape[1:]), mesh)
+  manager = checkpoint.open_manager(os.path.join(workdir, "ckpt"),
+                                    keep=config.train.keep_checkpoints)
+  dataset = loader.Dataset(latents, np.zeros(len(latents), np.int32),
+                           tuple(map(str, range(len(latents)))))
+  data_iter = iter(loader.make_loader(
+      dataset, parallel.process_batch_size(config.train.batch_size), train=True,
+      seed=config.seed))
+  first_step = checkpoint.latest_step(manager) or 0
+  if first_step:
+    state, data_state, _ = checkpoint.restore(manager, state)
+    if data_state is not None:
+      data_iter.set_state(data_state)
+  common.save_config(config, workdir)
+  extra = {"stage": "flow", "latent_stats": stats.to_dict(),
+           "latent_shape": list(latents.shape[1:])}
+
+  step_fn = jax.jit(make_train_step(config), donate_argnums=0)
+  writer = MetricWriter(workdir, resume_step=first_step, enabled=main_process)
+  unet = UNet3D.from_config(config.model)
+  decode = jax.jit(lambda v, z: vq_model.apply(v, z, method=vq_model.decode))
+
+  def samples(step, state):
+    z1 = jax.random.normal(jax.random.PRNGKey(config.seed + 1), (4,) + latents.shape[1:])
+    z0, nfe = integrate(velocity_from_model(unet.apply, state["ema_params"]), z1,
+                        solver=config.sample.solver, steps=config.sample.steps,
+                        rtol=config.sample.rtol, atol=config.sample.atol)
+    volumes = np.asarray(jnp.clip((decode(vq_vars, flow.denormalize(z0, stats)) + 1) / 2, 0, 1))
+    if main_process:
+      viz.save_triplanar(os.path.join(workdir, "images", f"samples_{step:06d}.png"),
+                         volumes[..., 0], [f"sample {i}" for i in range(len(volumes))],
+                         title=f"flow step {step}, {config.sample.solver} NFE {int(nfe)}")
+      writer.write_image(step, "samples", viz.triplanar_image(volumes))
+    return {"sample_nfe": float(nfe)}
+
+  bar = common.progress_bar(config.train.num_steps, first_step, "flow", main_process)
+  result = train_loop(
+      state, lambda s, b, i: step_fn(s, b), data_iter, mesh=mesh, first_step=first_step,
+      num_steps=config.train.num_steps, manager=manager, writer=writer,
+      log_every=config.train.log_every, ckpt_every=config.train.ckpt_every,
+      callbacks=[Periodic(config.train.sample_every, samples)], extra=extra, progress=bar)
+  bar.close()
+  checkpoint.close(manager)
+  writer.close()
+  if result.stopped_by_signal is not None and main_process:
+    print(f"flow: stopped by signal {result.stopped_by_signal} at step {result.step}; "
+          "checkpoint saved, rerun the same command to resume", file=sys.stderr)
+  rows = [r for r in _rows(workdir) if "loss" in r]
+  return {"step": result.step, "loss": rows[-1]["loss"] if rows else float("nan")}
+
+
+def _rows(workdir):
+  from latentfm.train.writer import read_metrics  # pylint: disable=import-outside-toplevel
+  return read_metrics(workdir) if os.path.isfile(os.path.join(workdir, "metrics.jsonl")) else []
+
+
+def main(argv: list[str]) -> None:
+  config, workdir = common.parse_flags(argv)
+
+  def run():
+    metrics = train_and_evaluate(config, workdir)
+    if jax.process_index() == 0:
+      print(f"flow: step {metrics['step']}, loss {metrics['loss']:.4f}; outputs in {workdir}")
+
+  common.run_guarded(run)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
