@@ -29,9 +29,6 @@ from latentfm.train.flow_step import create_state, encode_volumes, make_train_st
 from latentfm.train.loop import Periodic, train_loop
 from latentfm.train.writer import MetricWriter
 
-common.define_flags("experiments/configs/flow.py:demo")
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects impossible settings before any heavy work (ValueError naming the key)."""
   if not config.vqgan_workdir:
@@ -137,6 +134,7 @@ def _rows(workdir):
 
 
 def main(argv: list[str]) -> None:
+  common.define_flags("experiments/configs/flow.py:demo")
   config, workdir = common.parse_flags(argv)
 
   def run():

@@ -25,9 +25,6 @@ from latentfm.train.loop import Periodic, train_loop
 from latentfm.train.vqgan_step import create_state, make_eval_step, make_train_step
 from latentfm.train.writer import MetricWriter
 
-common.define_flags("experiments/configs/vqgan.py:demo")
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects impossible settings before any heavy work (ValueError naming the key)."""
   shape, factors = tuple(config.data.shape), tuple(config.model.downsample)
@@ -134,6 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
+  common.define_flags("experiments/configs/vqgan.py:demo")
   config, workdir = common.parse_flags(argv)
   common.run_guarded(lambda: _report(train_and_evaluate(config, workdir), workdir))
 
