@@ -108,3 +108,16 @@ def test_sample_command(trained, tmp_path):
 def test_flow_rejects_missing_vqgan(tmp_path):
   with pytest.raises(ValueError, match="vqgan_workdir"):
     flow_stage.validate_config(tiny_flow(tmp_path / "nothing"))
+
+
+def test_evaluate_report(trained):
+  from experiments import evaluate
+  markdown = evaluate.run(str(trained / "flow"), 4, None, "euler", 4, 0)
+  report = json.loads((trained / "flow" / "eval" / "report.json").read_text())
+  assert report["sizes"] == {"samples": 4, "train": 6, "held_out": 2}
+  assert set(report["thesis_table"]["model"]) == {"mse", "nmse", "psnr", "ssim", "ms_ssim"}
+  assert report["thesis_table"]["thesis"]["psnr"] == 21.0
+  assert "frechet_distance" in report["distribution"]["floor"]
+  assert "| psnr ↑ |" in markdown and "VQ-GAN reconstruction" in markdown
+  for name in ("report.md", "samples.png", "distances.png"):
+    assert (trained / "flow" / "eval" / name).is_file()

@@ -1,0 +1,135 @@
+"""The evaluation report: every metric for the model next to its real-data floor.
+
+The floor of a metric is the same computation with held-out real volumes in place of the
+generated ones (held-out vs training), i.e. the best value a generator that draws fresh
+subjects from the data distribution can expect at these sample sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from latentfm.metrics import generative, image
+from latentfm.metrics.features import FeatureExtractor, tissue_volumes
+
+# Thesis results (ADNI, 64³; ONE generated sample against ONE real volume).
+THESIS = {"mse": 3.18e-2, "nmse": 1.825, "psnr": 21.00, "ssim": 0.7364, "ms_ssim": 0.6505}
+
+IMAGE_METRICS: dict[str, Callable] = {"mse": image.mse, "nmse": image.nmse, "psnr": image.psnr,
+                                      "ssim": image.ssim, "ms_ssim": image.ms_ssim}
+HIGHER_IS_BETTER = {"psnr", "ssim", "ms_ssim"}
+
+
+def _summary(values: np.ndarray, seed: int = 0) -> dict:
+  values = np.asarray(values, np.float64)
+  low, high = generative.bootstrap_ci(values, num_resamples=1000, seed=seed)
+  return {"mean": float(values.mean()), "ci95": [float(low), float(high)], "n": int(len(values))}
+
+
+def paired_image_metrics(queries: np.ndarray, references: np.ndarray) -> dict[str, dict]:
+  """Each query against its nearest reference (voxel RMSE): the thesis table, done per volume."""
+  _, idx = generative.nearest_neighbour_distances(queries, references)
+  matched = references[idx]
+  return {name: _summary(np.asarray(fn(queries, matched))) for name, fn in IMAGE_METRICS.items()}
+
+
+def reconstruction_metrics(recon: np.ndarray, real: np.ndarray) -> dict[str, dict]:
+  """Autoencoder reconstruction quality (recon vs its own input) over a validation set."""
+  out = {name: _summary(np.asarray(fn(recon, real))) for name, fn in IMAGE_METRICS.items()}
+  out["l1"] = _summary(np.abs(recon - real).mean(axis=(1, 2, 3)))
+  return out
+
+
+def _two_sample(fn, a, b, seed=0) -> dict:
+  low, high = generative.bootstrap_ci(fn, a, b, num_resamples=200, seed=seed)
+  return {"value": float(fn(a, b)), "ci95": [float(low), float(high)]}
+
+
+def distribution_metrics(samples: np.ndarray, train: np.ndarray,
+                         features: FeatureExtractor) -> dict[str, dict]:
+  """Fréchet distance and KID (features), morphometry W1, against the training volumes."""
+  fs, ft = features(samples), features(train)
+  kid = lambda a, b: generative.kernel_inception_distance(a, b, num_subsets=20)[0]
+  out = {"frechet_distance": _two_sample(generative.frechet_distance, fs, ft),
+         "kid": _two_sample(kid, fs, ft)}
+  ms, mt = tissue_volumes(samples), tissue_volumes(train)
+  for key in ("csf_fraction", "ventricle_fraction", "brain"):
+    out[f"w1_{key}"] = _two_sample(generative.wasserstein_1, ms[key], mt[key])
+  return out
+
+
+def evaluate(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray,
+             features: FeatureExtractor) -> dict:
+  """All generative figures for `samples`, each with its held-out floor."""
+  report = {"sizes": {"samples": len(samples), "train": len(train), "held_out": len(held_out)}}
+  real = np.concatenate([train, held_out])
+  report["thesis_table"] = {"model": paired_image_metrics(samples, real),
+                            "floor": paired_image_metrics(held_out, train), "thesis": THESIS}
+  report["distribution"] = {"model": distribution_metrics(samples, train, features),
+                            "floor": distribution_metrics(held_out, train, features)}
+  report["diversity"] = generative.diversity(samples, held_out)
+  mem = generative.memorisation_report(samples, train, held_out)
+  mem_f = generative.memorisation_report(samples, train, held_out, feature_fn=features)
+  report["memorisation"] = {
+      "voxel": _memo(mem), "feature": _memo(mem_f),
+      "generated_to_train": np.asarray(mem["generated_to_train"]).tolist(),
+      "held_out_to_train": np.asarray(mem["held_out_to_train"]).tolist()}
+  morph_s, morph_h = tissue_volumes(samples), tissue_volumes(held_out)
+  report["morphometry"] = {k: {"model": _summary(morph_s[k]), "floor": _summary(morph_h[k])}
+                           for k in ("csf_fraction", "ventricle_fraction")}
+  return report
+
+
+def _memo(m: dict) -> dict:
+  return {k: (np.asarray(m[k]).tolist() if isinstance(m[k], np.ndarray) else m[k])
+          for k in ("privacy_threshold", "threshold_p5", "num_flagged", "fraction_flagged",
+                    "flagged_indices", "chance_fraction", "space")}
+
+
+def _fmt(entry) -> str:
+  if isinstance(entry, dict) and "mean" in entry:
+    lo, hi = entry["ci95"]
+    return f"{entry['mean']:.4g} [{lo:.3g}, {hi:.3g}]"
+  if isinstance(entry, dict) and "value" in entry:
+    lo, hi = entry["ci95"]
+    return f"{entry['value']:.4g} [{lo:.3g}, {hi:.3g}]"
+  return "–" if entry is None else f"{entry:.4g}"
+
+
+def to_markdown(report: dict) -> str:
+  """The report as Markdown tables: metric | model | floor | thesis."""
+  s = report["sizes"]
+  lines = [f"# Evaluation report", "",
+           f"{s['samples']} generated volumes, {s['train']} training and {s['held_out']} held-out "
+           "real volumes. Brackets: 95% bootstrap intervals. Floor: held-out real volumes "
+           "in place of the samples (the best a generator of new subjects can expect).", ""]
+  if "reconstruction" in report:
+    lines += ["## VQ-GAN reconstruction (validation set)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in report["reconstruction"].items()]
+    lines.append("")
+  t = report["thesis_table"]
+  lines += ["## Thesis metrics (each volume vs its nearest real volume)", "",
+            "| metric | model | floor | thesis (1 sample vs 1 volume) |", "|---|---|---|---|"]
+  for k in IMAGE_METRICS:
+    lines.append(f"| {k}{' ↑' if k in HIGHER_IS_BETTER else ' ↓'} | {_fmt(t['model'][k])} | "
+                 f"{_fmt(t['floor'][k])} | {_fmt(t['thesis'].get(k))} |")
+  d = report["distribution"]
+  lines += ["", "## Distribution (lower is better)", "", "| metric | model | floor |",
+            "|---|---|---|"]
+  lines += [f"| {k} | {_fmt(d['model'][k])} | {_fmt(d['floor'][k])} |" for k in d["model"]]
+  v = report["diversity"]
+  m = report["memorisation"]
+  lines += ["", "## Diversity and privacy", "", "| metric | model | floor |", "|---|---|---|",
+            f"| mean pairwise MS-SSIM (lower = more diverse) | {v['generated_ms_ssim']:.4f} | "
+            f"{v['real_ms_ssim']:.4f} |"]
+  for space in ("voxel", "feature"):
+    mm = m[space]
+    lines.append(f"| samples closer to a training scan than any held-out scan ({space}) | "
+                 f"{mm['num_flagged']} / {s['samples']} | expected by chance "
+                 f"{mm['chance_fraction']:.2f} |")
+  lines += ["", "## Morphometry", "", "| measure | model | floor |", "|---|---|---|"]
+  lines += [f"| {k} | {_fmt(x['model'])} | {_fmt(x['floor'])} |"
+            for k, x in report["morphometry"].items()]
+  return "\n".join(lines) + "\n"
