@@ -1,0 +1,188 @@
+r"""Benchmarks, in one process: train steps of both stages, sampling, and PyTorch references.
+
+  python -m bench.run --size 32 --batch 2 [--stages vqgan_ae,vqgan,flow,sample] [--torch]
+
+Every figure is the median of `--repeats` timed calls after one warm-up (compilation) call,
+with `block_until_ready`. `vqgan_ae` is the thesis encoder + decoder forward+backward of an L1
+loss (the thesis VQ-GAN's dominant cost); `vqgan` is the full train step (both discriminators,
+LPIPS on a slice); `flow` is the thesis UNet train step on the matching latent; `sample` is
+Euler-50 + decode and tsit5 + decode of one volume. `--torch` times the same autoencoder in
+PyTorch (bench/torch_models.py) in the same run and prints the JAX/PyTorch ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def timeit(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def flops_of(jitted, *args) -> float | None:
+  try:
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) or None
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def report(name: str, seconds: float, batch: int, flops: float | None) -> dict:
+  row = {"name": name, "ms": seconds * 1e3, "volumes_per_s": batch / seconds}
+  if flops:
+    row["tflops_per_s"] = flops / seconds / 1e12
+  print(f"{name:<28} {row['ms']:10.1f} ms  {row['volumes_per_s']:8.2f} vol/s"
+        + (f"  {row['tflops_per_s']:.3f} TFLOP/s" if flops else ""), flush=True)
+  return row
+
+
+def bench_vqgan_ae(size: int, batch: int, repeats: int) -> dict:
+  from experiments.configs.vqgan import get_config  # pylint: disable=import-outside-toplevel
+  from latentfm.nn.vqgan import VQGAN  # pylint: disable=import-outside-toplevel
+  model = VQGAN.from_config(get_config("thesis").model)
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, size, 1)),
+                  jnp.float32)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+
+  def loss(params):
+    z = model.apply({**variables, "params": params}, x, method=model.encode)
+    recon = model.apply({**variables, "params": params}, z, method=model.decode)
+    return jnp.mean(jnp.abs(recon - x))
+
+  step = jax.jit(jax.grad(loss))
+  seconds = timeit(lambda: step(variables["params"]), repeats)
+  return report(f"vqgan_ae fwd+bwd {size}^3 b{batch}", seconds, batch,
+                flops_of(step, variables["params"]))
+
+
+def bench_vqgan(size: int, batch: int, repeats: int) -> dict:
+  # pylint: disable=import-outside-toplevel
+  from experiments.configs.vqgan import get_config
+  from latentfm.nn.lpips import load_params
+  from latentfm.train.vqgan_step import create_state, make_train_step
+  config = get_config("thesis")
+  config.data.shape = (size,) * 3
+  config.optim.accumulate = 1
+  state = create_state(jax.random.PRNGKey(0), config)
+  lpips = load_params()
+  batch_data = {"image": jnp.asarray(np.random.default_rng(0).random(
+      (batch, size, size, size, 1), dtype=np.float32))}
+  step = jax.jit(make_train_step(config, use_gan=True))
+  holder = {"s": state}
+
+  def call():
+    holder["s"], metrics = step(holder["s"], batch_data, lpips)
+    return metrics
+
+  seconds = timeit(call, repeats)
+  return report(f"vqgan train step {size}^3 b{batch}", seconds, batch, None)
+
+
+def bench_flow(size: int, batch: int, repeats: int) -> dict:
+  # pylint: disable=import-outside-toplevel
+  from experiments.configs.flow import get_config
+  from latentfm.train.flow_step import create_state, make_train_step
+  config = get_config("thesis")
+  latent = (size // 4,) * 3 + (8,)
+  state = create_state(jax.random.PRNGKey(0), config, latent)
+  z = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((batch,) + latent),
+                            jnp.float32)}
+  step = jax.jit(make_train_step(config))
+  holder = {"s": state}
+
+  def call():
+    holder["s"], metrics = step(holder["s"], z)
+    return metrics
+
+  seconds = timeit(call, repeats)
+  return report(f"flow train step {latent[0]}^3x8 b{batch}", seconds, batch,
+                flops_of(step, state, z))
+
+
+def bench_sample(size: int, repeats: int) -> list[dict]:
+  # pylint: disable=import-outside-toplevel
+  from experiments.configs.flow import get_config as flow_config
+  from experiments.configs.vqgan import get_config as vq_config
+  from latentfm.nn.unet3d import UNet3D
+  from latentfm.nn.vqgan import VQGAN
+  from latentfm.sample import integrate, velocity_from_model
+  unet = UNet3D.from_config(flow_config("thesis").model)
+  vq = VQGAN.from_config(vq_config("thesis").model)
+  latent = (1,) + (size // 4,) * 3 + (8,)
+  z1 = jax.random.normal(jax.random.PRNGKey(0), latent)
+  params = jax.jit(lambda k: unet.init(k, z1, jnp.zeros((1,))))(jax.random.PRNGKey(1))["params"]
+  vq_vars = jax.jit(vq.init)(jax.random.PRNGKey(2), jnp.zeros((1,) + (size,) * 3 + (1,)))
+  decode = jax.jit(lambda v, z: vq.apply(v, z, method=vq.decode))
+  velocity = velocity_from_model(unet.apply, params)
+  rows = []
+  for solver in ("euler", "tsit5"):
+    fn = lambda s=solver: decode(vq_vars, integrate(velocity, z1, solver=s, steps=50)[0])
+    rows.append(report(f"sample {solver} + decode {size}^3", timeit(fn, repeats), 1, None))
+  return rows
+
+
+def bench_torch_ae(size: int, batch: int, repeats: int) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  from bench.torch_models import ThesisAutoencoder  # pylint: disable=import-outside-toplevel
+  model = ThesisAutoencoder()
+  x = torch.rand(batch, 1, size, size, size) * 2 - 1
+
+  def step():
+    model.zero_grad(set_to_none=True)
+    loss = (model(x) - x).abs().mean()
+    loss.backward()
+    return loss.detach()
+
+  step()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return report(f"torch vqgan_ae fwd+bwd {size}^3 b{batch}", statistics.median(times), batch,
+                None)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--size", type=int, default=32)
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--stages", default="vqgan_ae,flow,sample")
+  parser.add_argument("--torch", action="store_true")
+  args = parser.parse_args()
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+  stages = args.stages.split(",")
+  jax_ae = bench_vqgan_ae(args.size, args.batch, args.repeats) if "vqgan_ae" in stages else None
+  if "vqgan" in stages:
+    bench_vqgan(args.size, args.batch, args.repeats)
+  if "flow" in stages:
+    bench_flow(args.size, args.batch, args.repeats)
+  if "sample" in stages:
+    bench_sample(args.size, args.repeats)
+  if args.torch and jax_ae:
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch_ae = bench_torch_ae(args.size, args.batch, args.repeats)
+    print(f"ratio JAX/PyTorch (vqgan_ae): {jax_ae['ms'] / torch_ae['ms']:.2f}")
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(f"peak host memory: {peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+  main()
