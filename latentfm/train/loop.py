@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from latentfm.train import checkpoint, parallel
 from latentfm.train.writer import MetricWriter
 
+PROGRESS_KEYS = ("loss", "l1", "perceptual", "d_loss", "perplexity")
 StepFn = Callable[[Any, Any, int], tuple[Any, Mapping[str, jax.Array]]]
 
 
@@ -93,7 +94,8 @@ def train_loop(state: Any, train_step: StepFn, data_iter: Iterator, *, mesh: Mes
         row = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
         check_finite(step, row)
         if progress is not None:
-          progress.set_postfix({k: f"{row[k]:.4g}" for k in list(row)[:4]}, refresh=False)
+          shown = [k for k in PROGRESS_KEYS if k in row] or list(row)[:4]
+          progress.set_postfix({k: f"{row[k]:.4g}" for k in shown}, refresh=False)
       for cb in callbacks:
         if step % cb.every == 0 or step == num_steps:
           row.update(cb.fn(step, state) or {})
