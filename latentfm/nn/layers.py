@@ -5,20 +5,30 @@ volumes). Every convolution keeps its weights as one `kernel` of shape
 `(*kernel_size, in_features, out_features)` plus a `bias`, whatever formulation computes it, so
 that the arithmetic in `conv` / `conv_transpose` can change without changing checkpoints.
 
+Two formulations give the same numbers (`set_conv_impl`): "lax", one `lax.conv_general_dilated`
+per layer (accelerators, reference), and "fast" (default) for XLA:CPU, which differentiates
+strided, transposed and 3D convs slowly: strided convs run as space-to-depth + a stride-1 conv,
+transposed convs as sub-pixel convs, stride-1 3D convs as 2D convs over depth slabs (own VJP).
+
 Initialisation follows PyTorch's defaults for `ConvNd` / `ConvTransposeNd` (uniform with bound
 1/sqrt(fan_in)), as in the reference implementation.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 Array = jax.Array
 IntOrSeq = int | Sequence[int]
+_IMPLS = ("fast", "lax")
+_impl = "fast"
 
 
 def _tuple(v: IntOrSeq, n: int) -> tuple[int, ...]:
@@ -58,30 +68,226 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
-def conv(x: Array, kernel: Array, strides: Sequence[int],
-         padding: Sequence[tuple[int, int]]) -> Array:
-  """Cross-correlation of channels-last `x` with a `(*k, in, out)` kernel, zero padding."""
+def _check(impl: str | None) -> str:
+  impl = _impl if impl is None else impl
+  if impl not in _IMPLS:
+    raise ValueError(f"unknown conv impl {impl!r}; choose one of {_IMPLS}")
+  return impl
+
+
+def set_conv_impl(impl: str) -> None:
+  """Selects "fast" (default) or "lax" convolutions; read at trace time, so re-jit after."""
+  global _impl
+  _impl = _check(impl)
+
+
+def get_conv_impl() -> str:
+  """The formulation selected by `set_conv_impl`."""
+  return _impl
+
+
+@contextlib.contextmanager
+def conv_impl(impl: str) -> Iterator[None]:
+  """Selects `impl` (see `set_conv_impl`) inside a `with` block."""
+  previous = _impl
+  set_conv_impl(impl)
+  try:
+    yield
+  finally:
+    set_conv_impl(previous)
+
+
+def _lax_valid(x: Array, kernel: Array) -> Array:
   nd = x.ndim - 2
-  return lax.conv_general_dilated(
-      x, kernel.astype(x.dtype), window_strides=tuple(strides), padding=tuple(padding),
-      dimension_numbers=_dimension_numbers(nd))
+  return lax.conv_general_dilated(x, kernel, (1,) * nd, "VALID",
+                                  dimension_numbers=_dimension_numbers(nd))
+
+
+# Stride-1 3D convs as 2D convs over (H, W) with the depth folded into the batch: XLA:CPU runs
+# 2D convolutions several times faster than 3D ones. Its unpadded 2D convs take a slow path,
+# hence one zero row padded in front and cropped off again; and its forward and weight-gradient
+# convs slow down on large batches, hence chunks of about _CHUNK output pixels (all measured).
+_CHUNK = 32768
+
+
+def _conv2d(x: Array, w: Array, pad, dims=("NHWC", "HWIO", "NHWC")) -> Array:
+  return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dims)
+
+
+def _chunks(m: int, pixels: int) -> list[slice]:
+  step = max(1, _CHUNK // pixels)
+  return [slice(i, i + step) for i in range(0, m, step)]
+
+
+def _slab_fwd(x: Array, w: Array) -> Array:
+  """2D convs with the kd depth taps stacked on output channels, then a shifted sum."""
+  kd, kh, kw, ci, co = w.shape
+  (b, d), n = x.shape[:2], x.shape[1] - kd + 1
+  w2 = w.transpose(1, 2, 3, 0, 4).reshape(kh, kw, ci, kd * co)
+  x2 = x.reshape(b * d, *x.shape[2:])
+  z = jnp.concatenate([_conv2d(x2[c], w2, ((1, 0), (0, 0)))[:, 1:]
+                       for c in _chunks(b * d, math.prod(x.shape[2:4]))])
+  z = z.reshape(b, d, *z.shape[1:3], kd, co)
+  return sum(z[:, a:a + n, :, :, a] for a in range(1, kd)) + z[:, :n, :, :, 0]
+
+
+def _slab_dx(w: Array, g: Array) -> Array:
+  """Input gradient: full 2D conv of `g` with the flipped kernel, depth taps on channels."""
+  kd, kh, kw, ci, co = w.shape
+  b, n = g.shape[:2]
+  w2 = w[:, ::-1, ::-1].transpose(1, 2, 4, 0, 3).reshape(kh, kw, co, kd * ci)
+  z = _conv2d(g.reshape(b * n, *g.shape[2:]), w2, ((kh - 1, kh - 1), (kw - 1, kw - 1)))
+  z = z.reshape(b, n, *z.shape[1:3], kd, ci)
+  return sum(jnp.pad(z[..., a, :], ((0, 0), (a, kd - 1 - a), (0, 0), (0, 0), (0, 0)))
+             for a in range(kd))
+
+
+def _slab_dw(x: Array, g: Array, kd: int) -> Array:
+  """Kernel gradient: per depth tap, 2D convs contracting over batch x depth."""
+  b, n = g.shape[:2]
+  g2 = g.reshape(b * n, *g.shape[2:])
+  taps = []
+  for a in range(kd):
+    x2 = x[:, a:a + n].reshape(b * n, *x.shape[2:])
+    taps.append(sum(_conv2d(x2[c], g2[c], ((1, 0), (0, 0)), ("CHWN", "IHWO", "HWNC"))[1:]
+                    for c in _chunks(b * n, math.prod(g.shape[2:4]))))
+  return jnp.stack(taps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _slab_conv(x: Array, w: Array, wide: bool) -> Array:
+  """3D VALID conv; `wide` (sub-pixel kernels, 8x outputs): forward and dW in 3D (measured)."""
+  return _lax_valid(x, w) if wide else _slab_fwd(x, w)
+
+
+def _slab_conv_bwd(wide, res, g):
+  x, w = res
+  dw = jax.vjp(lambda v: _lax_valid(x, v), w)[1](g)[0] if wide else _slab_dw(x, g, w.shape[0])
+  return _slab_dx(w, g).astype(x.dtype), dw.astype(w.dtype)
+
+
+_slab_conv.defvjp(lambda x, w, wide: (_slab_conv(x, w, wide), (x, w)), _slab_conv_bwd)
+
+
+def _conv_valid(x: Array, kernel: Array, wide: bool = False) -> Array:
+  """Stride-1 VALID conv of the "fast" path; 1-3 spatial axes run as slabs (2D: one slab)."""
+  nd = x.ndim - 2
+  if nd > 3 or all(k == 1 for k in kernel.shape[:nd]):
+    return _lax_valid(x, kernel)
+  lift = (1,) * (3 - nd)
+  y = _slab_conv(x.reshape(x.shape[0], *lift, *x.shape[1:]),
+                 kernel.reshape(*lift, *kernel.shape), wide)
+  return y.reshape(y.shape[0], *y.shape[1 + len(lift):])
+
+
+def space_to_depth(x: Array, block: Sequence[int]) -> Array:
+  """(B, *s*n, C) -> (B, *n, prod(s) * C); channel index (r_1, ..., r_nd, c), row-major."""
+  nd, (b, c) = x.ndim - 2, (x.shape[0], x.shape[-1])
+  n = [size // s for size, s in zip(x.shape[1:-1], block)]
+  x = x.reshape(b, *[d for pair in zip(n, block) for d in pair], c)
+  x = x.transpose(0, *range(1, 2 * nd, 2), *range(2, 2 * nd + 1, 2), 2 * nd + 1)
+  return x.reshape(b, *n, math.prod(block) * c)
+
+
+def depth_to_space(x: Array, block: Sequence[int]) -> Array:
+  """Inverse of `space_to_depth`: (B, *n, prod(s) * C) -> (B, *s*n, C)."""
+  nd, b, n = x.ndim - 2, x.shape[0], x.shape[1:-1]
+  x = x.reshape(b, *n, *block, x.shape[-1] // math.prod(block))
+  x = x.transpose(0, *[a for i in range(nd) for a in (1 + i, 1 + nd + i)], 2 * nd + 1)
+  return x.reshape(b, *[m * s for m, s in zip(n, block)], x.shape[-1])
+
+
+def _zero_pad(x: Array, pads: Sequence[tuple[int, int]]) -> Array:
+  """Zero-pads the spatial axes; negative widths crop."""
+  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *[(*p, 0) for p in pads], (0, 0, 0)))
+
+
+def _strided_conv_fast(x: Array, kernel: Array, strides: Sequence[int],
+                       padding: Sequence[tuple[int, int]]) -> Array:
+  """`conv` as zero padding, space-to-depth by the stride and a stride-1 VALID conv.
+
+  Output m reads padded inputs s*m + t, t < k. With the kernel zero-padded to kb*s taps
+  (kb = ceil(k/s)) and t = s*j + r, that is block m + j, phase r. Inputs past the last block a
+  tap reaches are cropped; missing ones are zeros, which only meet zero taps.
+  """
+  nd, ks = x.ndim - 2, kernel.shape[:x.ndim - 2]
+  kb = [-(-k // s) for k, s in zip(ks, strides)]
+  x = _zero_pad(x, [(lo, ((n + lo + hi - k) // s + b) * s - n - lo)
+                    for n, k, s, b, (lo, hi) in zip(x.shape[1:-1], ks, strides, kb, padding)])
+  if all(s == 1 for s in strides):
+    return _conv_valid(x, kernel)
+  kernel = jnp.pad(kernel, [(0, b * s - k) for k, s, b in zip(ks, strides, kb)] + [(0, 0)] * 2)
+  cin, cout = kernel.shape[-2:]
+  kernel = kernel.reshape(*[d for pair in zip(kb, strides) for d in pair], cin, cout)
+  kernel = kernel.transpose(*range(0, 2 * nd, 2), *range(1, 2 * nd, 2), 2 * nd, 2 * nd + 1)
+  return _conv_valid(space_to_depth(x, strides),
+                     kernel.reshape(*kb, math.prod(strides) * cin, cout))
+
+
+def _subpixel_plan(k: int, s: int, c: int) -> tuple[int, int, np.ndarray]:
+  """Offsets e, d_lo and tap table of a sub-pixel transposed conv along one axis.
+
+  Transposed-conv output o = s*p + t - c (input p, tap t). Writing o = s*q + r - e, output
+  phase r at q reads inputs q + d through tap t = r - e + c - s*d. Picks the e in [0, s) that
+  needs the fewest offsets d; `taps[j, r]` is t for d = d_lo + j, or -1 where no tap exists.
+  """
+  plans = []
+  for e in range(s):
+    ts = [r - e + c for r in range(s)]
+    d_lo = min(-((k - 1 - t) // s) for t in ts)  # ceil((t - k + 1) / s)
+    taps = np.array([[t - s * d if 0 <= t - s * d < k else -1 for t in ts]
+                     for d in range(d_lo, max(t // s for t in ts) + 1)])
+    plans.append((len(taps), e, d_lo, taps))
+  return min(plans, key=lambda p: p[:2])[1:]
+
+
+def _conv_transpose_fast(x: Array, kernel: Array, strides: Sequence[int],
+                         crop: Sequence[int]) -> Array:
+  """`conv_transpose` as one stride-1 conv yielding all output phases, then depth-to-space."""
+  nd, ks = x.ndim - 2, kernel.shape[:x.ndim - 2]
+  pads, crops = [], []
+  for axis, (size, k, s, c) in enumerate(zip(x.shape[1:-1], ks, strides, crop)):
+    e, d_lo, taps = _subpixel_plan(k, s, c)
+    out = (size - 1) * s + k - 2 * c
+    pads.append((-d_lo, -(-(out + e) // s) - 1 + d_lo + len(taps) - size))
+    crops.append(slice(e, e + out))
+    # Phase kernels along this axis: (k,) -> (T, s); index k picks an appended zero tap.
+    kernel = jnp.pad(kernel, [(0, int(a == 2 * axis)) for a in range(kernel.ndim)])
+    kernel = jnp.take(kernel, jnp.asarray(np.where(taps < 0, k, taps)), axis=2 * axis)
+  # (T_1, s_1, ..., T_nd, s_nd, in, out) -> (T_1, ..., T_nd, in, s_1 * ... * s_nd * out).
+  cin, cout = kernel.shape[-2:]
+  kernel = kernel.transpose(*range(0, 2 * nd, 2), 2 * nd, *range(1, 2 * nd, 2), 2 * nd + 1)
+  kernel = kernel.reshape(*kernel.shape[:nd], cin, math.prod(strides) * cout)
+  y = depth_to_space(_conv_valid(_zero_pad(x, pads), kernel, wide=True), strides)
+  return y[(slice(None), *crops, slice(None))]
+
+
+def conv(x: Array, kernel: Array, strides: Sequence[int],
+         padding: Sequence[tuple[int, int]], impl: str | None = None) -> Array:
+  """Cross-correlation of channels-last `x` with a `(*k, in, out)` kernel, zero padding."""
+  kernel = kernel.astype(x.dtype)
+  if _check(impl) == "fast":
+    return _strided_conv_fast(x, kernel, tuple(strides), tuple(padding))
+  return lax.conv_general_dilated(x, kernel, window_strides=tuple(strides),
+                                  padding=tuple(padding),
+                                  dimension_numbers=_dimension_numbers(x.ndim - 2))
 
 
 def conv_transpose(x: Array, kernel: Array, strides: Sequence[int],
-                   crop: Sequence[int]) -> Array:
+                   crop: Sequence[int], impl: str | None = None) -> Array:
   """PyTorch-style transposed convolution (`ConvTransposeNd` with `padding=crop`).
 
   `kernel[t, i, o]` scatters input channel i at position p to output position
   `s * p + t - crop` (channel o): the adjoint of `conv` (same strides, padding `crop`) whose kernel
-  has the in/out axes swapped. Computed as a correlation of the stride-dilated input with the
-  spatially flipped kernel.
+  has the in/out axes swapped. "lax" correlates the stride-dilated input with the flipped
+  kernel; "fast" is a sub-pixel convolution.
   """
-  nd = x.ndim - 2
-  ks = kernel.shape[:nd]
-  pad = tuple((k - 1 - c, k - 1 - c) for k, c in zip(ks, crop))
-  flipped = kernel[(slice(None, None, -1),) * nd]
+  nd, kernel = x.ndim - 2, kernel.astype(x.dtype)
+  if _check(impl) == "fast":
+    return _conv_transpose_fast(x, kernel, tuple(strides), tuple(crop))
+  pad = tuple((k - 1 - c, k - 1 - c) for k, c in zip(kernel.shape[:nd], crop))
   return lax.conv_general_dilated(
-      x, flipped.astype(x.dtype), window_strides=(1,) * nd, padding=pad,
+      x, kernel[(slice(None, None, -1),) * nd], window_strides=(1,) * nd, padding=pad,
       lhs_dilation=tuple(strides), dimension_numbers=_dimension_numbers(nd))
 
 
@@ -91,8 +297,20 @@ def same_pad_widths(kernel_size: Sequence[int],
   return tuple(((k - s + 1) // 2, (k - s) // 2) for k, s in zip(kernel_size, strides))
 
 
-def edge_pad(x: Array, widths: Sequence[tuple[int, int]]) -> Array:
+def _edge_pad(x: Array, widths: Sequence[tuple[int, int]]) -> Array:
+  """Edge padding as concatenated broadcasts, whose gradient XLA fuses into one pass per axis."""
+  for axis, (lo, hi) in enumerate(widths, start=1):
+    shape = lambda w: (*x.shape[:axis], w, *x.shape[axis + 1:])
+    x = jnp.concatenate([jnp.broadcast_to(lax.slice_in_dim(x, 0, 1, axis=axis), shape(lo)), x,
+                         jnp.broadcast_to(lax.slice_in_dim(x, -1, None, axis=axis), shape(hi))],
+                        axis)
+  return x
+
+
+def edge_pad(x: Array, widths: Sequence[tuple[int, int]], impl: str | None = None) -> Array:
   """Replicate-pads the spatial axes of a channels-last array."""
+  if _check(impl) == "fast":
+    return _edge_pad(x, widths)
   return jnp.pad(x, ((0, 0), *widths, (0, 0)), mode="edge")
 
 

@@ -1,0 +1,137 @@
+"""The "fast" convolution formulations against plain `lax.conv_general_dilated` ("lax")."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from latentfm.nn import layers
+
+RTOL = 1e-5
+
+
+def _normal(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _assert_close(actual, desired, rtol=RTOL):
+  """Elementwise rtol plus an atol of rtol x the largest magnitude (float32 sums)."""
+  desired = np.asarray(desired)
+  np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * np.abs(desired).max())
+
+
+def _value_and_grads(module, variables, x, impl):
+  """Output and d<y, ct>/d(params, x) under `impl`, for a fixed random cotangent ct."""
+
+  def f(params, x):
+    y = module.apply({"params": params}, x)
+    ct = jax.random.normal(jax.random.key(1), y.shape)
+    return (y * ct).sum(), y
+
+  with layers.conv_impl(impl):
+    (_, y), grads = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(
+        variables["params"], x)
+  return y, grads
+
+
+MODULE_CASES = [
+    ("same k4 s2 3D even", layers.SamePadConv(5, 4, 2), (2, 8, 8, 8, 3)),
+    ("same k4 s2 3D odd", layers.SamePadConv(5, 4, 2), (1, 7, 5, 9, 3)),
+    ("same k4 s212 3D", layers.SamePadConv(5, 4, (2, 1, 2)), (2, 8, 6, 8, 3)),
+    ("same k4 s212 3D odd", layers.SamePadConv(5, 4, (2, 1, 2)), (1, 7, 5, 9, 3)),
+    ("same k3 s1 3D", layers.SamePadConv(5, 3, 1), (2, 6, 7, 5, 3)),
+    ("same k1 s1 3D", layers.SamePadConv(5, 1, 1), (2, 4, 4, 4, 3)),
+    ("same k4 s2 2D", layers.SamePadConv(5, 4, 2), (2, 8, 7, 3)),
+    ("same k3 s1 2D", layers.SamePadConv(5, 3, 1), (2, 9, 6, 3)),
+    ("transpose k4 s2 3D even", layers.SamePadConvTranspose(5, 4, 2), (2, 4, 4, 4, 3)),
+    ("transpose k4 s2 3D odd", layers.SamePadConvTranspose(5, 4, 2), (1, 3, 5, 3, 3)),
+    ("transpose k4 s212 3D", layers.SamePadConvTranspose(5, 4, (2, 1, 2)), (1, 4, 3, 5, 3)),
+    ("transpose k4 s2 2D", layers.SamePadConvTranspose(5, 4, 2), (2, 5, 4, 3)),
+    ("zero k4 s2 p2 3D even", layers.ZeroPadConv(5, 4, 2, 2), (2, 8, 8, 8, 3)),
+    ("zero k4 s2 p2 3D odd", layers.ZeroPadConv(5, 4, 2, 2), (1, 7, 9, 5, 3)),
+    ("zero k4 s1 p2 3D", layers.ZeroPadConv(5, 4, 1, 2), (2, 5, 6, 5, 3)),
+    ("zero k4 s2 p2 2D even", layers.ZeroPadConv(5, 4, 2, 2), (2, 8, 8, 3)),
+    ("zero k4 s2 p2 2D odd", layers.ZeroPadConv(5, 4, 2, 2), (2, 9, 7, 3)),
+    ("zero k4 s1 p2 2D", layers.ZeroPadConv(5, 4, 1, 2), (2, 6, 7, 3)),
+]
+
+
+@pytest.mark.parametrize("name,module,shape", MODULE_CASES, ids=[c[0] for c in MODULE_CASES])
+def test_module_outputs_and_gradients_match_lax(name, module, shape):
+  del name
+  x = _normal(shape)
+  variables = module.init(jax.random.key(0), x)
+  y_fast, g_fast = _value_and_grads(module, variables, x, "fast")
+  y_lax, g_lax = _value_and_grads(module, variables, x, "lax")
+  assert y_fast.shape == y_lax.shape
+  _assert_close(y_fast, y_lax)
+  _assert_close(g_fast[1], g_lax[1])  # input
+  _assert_close(g_fast[0]["kernel"], g_lax[0]["kernel"])
+  _assert_close(g_fast[0]["bias"], g_lax[0]["bias"])
+
+
+def _sweep():
+  """Kernel, stride, padding (or crop) and size combinations over 1-3 spatial axes."""
+  for nd, k, s, p, n in itertools.product((1, 2, 3), (2, 3, 4, 5), (1, 2, 3), (0, 1, 2), (5, 6)):
+    strides = (s, 1, 2)[:nd] if nd == 3 else (s,) * nd
+    yield nd, k, strides, p, n
+
+
+def test_conv_functions_match_lax_on_a_sweep():
+  rng = np.random.default_rng(0)
+  for nd, k, strides, p, n in _sweep():
+    x = jnp.asarray(rng.normal(size=(1,) + (n,) * nd + (2,)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k,) * nd + (2, 3)), jnp.float32)
+    for fn, arg in ((layers.conv, ((p, p),) * nd), (layers.conv_transpose, (min(p, k - 1),) * nd)):
+      fast, ref = fn(x, w, strides, arg, impl="fast"), fn(x, w, strides, arg, impl="lax")
+      assert fast.shape == ref.shape, (fn.__name__, nd, k, strides, p, n)
+      _assert_close(fast, ref)
+
+
+def test_conv_transpose_subpixel_kernel_has_no_empty_taps():
+  """k4 s2 crop 3: each output phase reads 2 inputs per axis (a 2x2x2 conv, no zero taps)."""
+  offset, d_lo, taps = layers._subpixel_plan(4, 2, 3)  # pylint: disable=protected-access
+  assert (offset, d_lo) == (1, 0)
+  assert taps.tolist() == [[2, 3], [0, 1]]
+
+
+def test_stride1_slab_gradients_match_lax():
+  x, w = _normal((2, 6, 5, 7, 3), 1), _normal((3, 2, 3, 3, 4), 2)
+  ct = _normal((2, 4, 4, 5, 4), 3)
+  grads = {impl: jax.grad(lambda x, w, i=impl: (layers.conv(x, w, (1, 1, 1), ((0, 0),) * 3,
+                                                            impl=i) * ct).sum(), (0, 1))(x, w)
+           for impl in ("fast", "lax")}
+  for fast, ref in zip(grads["fast"], grads["lax"]):
+    _assert_close(fast, ref)
+
+
+def test_edge_pad_value_and_gradient_match():
+  x = _normal((2, 1, 4, 3, 2))
+  widths = ((1, 1), (2, 0), (0, 3))
+  ct = _normal((2, 3, 6, 6, 2), 1)
+  outs = {impl: jax.value_and_grad(
+      lambda x, i=impl: (layers.edge_pad(x, widths, impl=i) * ct).sum())(x)
+          for impl in ("fast", "lax")}
+  _assert_close(outs["fast"][0], outs["lax"][0])
+  _assert_close(outs["fast"][1], outs["lax"][1])
+
+
+def test_space_to_depth_round_trip():
+  x = _normal((2, 4, 6, 2, 3))
+  y = layers.space_to_depth(x, (2, 3, 1))
+  assert y.shape == (2, 2, 2, 2, 18)
+  np.testing.assert_array_equal(y[0, 1, 0, 1, 3 * 3 + 2], x[0, 2 + 1, 0 + 0, 1, 2])
+  np.testing.assert_array_equal(layers.depth_to_space(y, (2, 3, 1)), x)
+
+
+def test_impl_switch():
+  assert layers.get_conv_impl() == "fast"
+  with layers.conv_impl("lax"):
+    assert layers.get_conv_impl() == "lax"
+  assert layers.get_conv_impl() == "fast"
+  with pytest.raises(ValueError):
+    layers.set_conv_impl("cudnn")
+  with pytest.raises(ValueError):
+    layers.conv(jnp.ones((1, 4, 1)), jnp.ones((2, 1, 1)), (1,), ((0, 0),), impl="eigen")
