@@ -41,11 +41,7 @@ def run(out: str, n: int, size: int, seed: int, montage: str | None) -> None:
 
 
 def main(argv: list[str]) -> None:
-  try:
-    flags.FLAGS(argv)
-  except flags.Error as e:
-    common.fail(str(e))
-  f = flags.FLAGS
+  f = common.parse_plain_flags(argv)
   common.run_guarded(lambda: run(f.out, f.n, f.size, f.seed, f.montage))
 
 

@@ -27,6 +27,15 @@ def fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
+def parse_plain_flags(argv: list[str]) -> flags.FlagValues:
+  """Parses absl flags; a bad flag is one line on stderr and exit 2."""
+  try:
+    FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e))
+  return FLAGS
+
+
 def parse_flags(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
   """Parses `--config`, `--config.x=y` overrides and `--workdir`; bad flags exit 2."""
   try:

@@ -41,10 +41,7 @@ def run(workdir: str, num_samples: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-  try:
-    flags.FLAGS(argv)
-  except flags.Error as e:
-    common.fail(str(e))
+  common.parse_plain_flags(argv)
   common.run_guarded(lambda: run(flags.FLAGS.workdir, flags.FLAGS.num_samples))
 
 

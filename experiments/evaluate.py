@@ -100,11 +100,7 @@ def run(workdir: str, num_samples: int, samples_dir: str | None, solver: str, st
 
 def main(argv: list[str]) -> None:
   define_flags()
-  try:
-    flags.FLAGS(argv)
-  except flags.Error as e:
-    common.fail(str(e))
-  f = flags.FLAGS
+  f = common.parse_plain_flags(argv)
   if not f.workdir:
     common.fail("--workdir is required")
   common.run_guarded(lambda: print(run(f.workdir, f.num_samples, f.samples, f.solver, f.steps,

@@ -26,7 +26,7 @@ from latentfm.sample import integrate, velocity_from_model
 from latentfm.nn.unet3d import UNet3D
 from latentfm.train import checkpoint, parallel, stages
 from latentfm.train.flow_step import create_state, encode_volumes, make_train_step
-from latentfm.train.loop import Periodic, train_loop
+from latentfm.train.loop import Periodic, resume, train_loop
 from latentfm.train.writer import MetricWriter
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -85,11 +85,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_iter = iter(loader.make_loader(
       dataset, parallel.process_batch_size(config.train.batch_size), train=True,
       seed=config.seed))
-  first_step = checkpoint.latest_step(manager) or 0
-  if first_step:
-    state, data_state, _ = checkpoint.restore(manager, state)
-    if data_state is not None:
-      data_iter.set_state(data_state)
+  state, first_step = resume(manager, state, data_iter)
   common.save_config(config, workdir)
   extra = {"stage": "flow", "latent_stats": stats.to_dict(),
            "latent_shape": list(latents.shape[1:])}

@@ -40,11 +40,7 @@ def run(workdir: str, out: str, num: int, seed: int, solver: str, steps: int, sn
 
 def main(argv: list[str]) -> None:
   define_flags()
-  try:
-    flags.FLAGS(argv)
-  except flags.Error as e:
-    common.fail(str(e))
-  f = flags.FLAGS
+  f = common.parse_plain_flags(argv)
   if not f.workdir:
     common.fail("--workdir is required")
   if f.num < 1:

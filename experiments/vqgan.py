@@ -21,7 +21,7 @@ from experiments import common
 from latentfm import viz
 from latentfm.data import loader
 from latentfm.train import checkpoint, parallel
-from latentfm.train.loop import Periodic, train_loop
+from latentfm.train.loop import Periodic, resume, train_loop
 from latentfm.train.vqgan_step import create_state, make_eval_step, make_train_step
 from latentfm.train.writer import MetricWriter
 
@@ -74,11 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       augmentation=loader.Augment(tuple(config.data.flip_axes),
                                   tuple(config.data.intensity_range))
       if config.data.augment else None, worker_count=config.data.worker_count))
-  first_step = checkpoint.latest_step(manager) or 0
-  if first_step:
-    state, data_state, _ = checkpoint.restore(manager, state)
-    if data_state is not None:
-      data_iter.set_state(data_state)
+  state, first_step = resume(manager, state, data_iter)
   common.save_config(config, workdir)
 
   lpips_params = None

@@ -27,3 +27,22 @@ def volume_dir(tmp_path):
     write_volume(str(d / f"scan_{i}.nii.gz"),
                  Volume(blob_volume(seed=i), spacing=(2.0, 2.0, 2.0)))
   return d
+
+
+def tiny_vqgan_config(**loss):
+  """A VQ-GAN config small enough to compile and train in seconds (16³, 4 base channels)."""
+  from experiments.configs.vqgan import get_config  # pylint: disable=import-outside-toplevel
+  c = get_config("demo")
+  c.data.cohort_size = 8
+  c.data.shape = (16, 16, 16)
+  c.model.n_hiddens = 4
+  c.model.downsample = (2, 2, 2)
+  c.model.n_codes = 16
+  c.model.disc_channels = 4
+  c.model.disc_layers = 2
+  c.loss.perceptual_weight = 0.0
+  c.train.batch_size = 2
+  c.train.eval_volumes = 2
+  for k, v in loss.items():
+    setattr(c.loss, k, v)
+  return c

@@ -11,30 +11,19 @@ from experiments import flow as flow_stage
 from experiments import sample as sample_cli
 from experiments import vqgan as vqgan_stage
 from experiments.configs import flow as flow_configs
-from experiments.configs import vqgan as vqgan_configs
 from latentfm import sample
 from latentfm.data.io import read_volume
 from latentfm.train.writer import read_metrics
+from conftest import tiny_vqgan_config
 
 
 def tiny_vqgan(num_steps):
-  c = vqgan_configs.get_config("demo")
-  c.data.cohort_size = 8
-  c.data.shape = (16, 16, 16)
-  c.model.n_hiddens = 4
-  c.model.downsample = (2, 2, 2)
-  c.model.n_codes = 16
-  c.model.disc_channels = 4
-  c.model.disc_layers = 2
-  c.loss.perceptual_weight = 0.0
-  c.loss.discriminator_start = 1000
-  c.train.batch_size = 2
+  c = tiny_vqgan_config(discriminator_start=1000)
   c.train.num_steps = num_steps
   c.train.log_every = 1
   c.train.eval_every = 2
   c.train.image_every = 2
   c.train.ckpt_every = 2
-  c.train.eval_volumes = 2
   return c
 
 

@@ -5,23 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs.vqgan import get_config
+from conftest import tiny_vqgan_config
 from latentfm.train.vqgan_step import create_state, make_eval_step, make_train_step
 
 
 def tiny_config(**loss):
-  c = get_config("demo")
-  c.data.shape = (16, 16, 16)
-  c.model.n_hiddens = 4
-  c.model.downsample = (2, 2, 2)
-  c.model.n_codes = 16
-  c.model.disc_channels = 4
-  c.model.disc_layers = 2
-  c.loss.perceptual_weight = 0.0
-  c.train.batch_size = 2
-  for k, v in loss.items():
-    setattr(c.loss, k, v)
-  return c
+  return tiny_vqgan_config(**loss)
 
 
 @pytest.fixture(scope="module")

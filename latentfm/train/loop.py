@@ -72,6 +72,19 @@ class LoopResult:
   stopped_by_signal: int | None = None
 
 
+def resume(manager, state: Any, data_iter) -> tuple[Any, int]:
+  """Restores `state` and the data position from the latest checkpoint, if there is one.
+
+  Returns `(state, first_step)`; a fresh run gets `(state, 0)` back unchanged.
+  """
+  first_step = checkpoint.latest_step(manager) or 0
+  if first_step:
+    state, data_state, _ = checkpoint.restore(manager, state)
+    if data_state is not None:
+      data_iter.set_state(data_state)
+  return state, first_step
+
+
 def train_loop(state: Any, train_step: StepFn, data_iter: Iterator, *, mesh: Mesh,
                first_step: int, num_steps: int, manager, writer: MetricWriter,
                log_every: int, ckpt_every: int, callbacks: Sequence[Periodic] = (),
