@@ -73,8 +73,15 @@ def test_module_outputs_and_gradients_match_lax(name, module, shape):
 
 
 def _sweep():
-  """Kernel, stride, padding (or crop) and size combinations over 1-3 spatial axes."""
-  for nd, k, s, p, n in itertools.product((1, 2, 3), (2, 3, 4, 5), (1, 2, 3), (0, 1, 2), (5, 6)):
+  """Kernel, stride, padding (or crop) and size combinations over 1-3 spatial axes.
+
+  Every fifth combination of the full product (a fixed, deterministic subsample that still
+  covers every value of every factor, and every (kernel, stride) pair) keeps compiles down.
+  """
+  combos = itertools.product((1, 2, 3), (2, 3, 4, 5), (1, 2, 3), (0, 1, 2), (5, 6))
+  for i, (nd, k, s, p, n) in enumerate(combos):
+    if i % 5:
+      continue
     strides = (s, 1, 2)[:nd] if nd == 3 else (s,) * nd
     yield nd, k, strides, p, n
 
