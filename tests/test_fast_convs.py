@@ -22,21 +22,8 @@ def _assert_close(actual, desired, rtol=RTOL):
   np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * np.abs(desired).max())
 
 
-def _value_and_grads(module, variables, x, impl):
-  """Output and d<y, ct>/d(params, x) under `impl`, for a fixed random cotangent ct."""
-
-  def f(params, x):
-    y = module.apply({"params": params}, x)
-    ct = jax.random.normal(jax.random.key(1), y.shape)
-    return (y * ct).sum(), y
-
-  with layers.conv_impl(impl):
-    (_, y), grads = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(
-        variables["params"], x)
-  return y, grads
-
-
 MODULE_CASES = [
+    # name, module, input shape
     ("same k4 s2 3D even", layers.SamePadConv(5, 4, 2), (2, 8, 8, 8, 3)),
     ("same k4 s2 3D odd", layers.SamePadConv(5, 4, 2), (1, 7, 5, 9, 3)),
     ("same k4 s212 3D", layers.SamePadConv(5, 4, (2, 1, 2)), (2, 8, 6, 8, 3)),
@@ -58,13 +45,36 @@ MODULE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,module,shape", MODULE_CASES, ids=[c[0] for c in MODULE_CASES])
-def test_module_outputs_and_gradients_match_lax(name, module, shape):
-  del name
-  x = _normal(shape)
-  variables = module.init(jax.random.key(0), x)
-  y_fast, g_fast = _value_and_grads(module, variables, x, "fast")
-  y_lax, g_lax = _value_and_grads(module, variables, x, "lax")
+def _outputs_and_grads(impl, params, xs, cts):
+  """Per case: the output and d<y, ct>/d(params, x), all cases under one `jit`."""
+
+  def one(module, p, x, ct):
+    def f(p, x):
+      y = module.apply({"params": p}, x)
+      return (y * ct).sum(), y
+    (_, y), grads = jax.value_and_grad(f, (0, 1), has_aux=True)(p, x)
+    return y, grads
+
+  with layers.conv_impl(impl):
+    return jax.jit(lambda *args: [one(c[1], *a) for c, *a in zip(MODULE_CASES, *args)])(
+        params, xs, cts)
+
+
+@pytest.fixture(scope="module")
+def module_results():
+  xs = [_normal(shape, i) for i, (_, _, shape) in enumerate(MODULE_CASES)]
+  # Random parameters and cotangents of the right shapes (eval_shape: nothing compiled).
+  shapes = [jax.eval_shape(m.init_with_output, jax.random.key(0), x)
+            for (_, m, _), x in zip(MODULE_CASES, xs)]
+  params = [jax.tree.map(lambda a, i=i: _normal(a.shape, 100 + i) * 0.3, v["params"])
+            for i, (_, v) in enumerate(shapes)]
+  cts = [_normal(y.shape, 200 + i) for i, (y, _) in enumerate(shapes)]
+  return {impl: _outputs_and_grads(impl, params, xs, cts) for impl in ("fast", "lax")}
+
+
+@pytest.mark.parametrize("index", range(len(MODULE_CASES)), ids=[c[0] for c in MODULE_CASES])
+def test_module_outputs_and_gradients_match_lax(module_results, index):
+  (y_fast, g_fast), (y_lax, g_lax) = (module_results[i][index] for i in ("fast", "lax"))
   assert y_fast.shape == y_lax.shape
   _assert_close(y_fast, y_lax)
   _assert_close(g_fast[1], g_lax[1])  # input
@@ -72,29 +82,28 @@ def test_module_outputs_and_gradients_match_lax(name, module, shape):
   _assert_close(g_fast[0]["bias"], g_lax[0]["bias"])
 
 
-def _sweep():
-  """Kernel, stride, padding (or crop) and size combinations over 1-3 spatial axes.
-
-  Every fifth combination of the full product (a fixed, deterministic subsample that still
-  covers every value of every factor, and every (kernel, stride) pair) keeps compiles down.
-  """
-  combos = itertools.product((1, 2, 3), (2, 3, 4, 5), (1, 2, 3), (0, 1, 2), (5, 6))
-  for i, (nd, k, s, p, n) in enumerate(combos):
-    if i % 5:
-      continue
-    strides = (s, 1, 2)[:nd] if nd == 3 else (s,) * nd
-    yield nd, k, strides, p, n
-
-
 def test_conv_functions_match_lax_on_a_sweep():
+  """Kernel, stride, padding (crop) and size combinations over 1-3 spatial axes."""
   rng = np.random.default_rng(0)
-  for nd, k, strides, p, n in _sweep():
-    x = jnp.asarray(rng.normal(size=(1,) + (n,) * nd + (2,)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(k,) * nd + (2, 3)), jnp.float32)
-    for fn, arg in ((layers.conv, ((p, p),) * nd), (layers.conv_transpose, (min(p, k - 1),) * nd)):
-      fast, ref = fn(x, w, strides, arg, impl="fast"), fn(x, w, strides, arg, impl="lax")
-      assert fast.shape == ref.shape, (fn.__name__, nd, k, strides, p, n)
-      _assert_close(fast, ref)
+  configs, xs, ws = [], [], []
+  for nd, k, s, p, n in itertools.product((1, 2, 3), (2, 3, 5), (1, 2, 3), (0, 2), (5, 6)):
+    if nd == 3 and (k, n) != (3, 5):
+      continue
+    configs.append((nd, k, (s,) * nd if nd < 3 else (s, 1, 2), p))
+    xs.append(jnp.asarray(rng.normal(size=(1,) + (n,) * nd + (2,)), jnp.float32))
+    ws.append(jnp.asarray(rng.normal(size=(k,) * nd + (2, 3)), jnp.float32))
+
+  def run(impl):
+    def f(xs, ws):
+      return [(layers.conv(x, w, st, ((p, p),) * nd, impl=impl),
+               layers.conv_transpose(x, w, st, (min(p, k - 1),) * nd, impl=impl))
+              for (nd, k, st, p), x, w in zip(configs, xs, ws)]
+    return jax.jit(f)(xs, ws)
+
+  for config, fast, ref in zip(configs, run("fast"), run("lax")):
+    for a, b in zip(fast, ref):
+      assert a.shape == b.shape, config
+      _assert_close(a, b)
 
 
 def test_conv_transpose_subpixel_kernel_has_no_empty_taps():
@@ -104,7 +113,11 @@ def test_conv_transpose_subpixel_kernel_has_no_empty_taps():
   assert taps.tolist() == [[2, 3], [0, 1]]
 
 
-def test_stride1_slab_gradients_match_lax():
+@pytest.mark.parametrize("chunk", [None, 24])
+def test_stride1_slab_gradients_match_lax(monkeypatch, chunk):
+  """Also with tiny chunks, so that the forward and dW convs run in several pieces."""
+  if chunk is not None:
+    monkeypatch.setattr(layers, "_CHUNK", chunk)
   x, w = _normal((2, 6, 5, 7, 3), 1), _normal((3, 2, 3, 3, 4), 2)
   ct = _normal((2, 4, 4, 5, 4), 3)
   grads = {impl: jax.grad(lambda x, w, i=impl: (layers.conv(x, w, (1, 1, 1), ((0, 0),) * 3,

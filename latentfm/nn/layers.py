@@ -8,7 +8,8 @@ that the arithmetic in `conv` / `conv_transpose` can change without changing che
 Two formulations give the same numbers (`set_conv_impl`): "lax", one `lax.conv_general_dilated`
 per layer (accelerators, reference), and "fast" (default) for XLA:CPU, which differentiates
 strided, transposed and 3D convs slowly: strided convs run as space-to-depth + a stride-1 conv,
-transposed convs as sub-pixel convs, stride-1 3D convs as 2D convs over depth slabs (own VJP).
+transposed convs as sub-pixel convs, stride-1 3D convs as 2D convs over depth slabs with a
+custom VJP (reverse mode only: use "lax" for `jax.jvp`).
 
 Initialisation follows PyTorch's defaults for `ConvNd` / `ConvTransposeNd` (uniform with bound
 1/sqrt(fan_in)), as in the reference implementation.
@@ -76,7 +77,7 @@ def _check(impl: str | None) -> str:
 
 
 def set_conv_impl(impl: str) -> None:
-  """Selects "fast" (default) or "lax" convolutions; read at trace time, so re-jit after."""
+  """Selects "fast" (default) or "lax" convolutions; read when tracing, so re-jit after."""
   global _impl
   _impl = _check(impl)
 
