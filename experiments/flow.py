@@ -26,7 +26,7 @@ from latentfm.sample import integrate, velocity_from_model
 from latentfm.nn.unet3d import UNet3D
 from latentfm.train import checkpoint, parallel, stages
 from latentfm.train.flow_step import create_state, encode_volumes, make_train_step
-from latentfm.train.loop import Periodic, resume, train_loop
+from latentfm.train.loop import Periodic, check_nonfinite_policy, guard_step, resume, train_loop
 from latentfm.train.writer import MetricWriter
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -39,6 +39,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"train.batch_size {config.train.batch_size} must be positive and "
                      f"divisible by the {jax.device_count()} devices")
   flow.fm_loss(jnp.zeros(()), jnp.zeros(()), config.flow.loss)
+  check_nonfinite_policy(config.train.on_nonfinite)
 
 
 def prepare_latents(config, workdir: str, main_process: bool):
@@ -90,7 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   extra = {"stage": "flow", "latent_stats": stats.to_dict(),
            "latent_shape": list(latents.shape[1:])}
 
-  step_fn = jax.jit(make_train_step(config), donate_argnums=0)
+  step_fn = jax.jit(guard_step(make_train_step(config), config.train.on_nonfinite),
+                    donate_argnums=0)
   writer = MetricWriter(workdir, resume_step=first_step, enabled=main_process)
   unet = UNet3D.from_config(config.model)
   decode = jax.jit(lambda v, z: vq_model.apply(v, z, method=vq_model.decode))
@@ -108,13 +110,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write_image(step, "samples", viz.triplanar_image(volumes))
     return {"sample_nfe": float(nfe)}
 
-  bar = common.progress_bar(config.train.num_steps, first_step, "flow", main_process)
-  result = train_loop(
-      state, lambda s, b, i: step_fn(s, b), data_iter, mesh=mesh, first_step=first_step,
-      num_steps=config.train.num_steps, manager=manager, writer=writer,
-      log_every=config.train.log_every, ckpt_every=config.train.ckpt_every,
-      callbacks=[Periodic(config.train.sample_every, samples)], extra=extra, progress=bar)
-  bar.close()
+  with common.progress_bar(config.train.num_steps, first_step, "flow", main_process) as bar:
+    result = train_loop(
+        state, lambda s, b, i: step_fn(s, b), data_iter, mesh=mesh, first_step=first_step,
+        num_steps=config.train.num_steps, manager=manager, writer=writer,
+        log_every=config.train.log_every, ckpt_every=config.train.ckpt_every,
+        callbacks=[Periodic(config.train.sample_every, samples)], extra=extra, progress=bar,
+        max_consecutive_skips=config.train.max_consecutive_skips)
   checkpoint.close(manager)
   writer.close()
   if result.stopped_by_signal is not None and main_process:

@@ -21,7 +21,7 @@ from experiments import common
 from latentfm import viz
 from latentfm.data import loader
 from latentfm.train import checkpoint, parallel
-from latentfm.train.loop import Periodic, resume, train_loop
+from latentfm.train.loop import Periodic, check_nonfinite_policy, guard_step, resume, train_loop
 from latentfm.train.vqgan_step import create_state, make_eval_step, make_train_step
 from latentfm.train.writer import MetricWriter
 
@@ -43,6 +43,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"{jax.device_count()} devices")
   if config.loss.gan_loss not in ("hinge", "vanilla"):
     raise ValueError(f"loss.gan_loss must be hinge or vanilla, got {config.loss.gan_loss!r}")
+  check_nonfinite_policy(config.train.on_nonfinite)
 
 
 def evaluate(eval_fn, state, val: loader.Dataset, mesh, limit: int) -> tuple[dict, np.ndarray]:
@@ -81,8 +82,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.loss.perceptual_weight > 0:
     from latentfm.nn.lpips import load_params  # pylint: disable=import-outside-toplevel
     lpips_params = parallel.replicate(load_params(), mesh)
-  warm = jax.jit(make_train_step(config, use_gan=False), donate_argnums=0)
-  full = jax.jit(make_train_step(config, use_gan=True), donate_argnums=0)
+  policy = config.train.on_nonfinite
+  warm = jax.jit(guard_step(make_train_step(config, use_gan=False), policy), donate_argnums=0)
+  full = jax.jit(guard_step(make_train_step(config, use_gan=True), policy), donate_argnums=0)
   start = config.loss.discriminator_start
 
   def train_step(state, batch, step):
@@ -108,15 +110,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if first_step == 0:
     writer.write_scalars(0, validation(0, state))
     images(0, state)
-  bar = common.progress_bar(config.train.num_steps, first_step, "vqgan", main_process)
-  result = train_loop(
-      state, train_step, data_iter, mesh=mesh, first_step=first_step,
-      num_steps=config.train.num_steps, manager=manager, writer=writer,
-      log_every=config.train.log_every, ckpt_every=config.train.ckpt_every,
-      callbacks=[Periodic(config.train.eval_every, validation),
-                 Periodic(config.train.image_every, images)],
-      extra={"stage": "vqgan"}, progress=bar)
-  bar.close()
+  with common.progress_bar(config.train.num_steps, first_step, "vqgan", main_process) as bar:
+    result = train_loop(
+        state, train_step, data_iter, mesh=mesh, first_step=first_step,
+        num_steps=config.train.num_steps, manager=manager, writer=writer,
+        log_every=config.train.log_every, ckpt_every=config.train.ckpt_every,
+        callbacks=[Periodic(config.train.eval_every, validation),
+                   Periodic(config.train.image_every, images)],
+        extra={"stage": "vqgan"}, progress=bar,
+        max_consecutive_skips=config.train.max_consecutive_skips)
   final = validation(result.step, result.state)
   checkpoint.close(manager)
   writer.close()

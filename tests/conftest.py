@@ -6,6 +6,11 @@ import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests run tiny shapes, so compilation dominates: the unoptimised XLA:CPU backend compiles
+# about a quarter faster and computes the same functions.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_backend_optimization_level=0").strip()
 # One persistent XLA compilation cache for the whole session, inherited by the command-line
 # subprocesses: a restarted run (resume tests) or a repeated tiny model reuses compiled code
 # instead of recompiling it. Fresh per session, removed at exit.

@@ -2,6 +2,9 @@
 
 import hashlib
 import os
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,8 @@ import optax
 import pytest
 
 from latentfm.train import checkpoint as ckpt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_state(w_shape=(3, 4), seed=0):
@@ -241,3 +246,43 @@ def test_json_encoding():
     ckpt.encode_json({"a": object()})
   with pytest.raises(TypeError):
     ckpt.encode_json({1: 2})
+
+
+KILLED_SAVER = """
+import sys
+import jax.numpy as jnp
+from latentfm.train import checkpoint as ckpt
+manager = ckpt.open_manager(sys.argv[1])
+size = int(sys.argv[2])
+ckpt.save(manager, 1, {"w": jnp.full((size,), 1.0)}, data_state={"i": 1})
+ckpt.wait(manager)
+print("saved 1", flush=True)
+ckpt.save(manager, 2, {"w": jnp.full((size,), 2.0)}, data_state={"i": 2})
+ckpt.wait(manager)
+print("saved 2", flush=True)
+"""
+
+
+def test_sigkill_during_save_keeps_last_good_checkpoint(ckdir):
+  """A process killed while Orbax writes step 2 leaves step 1 intact and restorable."""
+  size = 64 * 2 ** 20  # 256 MB of float32: the write takes long enough to be caught mid-way
+  proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVER, str(ckdir), str(size)],
+                          stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert proc.stdout.readline().strip() == "saved 1"
+  tmp, final = ckdir / "2.orbax-checkpoint-tmp", ckdir / "2"
+  deadline = time.time() + 60
+  while not tmp.exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.001)
+  proc.kill()
+  proc.wait()
+  assert tmp.exists() and not final.exists(), "the save finished before the kill"
+
+  manager = ckpt.open_manager(ckdir)
+  assert ckpt.all_steps(manager) == [1]
+  restored, data_state, _ = ckpt.restore(manager, {"w": jnp.zeros((size,))})
+  assert float(restored["w"].min()) == float(restored["w"].max()) == 1.0
+  assert data_state == {"i": 1}
+  assert ckpt.save(manager, 2, {"w": jnp.full((size,), 3.0)})
+  ckpt.wait(manager)
+  assert ckpt.latest_step(manager) == 2 and not tmp.exists()
+  ckpt.close(manager)

@@ -1,6 +1,11 @@
-"""A run killed with SIGKILL and restarted with the same command logs exactly the same losses."""
+"""Runs killed with SIGKILL and restarted with the same command log exactly the same losses.
+
+Both stages, through their command lines. The flow stage trains on the latents of the VQ-GAN
+run, and also shows the non-finite guard end to end (exit 1, last good checkpoint kept).
+"""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,43 +16,94 @@ import pytest
 from latentfm.train.writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.data.cohort_size=8", "--config.data.shape=(16,16,16)",
-        "--config.model.n_hiddens=4", "--config.model.downsample=(2,2,2)",
-        "--config.model.n_codes=16", "--config.model.disc_channels=4",
-        "--config.model.disc_layers=2", "--config.loss.perceptual_weight=0.0",
-        "--config.loss.discriminator_start=3", "--config.train.batch_size=2",
-        "--config.train.num_steps=7", "--config.train.log_every=1",
-        "--config.train.eval_every=100", "--config.train.image_every=100",
-        "--config.train.ckpt_every=2", "--config.train.eval_volumes=2"]
+VQGAN = ["-m", "experiments.vqgan", "--config", "experiments/configs/vqgan.py:demo",
+         "--config.data.cohort_size=8", "--config.data.shape=(16,16,16)",
+         "--config.model.n_hiddens=4", "--config.model.downsample=(2,2,2)",
+         "--config.model.n_codes=16", "--config.model.disc_channels=4",
+         "--config.model.disc_layers=2", "--config.loss.perceptual_weight=0.0",
+         "--config.loss.discriminator_start=3", "--config.train.batch_size=2",
+         "--config.train.num_steps=7", "--config.train.log_every=1",
+         "--config.train.eval_every=100", "--config.train.image_every=100",
+         "--config.train.ckpt_every=2", "--config.train.eval_volumes=2"]
+FLOW = ["-m", "experiments.flow", "--config", "experiments/configs/flow.py:demo",
+        "--config.model.channels=8", "--config.model.time_embed_dim=16",
+        "--config.train.batch_size=2", "--config.train.log_every=1",
+        "--config.train.sample_every=0"]
 
 
-def command(workdir):
-  return [sys.executable, "-m", "experiments.vqgan", "--config",
-          "experiments/configs/vqgan.py:demo", "--workdir", str(workdir), *TINY]
+def run(args, workdir, check=True):
+  return subprocess.run([sys.executable, *args, "--workdir", str(workdir)], cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=ROOT), check=check,
+                        capture_output=True, text=True, timeout=600)
 
 
-def env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+def signal_past(args, workdir, step, sig=signal.SIGKILL):
+  """Starts the command, sends `sig` once `metrics.jsonl` has a row past `step`, waits.
+
+  Returns `(exit code, stderr, last logged step)`.
+  """
+  proc = subprocess.Popen([sys.executable, *args, "--workdir", str(workdir)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  path, deadline = workdir / "metrics.jsonl", time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if path.is_file() and any(f'"step": {step + 1}' in l for l in path.read_text().splitlines()):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run ended before the signal"
+  proc.send_signal(sig)
+  _, stderr = proc.communicate(timeout=600)
+  return proc.returncode, stderr, max(r["step"] for r in read_metrics(str(workdir)))
+
+
+@pytest.fixture(scope="module")
+def vqgan_full(tmp_path_factory):
+  """An uninterrupted tiny VQ-GAN run (also the frozen autoencoder of the flow tests)."""
+  workdir = tmp_path_factory.mktemp("vqgan") / "full"
+  run(VQGAN, workdir)
+  return workdir
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_matches_uninterrupted(tmp_path):
-  subprocess.run(command(tmp_path / "full"), cwd=ROOT, env=env(), check=True,
-                 capture_output=True, timeout=600)
+def test_vqgan_sigkill_then_restart_matches_uninterrupted(vqgan_full, tmp_path):
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(command(killed), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    path = killed / "metrics.jsonl"
-    if path.is_file() and any('"step": 5' in l for l in path.read_text().splitlines()):
-      break  # past the step-4 checkpoint, before the end: kill without warning
-    time.sleep(0.05)
-  assert proc.poll() is None, "the run ended before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  subprocess.run(command(killed), cwd=ROOT, env=env(), check=True, capture_output=True,
-                 timeout=600)
-  full, resumed = read_metrics(str(tmp_path / "full")), read_metrics(str(killed))
+  signal_past(VQGAN, killed, 4)  # past the step-4 checkpoint, before the end
+  run(VQGAN, killed)
+  full, resumed = read_metrics(str(vqgan_full)), read_metrics(str(killed))
   assert [r["step"] for r in resumed] == [r["step"] for r in full] == list(range(8))
   assert resumed == full  # bitwise: every loss of every step, GAN phase included
+
+
+@pytest.mark.slow
+def test_flow_sigkill_and_sigterm_then_restart_match_uninterrupted(vqgan_full, tmp_path):
+  args = FLOW + [f"--config.vqgan_workdir={vqgan_full}", "--config.train.num_steps=40",
+                 "--config.train.ckpt_every=5"]
+  run(args, tmp_path / "full")
+  killed = tmp_path / "killed"
+  code, _, last = signal_past(args, killed, 12)
+  assert code == -signal.SIGKILL and last < 40
+  code, stderr, last = signal_past(args, killed, 25, signal.SIGTERM)  # resumes, then preempted
+  assert code == 0 and last < 40
+  assert f"stopped by signal {int(signal.SIGTERM)} at step {last}; checkpoint saved" in stderr
+  assert (killed / "ckpt" / str(last)).is_dir()  # saved at the step it stopped at
+  run(args, killed)
+  full, resumed = read_metrics(str(tmp_path / "full")), read_metrics(str(killed))
+  assert [r["step"] for r in resumed] == list(range(1, 41))
+  assert resumed == full  # bitwise: params, Adam, EMA, data order and RNG all resumed
+
+
+@pytest.mark.slow
+def test_flow_nonfinite_loss_exits_1_and_keeps_checkpoint(vqgan_full, tmp_path):
+  args = FLOW + [f"--config.vqgan_workdir={vqgan_full}", "--config.train.ckpt_every=2"]
+  run(args + ["--config.train.num_steps=2"], tmp_path)
+  ckpt = tmp_path / "ckpt" / "2"
+  before = sorted((p.relative_to(ckpt), p.stat().st_mtime_ns) for p in ckpt.rglob("*"))
+  # A learning rate of 1e30 makes step 3's update overflow, so step 4's loss is not finite.
+  result = run(args + ["--config.train.num_steps=8", "--config.optim.lr=1e30"], tmp_path,
+               check=False)
+  assert result.returncode == 1
+  message = result.stderr.strip().splitlines()[-1]
+  assert re.search(r"step 4: \w+ is (nan|inf); stopping with the last good checkpoint kept",
+                   message), message
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2"]
+  assert sorted((p.relative_to(ckpt), p.stat().st_mtime_ns) for p in ckpt.rglob("*")) == before

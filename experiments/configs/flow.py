@@ -46,9 +46,13 @@ def _base() -> ml_collections.ConfigDict:
   c.train.batch_size = 2  # global batch: per-device batch x number of devices
   c.train.num_steps = 100_000
   c.train.log_every = 100
-  c.train.sample_every = 5_000
+  c.train.sample_every = 5_000  # 0: no sample previews
   c.train.ckpt_every = 5_000
   c.train.keep_checkpoints = 3
+  # A NaN/Inf loss or gradient: "stop" (exit 1 naming the step and term, last good checkpoint
+  # kept) or "skip" (leave the state unchanged, count the skip; stop after this many in a row).
+  c.train.on_nonfinite = "stop"
+  c.train.max_consecutive_skips = 10
 
   c.sample = ml_collections.ConfigDict()
   c.sample.solver = "euler"  # euler | heun | midpoint (fixed step) | tsit5 | dopri5 (adaptive)

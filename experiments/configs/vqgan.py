@@ -66,6 +66,10 @@ def _base() -> ml_collections.ConfigDict:
   c.train.ckpt_every = 1000
   c.train.keep_checkpoints = 3
   c.train.eval_volumes = 8
+  # A NaN/Inf loss or gradient: "stop" (exit 1 naming the step and term, last good checkpoint
+  # kept) or "skip" (leave the state unchanged, count the skip; stop after this many in a row).
+  c.train.on_nonfinite = "stop"
+  c.train.max_consecutive_skips = 10
   return c
 
 

@@ -150,7 +150,7 @@ def make_train_step(config: ml_collections.ConfigDict, *, use_gan: bool
       (_, (d_terms, stats)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(dp)
       d_updates, d_opt = d_tx.update(d_grads, state["d_opt"], dp)
       new.update(disc_params=optax.apply_updates(dp, d_updates), d_opt=d_opt, disc_stats=stats)
-      terms.update(d_terms)
+      terms.update(d_terms, d_grad_norm=optax.tree.norm(d_grads))
     return new, terms
 
   return step
