@@ -128,3 +128,72 @@ def test_maybe_initialize_distributed_passes_env(monkeypatch):
       {parallel.AUTO_DETECT_ENV: "auto"}) is True
   assert calls[-1] == {"coordinator_address": None, "num_processes": None,
                        "process_id": None}
+
+
+# Trains the flow step for 3 steps on a global batch of 4, split over however many processes
+# run it; saves and restores a checkpoint; prints losses and a digest of the parameters.
+_TRAIN_FEW_STEPS = textwrap.dedent("""
+    import hashlib, json, sys
+    import jax, numpy as np
+    from experiments.configs import flow as flow_configs
+    from latentfm.train import checkpoint as ckpt, flow_step, parallel
+
+    parallel.maybe_initialize_distributed()
+    pid, n = jax.process_index(), jax.process_count()
+    mesh = parallel.make_mesh()
+    c = flow_configs.get_config("demo")
+    c.model.channels, c.model.time_embed_dim = 8, 16
+    state = parallel.replicate(
+        flow_step.create_state(jax.random.PRNGKey(0), c, (4, 4, 4, 8)), mesh)
+    step = jax.jit(flow_step.make_train_step(c), donate_argnums=0)
+    rng, share, losses = np.random.default_rng(0), 4 // n, []
+    for _ in range(3):
+      z = rng.standard_normal((4, 4, 4, 4, 8)).astype(np.float32)
+      batch = parallel.shard_batch({"image": z[pid * share:(pid + 1) * share]}, mesh)
+      state, metrics = step(state, batch)
+      losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
+    manager = ckpt.open_manager(sys.argv[1])
+    ckpt.save(manager, 3, state, data_state={"process": pid})
+    ckpt.wait(manager)
+    restored, data_state, _ = ckpt.restore(manager, state)
+    ckpt.close(manager)
+    host = lambda tree: [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(tree)]
+    assert all(np.array_equal(a, b) for a, b in zip(host(restored), host(state)))
+    assert data_state == {"process": pid}
+    params = host(state["params"])
+    print(json.dumps({"process": pid, "count": n, "devices": jax.device_count(),
+                      "losses": losses, "params": [float(p.sum()) for p in params],
+                      "sha256": hashlib.sha256(b"".join(p.tobytes() for p in params)).hexdigest()}))
+""")
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_agree_and_match_one(tmp_path):
+  """Two JAX processes on localhost (jax.distributed, Gloo CPU collectives) vs one."""
+  import json  # pylint: disable=import-outside-toplevel
+  base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  coordinator = f"localhost:{_free_port()}"
+  envs = [dict(base, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i)) for i in range(2)] + [base]
+  dirs = [tmp_path / "two", tmp_path / "two", tmp_path / "one"]
+  procs = [subprocess.Popen([sys.executable, "-c", _TRAIN_FEW_STEPS, str(d)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for env, d in zip(envs, dirs)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  first, second, single = (json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
+  assert (first["process"], second["process"], first["count"], single["count"]) == (0, 1, 2, 1)
+  assert first["devices"] == 2 and single["devices"] == 1
+  assert first["losses"] == second["losses"] and first["sha256"] == second["sha256"]
+  np.testing.assert_allclose(first["losses"], single["losses"], rtol=1e-5)
+  np.testing.assert_allclose(first["params"], single["params"], rtol=1e-4, atol=1e-5)
+  assert sorted(p.name for p in (tmp_path / "two" / "3" / "data").glob("process_*")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]

@@ -29,6 +29,7 @@ def _base() -> ml_collections.ConfigDict:
   c.model.dropout = 0.5
   c.model.time_embed_dim = 320  # 4 x channels
   c.model.norm_groups = 32
+  c.model.time_scale = 1000.0  # t * time_scale enters the sinusoidal time embedding
 
   c.flow = ml_collections.ConfigDict()
   c.flow.loss = "hybrid"  # "l2" | "l1" | "hybrid" (0.9 L1 + 0.1 L2)

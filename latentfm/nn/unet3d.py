@@ -22,7 +22,6 @@ import ml_collections
 
 Array = jax.Array
 
-TIME_SCALE = 1000.0  # t in [0, 1] is scaled to [0, 1000] before the sinusoidal embedding
 
 
 def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
@@ -131,6 +130,10 @@ class UNet3D(nn.Module):
   dropout: float = 0.0
   time_embed_dim: int | None = None  # default: 4 * channels
   norm_groups: int = 32
+  # t in [0, 1] is multiplied by this before the sinusoidal embedding, whose fastest frequency
+  # is then `time_scale` rad per unit t: 1000 (DDPM-style) lets the field vary quickly in t,
+  # which costs adaptive ODE solvers steps; smaller values give a smoother field.
+  time_scale: float = 1000.0
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "UNet3D":
@@ -140,7 +143,7 @@ class UNet3D(nn.Module):
         channels=m.channels, channel_mults=tuple(m.channel_mults),
         num_res_blocks=m.num_res_blocks, attention_levels=tuple(m.attention_levels),
         num_heads=m.num_heads, dropout=m.dropout, time_embed_dim=m.time_embed_dim,
-        norm_groups=m.norm_groups)
+        norm_groups=m.norm_groups, time_scale=m.get("time_scale", 1000.0))
 
   @nn.compact
   def __call__(self, z: Array, t: Array, train: bool = False) -> Array:
@@ -151,7 +154,7 @@ class UNet3D(nn.Module):
                        f"got {z.shape}")
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z.shape[0],))
     tdim = self.time_embed_dim or 4 * self.channels
-    temb = timestep_embedding(t * TIME_SCALE, self.channels)
+    temb = timestep_embedding(t * self.time_scale, self.channels)
     temb = nn.Dense(tdim, name="time_mlp_0")(temb)
     temb = nn.Dense(tdim, name="time_mlp_1")(nn.silu(temb))
 
