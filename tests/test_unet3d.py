@@ -137,3 +137,26 @@ def test_attention_mixes_distant_voxels(attention):
     assert far > 1e-3 * near
   else:
     assert far == 0.0
+
+
+def test_time_scale_sets_smoothness_in_t():
+  """The field's curvature in t grows with `time_scale` (fastest embedding frequency)."""
+  z = _latent((1, 8, 8, 8, 4))
+  params = random_params(TINY, z)
+  t = jnp.array([0.49, 0.5, 0.51])
+
+  def curvature(scale):
+    model = TINY.clone(time_scale=scale, dropout=0.0)
+    out = jax.jit(jax.vmap(lambda s: model.apply({"params": params}, z, s[None])))(t)
+    return float(jnp.abs(out[0] - 2 * out[1] + out[2]).mean())
+
+  assert curvature(1000.0) > 20 * curvature(10.0)
+
+
+def test_from_config_time_scale():
+  assert UNet3D.from_config(get_config("demo")).time_scale == 10.0
+  assert UNet3D.from_config(get_config("thesis")).time_scale == 1000.0
+  old = get_config("thesis").model.to_dict()
+  del old["time_scale"]  # a config.json written before the option existed
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  assert UNet3D.from_config(ml_collections.ConfigDict(old)).time_scale == 1000.0

@@ -29,7 +29,9 @@ def _base() -> ml_collections.ConfigDict:
   c.model.dropout = 0.5
   c.model.time_embed_dim = 320  # 4 x channels
   c.model.norm_groups = 32
-  c.model.time_scale = 1000.0  # t * time_scale enters the sinusoidal time embedding
+  # t * time_scale enters the sinusoidal time embedding. 1000 (DDPM's convention) makes the
+  # field oscillate in t; 10 keeps it smooth, so tsit5 matches Euler-100 with ~25 NFE.
+  c.model.time_scale = 1000.0
 
   c.flow = ml_collections.ConfigDict()
   c.flow.loss = "hybrid"  # "l2" | "l1" | "hybrid" (0.9 L1 + 0.1 L2)
@@ -70,6 +72,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     return c
   if name == "default":
     c.model.dropout = 0.1
+    c.model.time_scale = 10.0  # smooth in t: adaptive solvers need ~4x fewer NFE (bench.solvers)
     c.flow.time_sampling = "logit_normal"
     c.optim.lr = 1e-4
     c.train.batch_size = 16
@@ -82,6 +85,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.model.num_heads = 2
     c.model.dropout = 0.0
     c.model.time_embed_dim = 64
+    c.model.time_scale = 10.0
     c.optim.lr = 1e-3
     c.optim.ema_decay = 0.99
     c.train.batch_size = 8
