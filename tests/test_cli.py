@@ -23,12 +23,38 @@ VQ = ("experiments.vqgan", "--config", "experiments/configs/vqgan.py:demo")
     (["--config.data.shape=(30,32,32)"], "not divisible"),
     (["--config.data.dir=/no/such/dir"], "/no/such/dir"),
     (["--config.train.batch_size=0"], "batch"),
+    (["--config.train.on_nonfinite=ignore"], "train.on_nonfinite"),
 ])
 def test_vqgan_bad_input_exits_2(tmp_path, extra, expected):
   result = run(*VQ, "--workdir", str(tmp_path / "w"), *extra)
   assert result.returncode == 2, result.stderr
   lines = [l for l in result.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr
+
+
+def one_line_exit_2(result, expected):
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert result.returncode == 2, result.stderr
+  assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr
+
+
+def test_vqgan_empty_data_dir_exits_2(tmp_path):
+  (tmp_path / "empty").mkdir()
+  one_line_exit_2(run(*VQ, "--workdir", str(tmp_path / "w"),
+                      f"--config.data.dir={tmp_path / 'empty'}"), str(tmp_path / "empty"))
+  assert not (tmp_path / "w" / "ckpt").exists()
+
+
+FLOW = ("experiments.flow", "--config", "experiments/configs/flow.py:demo")
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ([], "vqgan_workdir is required"),
+    (["--config.vqgan_workdir=/no/such/run"], "/no/such/run"),
+    (["--config.vqgan_workdir=/tmp", "--config.flow.nope=1"], "nope"),
+])
+def test_flow_bad_input_exits_2(tmp_path, extra, expected):
+  one_line_exit_2(run(*FLOW, "--workdir", str(tmp_path / "w"), *extra), expected)
 
 
 def test_vqgan_requires_workdir():

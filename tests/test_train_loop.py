@@ -74,12 +74,13 @@ def test_writer_drops_rows_after_resume_step(tmp_path):
   assert os.path.isdir(tmp_path / "tensorboard")
 
 
-def test_sigterm_saves_and_stops(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_stops(tmp_path, sig):
   def hook(i):
     if i == 1:
-      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), sig)
   result = run(str(tmp_path), 10, hook)
-  assert result.stopped_by_signal == signal.SIGTERM and result.step == 2
+  assert result.stopped_by_signal == sig and result.step == 2
   manager = checkpoint.open_manager(str(tmp_path / "ckpt"))
   assert checkpoint.latest_step(manager) == 2
   checkpoint.close(manager)
