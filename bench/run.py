@@ -7,7 +7,8 @@ with `block_until_ready`. `vqgan_ae` is the thesis encoder + decoder forward+bac
 loss (the thesis VQ-GAN's dominant cost); `vqgan` is the full train step (both discriminators,
 LPIPS on a slice); `flow` is the thesis UNet train step on the matching latent; `sample` is
 Euler-50 + decode and tsit5 + decode of one volume. `--torch` times the same autoencoder in
-PyTorch (bench/torch_models.py) in the same run and prints the JAX/PyTorch ratio.
+PyTorch (bench/torch_models.py) in the same run, and the flow train step with the same UNet
+in PyTorch (AdamW, clipping, hybrid loss), and prints the JAX/PyTorch ratios.
 """
 
 from __future__ import annotations
@@ -158,6 +159,36 @@ def bench_torch_ae(size: int, batch: int, repeats: int) -> dict:
                 None)
 
 
+def bench_torch_flow(size: int, batch: int, repeats: int) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  from bench.torch_models import FlowUNet3d  # pylint: disable=import-outside-toplevel
+  model = FlowUNet3d()  # the thesis UNet (37,910,568 parameters), dropout 0.5
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0)
+  latent = (size // 4,) * 3
+  z0 = torch.randn(batch, 8, *latent)
+
+  def step():
+    z1, t = torch.randn_like(z0), torch.rand(batch)
+    zt = (1 - t)[:, None, None, None, None] * z0 + t[:, None, None, None, None] * z1
+    diff = model(zt, t) - (z1 - z0)
+    loss = 0.9 * diff.abs().mean() + 0.1 * (diff ** 2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+
+  step()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return report(f"torch flow train step {latent[0]}^3x8 b{batch}", statistics.median(times),
+                batch, None)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", type=int, default=32)
@@ -171,15 +202,18 @@ def main() -> None:
   jax_ae = bench_vqgan_ae(args.size, args.batch, args.repeats) if "vqgan_ae" in stages else None
   if "vqgan" in stages:
     bench_vqgan(args.size, args.batch, args.repeats)
-  if "flow" in stages:
-    bench_flow(args.size, args.batch, args.repeats)
+  jax_flow = bench_flow(args.size, args.batch, args.repeats) if "flow" in stages else None
   if "sample" in stages:
     bench_sample(args.size, args.repeats)
-  if args.torch and jax_ae:
+  if args.torch:
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(os.cpu_count() or 1)
-    torch_ae = bench_torch_ae(args.size, args.batch, args.repeats)
-    print(f"ratio JAX/PyTorch (vqgan_ae): {jax_ae['ms'] / torch_ae['ms']:.2f}")
+    if jax_ae:
+      torch_ae = bench_torch_ae(args.size, args.batch, args.repeats)
+      print(f"ratio JAX/PyTorch (vqgan_ae): {jax_ae['ms'] / torch_ae['ms']:.2f}")
+    if jax_flow:
+      torch_flow = bench_torch_flow(args.size, args.batch, args.repeats)
+      print(f"ratio JAX/PyTorch (flow step): {jax_flow['ms'] / torch_flow['ms']:.2f}")
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"peak host memory: {peak:.0f} MiB")
 
