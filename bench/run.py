@@ -94,11 +94,13 @@ def bench_vqgan(size: int, batch: int, repeats: int) -> dict:
   return report(f"vqgan train step {size}^3 b{batch}", seconds, batch, None)
 
 
-def bench_flow(size: int, batch: int, repeats: int) -> dict:
+def bench_flow(size: int, batch: int, repeats: int, dtype: str = "float32",
+               remat: bool = False) -> dict:
   # pylint: disable=import-outside-toplevel
   from experiments.configs.flow import get_config
   from latentfm.train.flow_step import create_state, make_train_step
   config = get_config("thesis")
+  config.model.dtype, config.model.remat = dtype, remat
   latent = (size // 4,) * 3 + (8,)
   state = create_state(jax.random.PRNGKey(0), config, latent)
   z = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((batch,) + latent),
@@ -111,7 +113,8 @@ def bench_flow(size: int, batch: int, repeats: int) -> dict:
     return metrics
 
   seconds = timeit(call, repeats)
-  return report(f"flow train step {latent[0]}^3x8 b{batch}", seconds, batch,
+  return report(f"flow train step {latent[0]}^3x8 b{batch} {dtype}{' remat' if remat else ''}",
+                seconds, batch,
                 flops_of(step, state, z))
 
 
@@ -196,13 +199,16 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--stages", default="vqgan_ae,flow,sample")
   parser.add_argument("--torch", action="store_true")
+  parser.add_argument("--dtype", default="float32", help="flow UNet compute dtype (bfloat16)")
+  parser.add_argument("--remat", action="store_true", help="rematerialise UNet res blocks")
   args = parser.parse_args()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
   stages = args.stages.split(",")
   jax_ae = bench_vqgan_ae(args.size, args.batch, args.repeats) if "vqgan_ae" in stages else None
   if "vqgan" in stages:
     bench_vqgan(args.size, args.batch, args.repeats)
-  jax_flow = bench_flow(args.size, args.batch, args.repeats) if "flow" in stages else None
+  jax_flow = (bench_flow(args.size, args.batch, args.repeats, args.dtype, args.remat)
+              if "flow" in stages else None)
   if "sample" in stages:
     bench_sample(args.size, args.repeats)
   if args.torch:

@@ -13,7 +13,9 @@ the input channels.
 """
 
 from collections.abc import Sequence
+import itertools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,7 +37,8 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Arra
   return emb
 
 
-def _norm(channels: int, max_groups: int, name: str | None = None) -> nn.GroupNorm:
+def _norm(channels: int, max_groups: int, name: str | None = None,
+          dtype: Any = jnp.float32) -> nn.GroupNorm:
   """GroupNorm with the most groups (<= `max_groups`, dividing `channels`) of >= 4 channels.
 
   A group of one channel would subtract the per-channel time projection of a residual block
@@ -43,7 +46,7 @@ def _norm(channels: int, max_groups: int, name: str | None = None) -> nn.GroupNo
   """
   g = math.gcd(channels, max_groups)
   groups = max([d for d in range(1, g + 1) if g % d == 0 and channels // d >= 4], default=1)
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, name=name)
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, name=name, dtype=dtype)
 
 
 def conv_init(key: Array, shape: Sequence[int], dtype=jnp.float32) -> Array:
@@ -57,10 +60,11 @@ def conv_init(key: Array, shape: Sequence[int], dtype=jnp.float32) -> Array:
 
 
 def _conv(features: int, name: str | None = None, kernel: int = 3, strides: int = 1,
-          kernel_init: nn.initializers.Initializer = conv_init) -> nn.Conv:
+          kernel_init: nn.initializers.Initializer = conv_init,
+          dtype: Any = jnp.float32) -> nn.Conv:
   pad = ((kernel // 2, kernel // 2),) * 3
   return nn.Conv(features, (kernel,) * 3, strides=strides, padding=pad,
-                 kernel_init=kernel_init, name=name)
+                 kernel_init=kernel_init, name=name, dtype=dtype)
 
 
 class ResBlock(nn.Module):
@@ -68,20 +72,22 @@ class ResBlock(nn.Module):
   features: int
   dropout: float = 0.0
   norm_groups: int = 32
+  dtype: Any = jnp.float32  # computation dtype; parameters stay float32
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, train: bool) -> Array:
-    h = nn.silu(_norm(x.shape[-1], self.norm_groups, "norm1")(x))
-    h = _conv(self.features, "conv1")(h)
-    h = h + nn.Dense(self.features, name="time_proj")(nn.silu(temb))[:, None, None, None, :]
-    h = nn.silu(_norm(self.features, self.norm_groups, "norm2")(h))
+    h = nn.silu(_norm(x.shape[-1], self.norm_groups, "norm1", self.dtype)(x))
+    h = _conv(self.features, "conv1", dtype=self.dtype)(h)
+    h = h + nn.Dense(self.features, name="time_proj", dtype=self.dtype)(
+        nn.silu(temb))[:, None, None, None, :]
+    h = nn.silu(_norm(self.features, self.norm_groups, "norm2", self.dtype)(h))
     if train and self.dropout > 0.0:
       # Inverted dropout drawn flat: XLA:CPU compiles rank-5 random draws slowly.
       keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, (h.size,))
       h = jnp.where(keep.reshape(h.shape), h / (1.0 - self.dropout), 0.0)
-    h = _conv(self.features, "conv2")(h)
+    h = _conv(self.features, "conv2", dtype=self.dtype)(h)
     if x.shape[-1] != self.features:
-      x = _conv(self.features, "skip", kernel=1)(x)
+      x = _conv(self.features, "skip", kernel=1, dtype=self.dtype)(x)
     return x + h
 
 
@@ -89,35 +95,38 @@ class AttentionBlock(nn.Module):
   """Multi-head self-attention over all voxels (pre-GroupNorm, fused qkv, residual)."""
   num_heads: int = 4
   norm_groups: int = 32
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, *spatial, c = x.shape
     if c % self.num_heads:
       raise ValueError(f"{c} channels do not split into {self.num_heads} heads")
-    h = _norm(c, self.norm_groups, "norm")(x).reshape(b, -1, c)
-    qkv = nn.Dense(3 * c, name="qkv")(h).reshape(b, h.shape[1], 3, self.num_heads, -1)
+    h = _norm(c, self.norm_groups, "norm", self.dtype)(x).reshape(b, -1, c)
+    qkv = nn.Dense(3 * c, name="qkv", dtype=self.dtype)(h).reshape(b, h.shape[1], 3, self.num_heads, -1)
     h = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-    h = nn.Dense(c, name="proj")(h.reshape(b, -1, c))
+    h = nn.Dense(c, name="proj", dtype=self.dtype)(h.reshape(b, -1, c))
     return x + h.reshape(b, *spatial, c)
 
 
 class Downsample(nn.Module):
   """Stride-2 conv3 (padding 1): halves every spatial axis."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    return _conv(x.shape[-1], "conv", strides=2)(x)
+    return _conv(x.shape[-1], "conv", strides=2, dtype=self.dtype)(x)
 
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2 upsampling followed by conv3."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for axis in (1, 2, 3):
       x = jnp.repeat(x, 2, axis=axis)
-    return _conv(x.shape[-1], "conv")(x)
+    return _conv(x.shape[-1], "conv", dtype=self.dtype)(x)
 
 
 class UNet3D(nn.Module):
@@ -134,6 +143,10 @@ class UNet3D(nn.Module):
   # is then `time_scale` rad per unit t: 1000 (DDPM-style) lets the field vary quickly in t,
   # which costs adaptive ODE solvers steps; smaller values give a smoother field.
   time_scale: float = 1000.0
+  # Mixed precision and memory: computation dtype ("bfloat16" on accelerators; parameters and
+  # optimizer state stay float32) and rematerialisation of every residual block in backward.
+  dtype: str = "float32"
+  remat: bool = False
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "UNet3D":
@@ -143,7 +156,8 @@ class UNet3D(nn.Module):
         channels=m.channels, channel_mults=tuple(m.channel_mults),
         num_res_blocks=m.num_res_blocks, attention_levels=tuple(m.attention_levels),
         num_heads=m.num_heads, dropout=m.dropout, time_embed_dim=m.time_embed_dim,
-        norm_groups=m.norm_groups, time_scale=m.get("time_scale", 1000.0))
+        norm_groups=m.norm_groups, time_scale=m.get("time_scale", 1000.0),
+        dtype=m.get("dtype", "float32"), remat=m.get("remat", False))
 
   @nn.compact
   def __call__(self, z: Array, t: Array, train: bool = False) -> Array:
@@ -155,14 +169,19 @@ class UNet3D(nn.Module):
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z.shape[0],))
     tdim = self.time_embed_dim or 4 * self.channels
     temb = timestep_embedding(t * self.time_scale, self.channels)
-    temb = nn.Dense(tdim, name="time_mlp_0")(temb)
-    temb = nn.Dense(tdim, name="time_mlp_1")(nn.silu(temb))
+    dtype = jnp.dtype(self.dtype)
+    temb = nn.Dense(tdim, name="time_mlp_0", dtype=dtype)(temb)
+    temb = nn.Dense(tdim, name="time_mlp_1", dtype=dtype)(nn.silu(temb))
 
-    res = lambda f: ResBlock(f, self.dropout, self.norm_groups)
-    attn = lambda: AttentionBlock(self.num_heads, self.norm_groups)
+    # Explicit names keep the parameter layout (checkpoints) the same with and without remat.
+    block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+    count = itertools.count()
+    res = lambda f: block(f, self.dropout, self.norm_groups, dtype,
+                          name=f"ResBlock_{next(count)}")
+    attn = lambda: AttentionBlock(self.num_heads, self.norm_groups, dtype)
     attn_levels = set(self.attention_levels)
 
-    h = _conv(self.channels, "stem")(z)
+    h = _conv(self.channels, "stem", dtype=dtype)(z)
     skips = [h]
     for level, mult in enumerate(self.channel_mults):
       for _ in range(self.num_res_blocks):
@@ -171,7 +190,7 @@ class UNet3D(nn.Module):
           h = attn()(h)
         skips.append(h)
       if level < levels - 1:
-        h = Downsample()(h)
+        h = Downsample(dtype)(h)
         skips.append(h)
 
     h = res(h.shape[-1])(h, temb, train)
@@ -186,10 +205,11 @@ class UNet3D(nn.Module):
         if level in attn_levels:
           h = attn()(h)
       if level > 0:
-        h = Upsample()(h)
+        h = Upsample(dtype)(h)
 
-    h = nn.silu(_norm(h.shape[-1], self.norm_groups, "out_norm")(h))
-    return _conv(z.shape[-1], "out", kernel_init=nn.initializers.zeros)(h)
+    h = nn.silu(_norm(h.shape[-1], self.norm_groups, "out_norm", dtype)(h))
+    out = _conv(z.shape[-1], "out", kernel_init=nn.initializers.zeros, dtype=dtype)(h)
+    return out.astype(z.dtype)
 
 
 def count_params(cfg: ml_collections.ConfigDict, in_channels: int = 8) -> int:

@@ -1,0 +1,81 @@
+r"""Data-parallel scaling: the flow train step on 1, 2, 4, ... devices at a fixed per-device batch.
+
+  python -m bench.scaling --devices 1,2,4 --per-device-batch 2 [--config thesis] [--latent 8]
+
+Each device count runs in its own process (on the CPU the devices are forced with
+`--xla_force_host_platform_device_count`, so they share the host's cores; on accelerators the
+first N real devices are used). Prints step time, throughput and throughput per device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+
+def child(args) -> None:
+  """Times the jitted, sharded flow step on the first `args.child` devices; prints JSON."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  import numpy as np
+  from bench.run import timeit
+  from experiments.configs.flow import get_config
+  from latentfm.train import flow_step, parallel
+  config = get_config(args.config)
+  mesh = parallel.make_mesh(jax.devices()[:args.child])
+  latent = (args.latent,) * 3 + (8,)
+  state = parallel.replicate(flow_step.create_state(jax.random.PRNGKey(0), config, latent), mesh)
+  batch = args.per_device_batch * args.child
+  z = np.random.default_rng(0).standard_normal((batch,) + latent).astype(np.float32)
+  data = parallel.shard_batch({"image": z}, mesh)
+  step = jax.jit(flow_step.make_train_step(config))
+  holder = {"s": state}
+
+  def call():
+    holder["s"], metrics = step(holder["s"], data)
+    return metrics
+
+  seconds = timeit(call, args.repeats)
+  print(json.dumps({"devices": args.child, "kind": jax.devices()[0].device_kind,
+                    "batch": batch, "seconds": seconds}))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--devices", default="1,2,4")
+  parser.add_argument("--per-device-batch", type=int, default=2)
+  parser.add_argument("--config", default="thesis")
+  parser.add_argument("--latent", type=int, default=8, help="latent edge (thesis 64^3: 16)")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    child(args)
+    return
+  print(f"flow train step, config {args.config}, latent {args.latent}^3x8, "
+        f"{args.per_device_batch} per device")
+  print("| devices | global batch | step (ms) | volumes/s | volumes/s per device |")
+  print("|---|---|---|---|---|")
+  for n in map(int, args.devices.split(",")):
+    env = dict(os.environ)
+    if env.get("JAX_PLATFORMS", "cpu") == "cpu":
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                          + f" --xla_force_host_platform_device_count={n}").strip()
+    cmd = [sys.executable, "-m", "bench.scaling", "--child", str(n), "--config", args.config,
+           "--latent", str(args.latent), "--per-device-batch", str(args.per_device_batch),
+           "--repeats", str(args.repeats)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+      print(f"| {n} | failed: {out.stderr.strip().splitlines()[-1]} | | | |")
+      continue
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    rate = row["batch"] / row["seconds"]
+    print(f"| {n} | {row['batch']} | {row['seconds'] * 1e3:.0f} | {rate:.2f} | {rate / n:.2f} |",
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
