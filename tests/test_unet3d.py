@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.flow import get_config
+from latentfm.nn import layers
 from latentfm.nn.unet3d import UNet3D, count_params
 
 THESIS_PARAMS = 37_910_568  # channels 80, mults (1, 2, 2, 2), 2 res blocks, attention (2, 3)
@@ -127,7 +128,8 @@ def test_attention_mixes_distant_voxels(attention):
     with nn.intercept_methods(_frozen_group_stats):
       return model.apply({"params": params}, z, jnp.full((1,), 0.5))
 
-  out, tangent = jax.jit(lambda z, dz: jax.jvp(f, (z,), (dz,)))(z, dz)
+  with layers.conv_impl("lax"):  # forward-mode autodiff needs the plain lax convolutions
+    out, tangent = jax.jit(lambda z, dz: jax.jvp(f, (z,), (dz,)))(z, dz)
   np.testing.assert_allclose(out, model.apply({"params": params}, z, jnp.full((1,), 0.5)),
                              atol=1e-5)
   near = float(jnp.abs(tangent[0, :, :, :3]).max())
@@ -195,3 +197,19 @@ def test_bfloat16_compute_keeps_float32_parameters():
   (l0, _), (l1, g1) = _loss_and_grads(model, params, z), _loss_and_grads(half, params, z)
   assert {x.dtype for x in jax.tree.leaves(g1)} == {jnp.dtype(jnp.float32)}
   np.testing.assert_allclose(float(l1), float(l0), rtol=5e-2)
+
+
+def test_fast_convolutions_match_lax():
+  """The UNet's default (fast) convolutions compute what `lax.conv_general_dilated` does."""
+  z = _latent((2, 8, 8, 8, 4))
+  model = TINY.clone(dropout=0.0)
+  params = random_params(model, z)
+  results = []
+  for impl in ("lax", "fast"):
+    with layers.conv_impl(impl):
+      results.append(_loss_and_grads(model, params, z))
+  (l_lax, g_lax), (l_fast, g_fast) = results
+  np.testing.assert_allclose(float(l_fast), float(l_lax), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_lax)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-5 * float(np.abs(np.asarray(b)).max()))

@@ -10,6 +10,9 @@ block res-attn-res (attention only when the coarsest level is an attention level
 decoder whose blocks take the concatenated skip connections (`num_res_blocks + 1` per level)
 with nearest-neighbour upsampling + conv3; GroupNorm + SiLU + zero-initialised conv3 back to
 the input channels.
+
+Convolutions run through `latentfm.nn.layers.conv` (fast CPU formulation by default, reverse
+mode only): for `jax.jvp` through the network, trace it inside `layers.conv_impl("lax")`.
 """
 
 from collections.abc import Sequence
@@ -21,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from latentfm.nn import layers
 
 Array = jax.Array
 
@@ -59,12 +64,32 @@ def conv_init(key: Array, shape: Sequence[int], dtype=jnp.float32) -> Array:
   return nn.initializers.lecun_normal()(key, flat, dtype).reshape(shape)
 
 
+class _Conv(nn.Module):
+  """Zero-padded ("same" for stride 1) 3D convolution with `nn.Conv`'s parameter layout.
+
+  Computed by `latentfm.nn.layers.conv`, whose default formulation avoids XLA:CPU's slow
+  gradients of strided and 3D convolutions (identical numbers; "lax" elsewhere if selected).
+  """
+  features: int
+  kernel: int = 3
+  strides: int = 1
+  kernel_init: nn.initializers.Initializer = conv_init
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.kernel
+    kernel = self.param("kernel", self.kernel_init, (k, k, k, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    pads = ((k // 2, k // 2),) * 3
+    y = layers.conv(x.astype(self.dtype), kernel, (self.strides,) * 3, pads)
+    return y + bias.astype(y.dtype)
+
+
 def _conv(features: int, name: str | None = None, kernel: int = 3, strides: int = 1,
           kernel_init: nn.initializers.Initializer = conv_init,
-          dtype: Any = jnp.float32) -> nn.Conv:
-  pad = ((kernel // 2, kernel // 2),) * 3
-  return nn.Conv(features, (kernel,) * 3, strides=strides, padding=pad,
-                 kernel_init=kernel_init, name=name, dtype=dtype)
+          dtype: Any = jnp.float32) -> _Conv:
+  return _Conv(features, kernel, strides, kernel_init, dtype, name=name)
 
 
 class ResBlock(nn.Module):
