@@ -93,7 +93,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   step_fn = jax.jit(guard_step(make_train_step(config), config.train.on_nonfinite),
                     donate_argnums=0)
-  writer = MetricWriter(workdir, resume_step=first_step, enabled=main_process)
+  writer = MetricWriter(workdir, tensorboard=config.train.tensorboard,
+                        resume_step=first_step, enabled=main_process)
   unet = UNet3D.from_config(config.model)
   decode = jax.jit(lambda v, z: vq_model.apply(v, z, method=vq_model.decode))
 

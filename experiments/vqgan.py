@@ -91,7 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return (full if step >= start else warm)(state, batch, lpips_params)
 
   eval_fn = jax.jit(make_eval_step(config))
-  writer = MetricWriter(workdir, resume_step=first_step, enabled=main_process)
+  writer = MetricWriter(workdir, tensorboard=config.train.tensorboard,
+                        resume_step=first_step, enabled=main_process)
   limit = config.train.eval_volumes
 
   def validation(step, state):

@@ -35,6 +35,7 @@ SCRIPT = textwrap.dedent("""
   c = flow_configs.get_config("demo")
   c.model.channels = 8
   c.model.time_embed_dim = 16
+  c.model.channel_mults, c.model.attention_levels = (1,), ()
   z = {"image": rng.standard_normal((4, 4, 4, 4, 8)).astype(np.float32)}
   state = flow_step.create_state(jax.random.PRNGKey(0), c, (4, 4, 4, 8))
   print("flow", *compare(state, flow_step.make_train_step(c), z))

@@ -143,6 +143,7 @@ _TRAIN_FEW_STEPS = textwrap.dedent("""
     mesh = parallel.make_mesh()
     c = flow_configs.get_config("demo")
     c.model.channels, c.model.time_embed_dim = 8, 16
+    c.model.channel_mults, c.model.attention_levels = (1,), ()
     state = parallel.replicate(
         flow_step.create_state(jax.random.PRNGKey(0), c, (4, 4, 4, 8)), mesh)
     step = jax.jit(flow_step.make_train_step(c), donate_argnums=0)

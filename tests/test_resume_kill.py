@@ -6,6 +6,7 @@ run, and also shows the non-finite guard end to end (exit 1, last good checkpoin
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,11 +25,14 @@ VQGAN = ["-m", "experiments.vqgan", "--config", "experiments/configs/vqgan.py:de
          "--config.loss.discriminator_start=3", "--config.train.batch_size=2",
          "--config.train.num_steps=7", "--config.train.log_every=1",
          "--config.train.eval_every=100", "--config.train.image_every=100",
-         "--config.train.ckpt_every=2", "--config.train.eval_volumes=2"]
+         "--config.train.ckpt_every=2", "--config.train.eval_volumes=2",
+         "--config.train.tensorboard=False"]
 FLOW = ["-m", "experiments.flow", "--config", "experiments/configs/flow.py:demo",
         "--config.model.channels=8", "--config.model.time_embed_dim=16",
+        "--config.model.channel_mults=(1,)", "--config.model.attention_levels=()",
         "--config.train.batch_size=2", "--config.train.log_every=1",
-        "--config.train.sample_every=0"]
+        "--config.train.sample_every=0", "--config.train.tensorboard=False",
+        "--config.train.num_steps=60", "--config.train.ckpt_every=5"]
 
 
 def run(args, workdir, check=True):
@@ -74,36 +78,43 @@ def test_vqgan_sigkill_then_restart_matches_uninterrupted(vqgan_full, tmp_path):
   assert resumed == full  # bitwise: every loss of every step, GAN phase included
 
 
+@pytest.fixture(scope="module")
+def flow_full(vqgan_full, tmp_path_factory):
+  """An uninterrupted 60-step flow run on the latents of `vqgan_full`."""
+  workdir = tmp_path_factory.mktemp("flow") / "full"
+  run(FLOW + [f"--config.vqgan_workdir={vqgan_full}"], workdir)
+  return workdir
+
+
 @pytest.mark.slow
-def test_flow_sigkill_and_sigterm_then_restart_match_uninterrupted(vqgan_full, tmp_path):
-  args = FLOW + [f"--config.vqgan_workdir={vqgan_full}", "--config.train.num_steps=40",
-                 "--config.train.ckpt_every=5"]
-  run(args, tmp_path / "full")
+def test_flow_sigkill_and_sigterm_then_restart_match_uninterrupted(vqgan_full, flow_full,
+                                                                   tmp_path):
+  args = FLOW + [f"--config.vqgan_workdir={vqgan_full}"]
   killed = tmp_path / "killed"
   code, _, last = signal_past(args, killed, 12)
-  assert code == -signal.SIGKILL and last < 40
+  assert code == -signal.SIGKILL and last < 60
   code, stderr, last = signal_past(args, killed, 25, signal.SIGTERM)  # resumes, then preempted
-  assert code == 0 and last < 40
+  assert code == 0 and last < 60
   assert f"stopped by signal {int(signal.SIGTERM)} at step {last}; checkpoint saved" in stderr
   assert (killed / "ckpt" / str(last)).is_dir()  # saved at the step it stopped at
   run(args, killed)
-  full, resumed = read_metrics(str(tmp_path / "full")), read_metrics(str(killed))
-  assert [r["step"] for r in resumed] == list(range(1, 41))
+  full, resumed = read_metrics(str(flow_full)), read_metrics(str(killed))
+  assert [r["step"] for r in resumed] == list(range(1, 61))
   assert resumed == full  # bitwise: params, Adam, EMA, data order and RNG all resumed
 
 
 @pytest.mark.slow
-def test_flow_nonfinite_loss_exits_1_and_keeps_checkpoint(vqgan_full, tmp_path):
-  args = FLOW + [f"--config.vqgan_workdir={vqgan_full}", "--config.train.ckpt_every=2"]
-  run(args + ["--config.train.num_steps=2"], tmp_path)
-  ckpt = tmp_path / "ckpt" / "2"
+def test_flow_nonfinite_loss_exits_1_and_keeps_checkpoint(vqgan_full, flow_full, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(flow_full, workdir)
+  ckpt = workdir / "ckpt"
   before = sorted((p.relative_to(ckpt), p.stat().st_mtime_ns) for p in ckpt.rglob("*"))
-  # A learning rate of 1e30 makes step 3's update overflow, so step 4's loss is not finite.
-  result = run(args + ["--config.train.num_steps=8", "--config.optim.lr=1e30"], tmp_path,
-               check=False)
+  # Resumed at step 60 with a learning rate of 1e30: step 61's update overflows, so step 62's
+  # loss or gradient is not finite.
+  result = run(FLOW + [f"--config.vqgan_workdir={vqgan_full}", "--config.train.num_steps=68",
+                       "--config.optim.lr=1e30"], workdir, check=False)
   assert result.returncode == 1
   message = result.stderr.strip().splitlines()[-1]
-  assert re.search(r"step 4: \w+ is (nan|inf); stopping with the last good checkpoint kept",
+  assert re.search(r"step 62: \w+ is (nan|inf); stopping with the last good checkpoint kept",
                    message), message
-  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2"]
   assert sorted((p.relative_to(ckpt), p.stat().st_mtime_ns) for p in ckpt.rglob("*")) == before

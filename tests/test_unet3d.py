@@ -169,46 +169,48 @@ def _loss_and_grads(model, params, z):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-def test_remat_keeps_layout_and_gradients():
+@pytest.fixture(scope="module")
+def reference():
+  """TINY without dropout, its parameters, a latent, and its float32 loss and gradients."""
   z = _latent((1, 8, 8, 8, 4))
   model = TINY.clone(dropout=0.0)
   params = random_params(model, z)
+  return model, params, z, _loss_and_grads(model, params, z)
+
+
+def test_remat_keeps_layout_and_gradients(reference):
+  model, params, z, (l0, g0) = reference
   remat = model.clone(remat=True)
   shapes = jax.eval_shape(remat.init, jax.random.key(0), z, jnp.zeros(1))["params"]
   assert jax.tree.structure(shapes) == jax.tree.structure(params)  # same checkpoint layout
-  (l0, g0), (l1, g1) = _loss_and_grads(model, params, z), _loss_and_grads(remat, params, z)
+  l1, g1 = _loss_and_grads(remat, params, z)
   np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
-def test_bfloat16_compute_keeps_float32_parameters():
-  z = _latent((1, 8, 8, 8, 4))
-  model = TINY.clone(dropout=0.0)
-  params = random_params(model, z)
+def test_bfloat16_compute_keeps_float32_parameters(reference):
+  model, params, z, (l0, _) = reference
   half = model.clone(dtype="bfloat16")
   init = jax.eval_shape(half.init, jax.random.key(0), z, jnp.zeros(1))["params"]
   assert {x.dtype for x in jax.tree.leaves(init)} == {jnp.dtype(jnp.float32)}
-  full_out = model.apply({"params": params}, z, jnp.array([0.3]))
-  half_out = jax.jit(half.apply)({"params": params}, z, jnp.array([0.3]))
+  t = jnp.array([0.3])
+  full_out, half_out = jax.jit(lambda p: (model.apply({"params": p}, z, t),
+                                          half.apply({"params": p}, z, t)))(params)
   assert half_out.dtype == jnp.float32
   err = float(jnp.abs(half_out - full_out).max() / jnp.abs(full_out).max())
   assert 1e-5 < err < 5e-2  # bf16 rounding: visibly not float32, still the same function
-  (l0, _), (l1, g1) = _loss_and_grads(model, params, z), _loss_and_grads(half, params, z)
+  l1, g1 = _loss_and_grads(half, params, z)
   assert {x.dtype for x in jax.tree.leaves(g1)} == {jnp.dtype(jnp.float32)}
   np.testing.assert_allclose(float(l1), float(l0), rtol=5e-2)
 
 
-def test_fast_convolutions_match_lax():
+def test_fast_convolutions_match_lax(reference):
   """The UNet's default (fast) convolutions compute what `lax.conv_general_dilated` does."""
-  z = _latent((2, 8, 8, 8, 4))
-  model = TINY.clone(dropout=0.0)
-  params = random_params(model, z)
-  results = []
-  for impl in ("lax", "fast"):
-    with layers.conv_impl(impl):
-      results.append(_loss_and_grads(model, params, z))
-  (l_lax, g_lax), (l_fast, g_fast) = results
+  model, params, z, (l_fast, g_fast) = reference
+  assert layers.get_conv_impl() == "fast"
+  with layers.conv_impl("lax"):
+    l_lax, g_lax = _loss_and_grads(model, params, z)
   np.testing.assert_allclose(float(l_fast), float(l_lax), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_lax)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,

@@ -58,6 +58,7 @@ def _base() -> ml_collections.ConfigDict:
   # kept) or "skip" (leave the state unchanged, count the skip; stop after this many in a row).
   c.train.on_nonfinite = "stop"
   c.train.max_consecutive_skips = 10
+  c.train.tensorboard = True  # also write tensorboard/ (metrics.jsonl is always written)
 
   c.sample = ml_collections.ConfigDict()
   c.sample.solver = "euler"  # euler | heun | midpoint (fixed step) | tsit5 | dopri5 (adaptive)

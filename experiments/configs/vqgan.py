@@ -70,6 +70,7 @@ def _base() -> ml_collections.ConfigDict:
   # kept) or "skip" (leave the state unchanged, count the skip; stop after this many in a row).
   c.train.on_nonfinite = "stop"
   c.train.max_consecutive_skips = 10
+  c.train.tensorboard = True  # also write tensorboard/ (metrics.jsonl is always written)
   return c
 
 
