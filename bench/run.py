@@ -24,12 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def timeit(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
+def timeit(fn, repeats: int, sync=jax.block_until_ready) -> float:
+  """Median wall time of `sync(fn())` over `repeats` calls, after one warm-up call.
+
+  `sync` waits for the result: JAX's asynchronous dispatch by default; PyTorch on the CPU is
+  synchronous, so its callers pass the identity.
+  """
+  sync(fn())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(fn())
+    sync(fn())
     times.append(time.perf_counter() - start)
   return statistics.median(times)
 
@@ -152,14 +157,8 @@ def bench_torch_ae(size: int, batch: int, repeats: int) -> dict:
     loss.backward()
     return loss.detach()
 
-  step()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return report(f"torch vqgan_ae fwd+bwd {size}^3 b{batch}", statistics.median(times), batch,
-                None)
+  return report(f"torch vqgan_ae fwd+bwd {size}^3 b{batch}",
+                timeit(step, repeats, sync=lambda out: out), batch, None)
 
 
 def bench_torch_flow(size: int, batch: int, repeats: int) -> dict:
@@ -182,14 +181,8 @@ def bench_torch_flow(size: int, batch: int, repeats: int) -> dict:
     opt.step()
     return loss.detach()
 
-  step()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return report(f"torch flow train step {latent[0]}^3x8 b{batch}", statistics.median(times),
-                batch, None)
+  return report(f"torch flow train step {latent[0]}^3x8 b{batch}",
+                timeit(step, repeats, sync=lambda out: out), batch, None)
 
 
 def main() -> None:
