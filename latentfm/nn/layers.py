@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 import contextlib
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -356,11 +357,18 @@ class SamePadConvTranspose(nn.Module):
 
 
 class ZeroPadConv(nn.Module):
-  """Convolution with explicit symmetric zero padding (PyTorch `ConvNd(padding=p)`)."""
+  """Convolution with explicit symmetric zero padding (PyTorch `ConvNd(padding=p)`).
+
+  Initialised like PyTorch unless `kernel_init` / `bias_init` are given; `dtype` is the
+  computation dtype (parameters stay float32).
+  """
   features: int
   kernel_size: IntOrSeq = 4
   strides: IntOrSeq = 1
   padding: IntOrSeq = 2
+  kernel_init: nn.initializers.Initializer | None = None
+  bias_init: nn.initializers.Initializer | None = None
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -368,9 +376,10 @@ class ZeroPadConv(nn.Module):
     ks, st = _tuple(self.kernel_size, nd), _tuple(self.strides, nd)
     pads = tuple((p, p) for p in _tuple(self.padding, nd))
     fan_in = x.shape[-1] * math.prod(ks)
-    kernel = self.param("kernel", torch_kernel_init(), (*ks, x.shape[-1], self.features))
-    bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
-    y = conv(x, kernel, st, pads)
+    kernel = self.param("kernel", self.kernel_init or torch_kernel_init(),
+                        (*ks, x.shape[-1], self.features))
+    bias = self.param("bias", self.bias_init or torch_bias_init(fan_in), (self.features,))
+    y = conv(x if self.dtype is None else x.astype(self.dtype), kernel, st, pads)
     return y + bias.astype(y.dtype)
 
 

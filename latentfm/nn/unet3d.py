@@ -64,32 +64,13 @@ def conv_init(key: Array, shape: Sequence[int], dtype=jnp.float32) -> Array:
   return nn.initializers.lecun_normal()(key, flat, dtype).reshape(shape)
 
 
-class _Conv(nn.Module):
-  """Zero-padded ("same" for stride 1) 3D convolution with `nn.Conv`'s parameter layout.
-
-  Computed by `latentfm.nn.layers.conv`, whose default formulation avoids XLA:CPU's slow
-  gradients of strided and 3D convolutions (identical numbers; "lax" elsewhere if selected).
-  """
-  features: int
-  kernel: int = 3
-  strides: int = 1
-  kernel_init: nn.initializers.Initializer = conv_init
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    k = self.kernel
-    kernel = self.param("kernel", self.kernel_init, (k, k, k, x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    pads = ((k // 2, k // 2),) * 3
-    y = layers.conv(x.astype(self.dtype), kernel, (self.strides,) * 3, pads)
-    return y + bias.astype(y.dtype)
-
-
 def _conv(features: int, name: str | None = None, kernel: int = 3, strides: int = 1,
           kernel_init: nn.initializers.Initializer = conv_init,
-          dtype: Any = jnp.float32) -> _Conv:
-  return _Conv(features, kernel, strides, kernel_init, dtype, name=name)
+          dtype: Any = jnp.float32) -> layers.ZeroPadConv:
+  """Zero-padded ("same" at stride 1) conv with `nn.Conv`'s parameters, through `layers.conv`,
+  whose default formulation avoids XLA:CPU's slow strided and 3D convolution gradients."""
+  return layers.ZeroPadConv(features, kernel, strides, kernel // 2, kernel_init,
+                            nn.initializers.zeros, dtype, name=name)
 
 
 class ResBlock(nn.Module):
@@ -128,7 +109,8 @@ class AttentionBlock(nn.Module):
     if c % self.num_heads:
       raise ValueError(f"{c} channels do not split into {self.num_heads} heads")
     h = _norm(c, self.norm_groups, "norm", self.dtype)(x).reshape(b, -1, c)
-    qkv = nn.Dense(3 * c, name="qkv", dtype=self.dtype)(h).reshape(b, h.shape[1], 3, self.num_heads, -1)
+    qkv = nn.Dense(3 * c, name="qkv", dtype=self.dtype)(h)
+    qkv = qkv.reshape(b, h.shape[1], 3, self.num_heads, -1)
     h = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     h = nn.Dense(c, name="proj", dtype=self.dtype)(h.reshape(b, -1, c))
     return x + h.reshape(b, *spatial, c)

@@ -107,7 +107,11 @@ def guard_step(step_fn: Callable, policy: str) -> Callable:
 
 
 class SkipCounter:
-  """Counts steps skipped by `skip_nonfinite`; too many in a row raise `NonFiniteLossError`."""
+  """Counts steps skipped by `skip_nonfinite`; too many in a row raise `NonFiniteLossError`.
+
+  It reads one scalar per step, which waits for that step to finish: the "skip" policy gives
+  up overlapping host work with the next step, the default "stop" policy does not.
+  """
 
   def __init__(self, max_consecutive: int):
     self.max_consecutive = max_consecutive
