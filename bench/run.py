@@ -8,20 +8,29 @@ loss (the thesis VQ-GAN's dominant cost); `vqgan` is the full train step (both d
 LPIPS on a slice); `flow` is the thesis UNet train step on the matching latent; `sample` is
 Euler-50 + decode and tsit5 + decode of one volume. `--torch` times the same autoencoder in
 PyTorch (bench/torch_models.py) in the same run, and the flow train step with the same UNet
-in PyTorch (AdamW, clipping, hybrid loss), and prints the JAX/PyTorch ratios.
+in PyTorch (AdamW, clipping, hybrid loss), in a fresh child process with the same environment,
+and prints the JAX/PyTorch ratios. The JAX training steps compile with
+`latentfm.train.compiler.compiler_options()`, as the trainers do.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from latentfm.train.compiler import compiler_options
 
 
 def timeit(fn, repeats: int, sync=jax.block_until_ready) -> float:
@@ -70,7 +79,7 @@ def bench_vqgan_ae(size: int, batch: int, repeats: int) -> dict:
     recon = model.apply({**variables, "params": params}, z, method=model.decode)
     return jnp.mean(jnp.abs(recon - x))
 
-  step = jax.jit(jax.grad(loss))
+  step = jax.jit(jax.grad(loss), compiler_options=compiler_options())
   seconds = timeit(lambda: step(variables["params"]), repeats)
   return report(f"vqgan_ae fwd+bwd {size}^3 b{batch}", seconds, batch,
                 flops_of(step, variables["params"]))
@@ -88,7 +97,7 @@ def bench_vqgan(size: int, batch: int, repeats: int) -> dict:
   lpips = load_params()
   batch_data = {"image": jnp.asarray(np.random.default_rng(0).random(
       (batch, size, size, size, 1), dtype=np.float32))}
-  step = jax.jit(make_train_step(config, use_gan=True))
+  step = jax.jit(make_train_step(config, use_gan=True), compiler_options=compiler_options())
   holder = {"s": state}
 
   def call():
@@ -110,7 +119,7 @@ def bench_flow(size: int, batch: int, repeats: int, dtype: str = "float32",
   state = create_state(jax.random.PRNGKey(0), config, latent)
   z = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((batch,) + latent),
                             jnp.float32)}
-  step = jax.jit(make_train_step(config))
+  step = jax.jit(make_train_step(config), compiler_options=compiler_options())
   holder = {"s": state}
 
   def call():
@@ -194,9 +203,13 @@ def main() -> None:
   parser.add_argument("--torch", action="store_true")
   parser.add_argument("--dtype", default="float32", help="flow UNet compute dtype (bfloat16)")
   parser.add_argument("--remat", action="store_true", help="rematerialise UNet res blocks")
+  parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
   stages = args.stages.split(",")
+  if args.torch_only:
+    run_torch(stages, args)
+    return
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
   jax_ae = bench_vqgan_ae(args.size, args.batch, args.repeats) if "vqgan_ae" in stages else None
   if "vqgan" in stages:
     bench_vqgan(args.size, args.batch, args.repeats)
@@ -204,17 +217,32 @@ def main() -> None:
               if "flow" in stages else None)
   if "sample" in stages:
     bench_sample(args.size, args.repeats)
-  if args.torch:
-    import torch  # pylint: disable=import-outside-toplevel
-    torch.set_num_threads(os.cpu_count() or 1)
-    if jax_ae:
-      torch_ae = bench_torch_ae(args.size, args.batch, args.repeats)
-      print(f"ratio JAX/PyTorch (vqgan_ae): {jax_ae['ms'] / torch_ae['ms']:.2f}")
-    if jax_flow:
-      torch_flow = bench_torch_flow(args.size, args.batch, args.repeats)
-      print(f"ratio JAX/PyTorch (flow step): {jax_flow['ms'] / torch_flow['ms']:.2f}")
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  print(f"peak host memory: {peak:.0f} MiB")
+  print(f"peak host memory: {peak:.0f} MiB", flush=True)
+  if args.torch and (jax_ae or jax_flow):
+    # PyTorch runs in a fresh process with the same environment, so that neither framework's
+    # thread pools or allocator state slow the other down.
+    command = [sys.executable, "-m", "bench.run", "--torch-only", "--stages", args.stages,
+               "--size", str(args.size), "--batch", str(args.batch),
+               "--repeats", str(args.repeats)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    rows = {row["name"]: row for row in map(json.loads, out.splitlines()) if row}
+    for name, mine, theirs in (("vqgan_ae", jax_ae, rows.get("vqgan_ae")),
+                               ("flow step", jax_flow, rows.get("flow"))):
+      if mine and theirs:
+        report(theirs["label"], theirs["ms"] / 1e3, args.batch, None)
+        print(f"ratio JAX/PyTorch ({name}): {mine['ms'] / theirs['ms']:.2f}")
+
+
+def run_torch(stages: list[str], args) -> None:
+  """The PyTorch side of `--torch`, one JSON line per timing (run as a child process)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(os.cpu_count() or 1)
+  for stage, bench in (("vqgan_ae", bench_torch_ae), ("flow", bench_torch_flow)):
+    if stage in stages:
+      with contextlib.redirect_stdout(io.StringIO()):
+        row = bench(args.size, args.batch, args.repeats)
+      print(json.dumps({"name": stage, "label": row["name"], "ms": row["ms"]}), flush=True)
 
 
 if __name__ == "__main__":

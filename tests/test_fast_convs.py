@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latentfm.nn import layers
+from latentfm.nn import layers, slab_conv
 
 RTOL = 1e-5
 
@@ -113,11 +113,11 @@ def test_conv_transpose_subpixel_kernel_has_no_empty_taps():
   assert taps.tolist() == [[2, 3], [0, 1]]
 
 
-@pytest.mark.parametrize("chunk", [None, 24])
+@pytest.mark.parametrize("chunk", [None, 24, 60])
 def test_stride1_slab_gradients_match_lax(monkeypatch, chunk):
-  """Also with tiny chunks, so that the forward and dW convs run in several pieces."""
+  """Also with tiny chunks, so that the dW convs run in pieces (one slice; 3 + a remainder)."""
   if chunk is not None:
-    monkeypatch.setattr(layers, "_CHUNK", chunk)
+    monkeypatch.setattr(slab_conv, "_CHUNK_DW", chunk)
   x, w = _normal((2, 6, 5, 7, 3), 1), _normal((3, 2, 3, 3, 4), 2)
   ct = _normal((2, 4, 4, 5, 4), 3)
   grads = {impl: jax.grad(lambda x, w, i=impl: (layers.conv(x, w, (1, 1, 1), ((0, 0),) * 3,

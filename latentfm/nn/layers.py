@@ -8,8 +8,9 @@ that the arithmetic in `conv` / `conv_transpose` can change without changing che
 Two formulations give the same numbers (`set_conv_impl`): "lax", one `lax.conv_general_dilated`
 per layer (accelerators, reference), and "fast" (default) for XLA:CPU, which differentiates
 strided, transposed and 3D convs slowly: strided convs run as space-to-depth + a stride-1 conv,
-transposed convs as sub-pixel convs, stride-1 3D convs as 2D convs over depth slabs with a
-custom VJP (reverse mode only: use "lax" for `jax.jvp`).
+transposed convs as sub-pixel convs, stride-1 convs as 2D convs over depth slabs with a custom
+VJP (`slab_conv.py`; reverse mode only: use "lax" for `jax.jvp`). Replicate padding has a
+memory-light gradient (`edge_pad.py`).
 
 Initialisation follows PyTorch's defaults for `ConvNd` / `ConvTransposeNd` (uniform with bound
 1/sqrt(fan_in)), as in the reference implementation.
@@ -17,7 +18,6 @@ Initialisation follows PyTorch's defaults for `ConvNd` / `ConvTransposeNd` (unif
 
 from collections.abc import Iterator, Sequence
 import contextlib
-import functools
 import math
 from typing import Any
 
@@ -27,6 +27,9 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from latentfm.nn.edge_pad import edge_pad as fast_edge_pad
+from latentfm.nn.slab_conv import conv_valid, dimension_numbers
+
 Array = jax.Array
 IntOrSeq = int | Sequence[int]
 _IMPLS = ("fast", "lax")
@@ -35,14 +38,6 @@ _impl = "fast"
 
 def _tuple(v: IntOrSeq, n: int) -> tuple[int, ...]:
   return tuple(v) if isinstance(v, Sequence) else (v,) * n
-
-
-def _dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
-  """Channels-last input/output and `(*spatial, in, out)` kernel for `nd` spatial axes."""
-  spatial = tuple(range(1, nd + 1))
-  return lax.ConvDimensionNumbers(
-      lhs_spec=(0, nd + 1) + spatial, rhs_spec=(nd + 1, nd) + tuple(range(nd)),
-      out_spec=(0, nd + 1) + spatial)
 
 
 def torch_kernel_init(transpose: bool = False) -> nn.initializers.Initializer:
@@ -99,89 +94,6 @@ def conv_impl(impl: str) -> Iterator[None]:
     set_conv_impl(previous)
 
 
-def _lax_valid(x: Array, kernel: Array) -> Array:
-  nd = x.ndim - 2
-  return lax.conv_general_dilated(x, kernel, (1,) * nd, "VALID",
-                                  dimension_numbers=_dimension_numbers(nd))
-
-
-# Stride-1 3D convs as 2D convs over (H, W) with the depth folded into the batch: XLA:CPU runs
-# 2D convolutions several times faster than 3D ones. Its unpadded 2D convs take a slow path,
-# hence one zero row padded in front and cropped off again; and its forward and weight-gradient
-# convs slow down on large batches, hence chunks of about _CHUNK output pixels (all measured).
-_CHUNK = 32768
-
-
-def _conv2d(x: Array, w: Array, pad, dims=("NHWC", "HWIO", "NHWC")) -> Array:
-  return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dims)
-
-
-def _chunks(m: int, pixels: int) -> list[slice]:
-  step = max(1, _CHUNK // pixels)
-  return [slice(i, i + step) for i in range(0, m, step)]
-
-
-def _slab_fwd(x: Array, w: Array) -> Array:
-  """2D convs with the kd depth taps stacked on output channels, then a shifted sum."""
-  kd, kh, kw, ci, co = w.shape
-  (b, d), n = x.shape[:2], x.shape[1] - kd + 1
-  w2 = w.transpose(1, 2, 3, 0, 4).reshape(kh, kw, ci, kd * co)
-  x2 = x.reshape(b * d, *x.shape[2:])
-  z = jnp.concatenate([_conv2d(x2[c], w2, ((1, 0), (0, 0)))[:, 1:]
-                       for c in _chunks(b * d, math.prod(x.shape[2:4]))])
-  z = z.reshape(b, d, *z.shape[1:3], kd, co)
-  return sum(z[:, a:a + n, :, :, a] for a in range(1, kd)) + z[:, :n, :, :, 0]
-
-
-def _slab_dx(w: Array, g: Array) -> Array:
-  """Input gradient: full 2D conv of `g` with the flipped kernel, depth taps on channels."""
-  kd, kh, kw, ci, co = w.shape
-  b, n = g.shape[:2]
-  w2 = w[:, ::-1, ::-1].transpose(1, 2, 4, 0, 3).reshape(kh, kw, co, kd * ci)
-  z = _conv2d(g.reshape(b * n, *g.shape[2:]), w2, ((kh - 1, kh - 1), (kw - 1, kw - 1)))
-  z = z.reshape(b, n, *z.shape[1:3], kd, ci)
-  return sum(jnp.pad(z[..., a, :], ((0, 0), (a, kd - 1 - a), (0, 0), (0, 0), (0, 0)))
-             for a in range(kd))
-
-
-def _slab_dw(x: Array, g: Array, kd: int) -> Array:
-  """Kernel gradient: per depth tap, 2D convs contracting over batch x depth."""
-  b, n = g.shape[:2]
-  g2 = g.reshape(b * n, *g.shape[2:])
-  taps = []
-  for a in range(kd):
-    x2 = x[:, a:a + n].reshape(b * n, *x.shape[2:])
-    taps.append(sum(_conv2d(x2[c], g2[c], ((1, 0), (0, 0)), ("CHWN", "IHWO", "HWNC"))[1:]
-                    for c in _chunks(b * n, math.prod(g.shape[2:4]))))
-  return jnp.stack(taps)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _slab_conv(x: Array, w: Array, wide: bool) -> Array:
-  """3D VALID conv; `wide` (sub-pixel kernels, 8x outputs): forward and dW in 3D (measured)."""
-  return _lax_valid(x, w) if wide else _slab_fwd(x, w)
-
-
-def _slab_conv_bwd(wide, res, g):
-  x, w = res
-  dw = jax.vjp(lambda v: _lax_valid(x, v), w)[1](g)[0] if wide else _slab_dw(x, g, w.shape[0])
-  return _slab_dx(w, g).astype(x.dtype), dw.astype(w.dtype)
-
-
-_slab_conv.defvjp(lambda x, w, wide: (_slab_conv(x, w, wide), (x, w)), _slab_conv_bwd)
-
-
-def _conv_valid(x: Array, kernel: Array, wide: bool = False) -> Array:
-  """Stride-1 VALID conv of the "fast" path; 1-3 spatial axes run as slabs (2D: one slab)."""
-  nd = x.ndim - 2
-  if nd > 3 or all(k == 1 for k in kernel.shape[:nd]):
-    return _lax_valid(x, kernel)
-  lift = (1,) * (3 - nd)
-  y = _slab_conv(x.reshape(x.shape[0], *lift, *x.shape[1:]),
-                 kernel.reshape(*lift, *kernel.shape), wide)
-  return y.reshape(y.shape[0], *y.shape[1 + len(lift):])
-
-
 def space_to_depth(x: Array, block: Sequence[int]) -> Array:
   """(B, *s*n, C) -> (B, *n, prod(s) * C); channel index (r_1, ..., r_nd, c), row-major."""
   nd, (b, c) = x.ndim - 2, (x.shape[0], x.shape[-1])
@@ -217,12 +129,12 @@ def _strided_conv_fast(x: Array, kernel: Array, strides: Sequence[int],
   x = _zero_pad(x, [(lo, ((n + lo + hi - k) // s + b) * s - n - lo)
                     for n, k, s, b, (lo, hi) in zip(x.shape[1:-1], ks, strides, kb, padding)])
   if all(s == 1 for s in strides):
-    return _conv_valid(x, kernel)
+    return conv_valid(x, kernel)
   kernel = jnp.pad(kernel, [(0, b * s - k) for k, s, b in zip(ks, strides, kb)] + [(0, 0)] * 2)
   cin, cout = kernel.shape[-2:]
   kernel = kernel.reshape(*[d for pair in zip(kb, strides) for d in pair], cin, cout)
   kernel = kernel.transpose(*range(0, 2 * nd, 2), *range(1, 2 * nd, 2), 2 * nd, 2 * nd + 1)
-  return _conv_valid(space_to_depth(x, strides),
+  return conv_valid(space_to_depth(x, strides),
                      kernel.reshape(*kb, math.prod(strides) * cin, cout))
 
 
@@ -260,7 +172,7 @@ def _conv_transpose_fast(x: Array, kernel: Array, strides: Sequence[int],
   cin, cout = kernel.shape[-2:]
   kernel = kernel.transpose(*range(0, 2 * nd, 2), 2 * nd, *range(1, 2 * nd, 2), 2 * nd + 1)
   kernel = kernel.reshape(*kernel.shape[:nd], cin, math.prod(strides) * cout)
-  y = depth_to_space(_conv_valid(_zero_pad(x, pads), kernel, wide=True), strides)
+  y = depth_to_space(conv_valid(_zero_pad(x, pads), kernel, wide=True), strides)
   return y[(slice(None), *crops, slice(None))]
 
 
@@ -272,7 +184,7 @@ def conv(x: Array, kernel: Array, strides: Sequence[int],
     return _strided_conv_fast(x, kernel, tuple(strides), tuple(padding))
   return lax.conv_general_dilated(x, kernel, window_strides=tuple(strides),
                                   padding=tuple(padding),
-                                  dimension_numbers=_dimension_numbers(x.ndim - 2))
+                                  dimension_numbers=dimension_numbers(x.ndim - 2))
 
 
 def conv_transpose(x: Array, kernel: Array, strides: Sequence[int],
@@ -290,7 +202,7 @@ def conv_transpose(x: Array, kernel: Array, strides: Sequence[int],
   pad = tuple((k - 1 - c, k - 1 - c) for k, c in zip(kernel.shape[:nd], crop))
   return lax.conv_general_dilated(
       x, kernel[(slice(None, None, -1),) * nd], window_strides=(1,) * nd, padding=pad,
-      lhs_dilation=tuple(strides), dimension_numbers=_dimension_numbers(nd))
+      lhs_dilation=tuple(strides), dimension_numbers=dimension_numbers(nd))
 
 
 def same_pad_widths(kernel_size: Sequence[int],
@@ -299,20 +211,10 @@ def same_pad_widths(kernel_size: Sequence[int],
   return tuple(((k - s + 1) // 2, (k - s) // 2) for k, s in zip(kernel_size, strides))
 
 
-def _edge_pad(x: Array, widths: Sequence[tuple[int, int]]) -> Array:
-  """Edge padding as concatenated broadcasts, whose gradient XLA fuses into one pass per axis."""
-  for axis, (lo, hi) in enumerate(widths, start=1):
-    shape = lambda w: (*x.shape[:axis], w, *x.shape[axis + 1:])
-    x = jnp.concatenate([jnp.broadcast_to(lax.slice_in_dim(x, 0, 1, axis=axis), shape(lo)), x,
-                         jnp.broadcast_to(lax.slice_in_dim(x, -1, None, axis=axis), shape(hi))],
-                        axis)
-  return x
-
-
 def edge_pad(x: Array, widths: Sequence[tuple[int, int]], impl: str | None = None) -> Array:
   """Replicate-pads the spatial axes of a channels-last array."""
   if _check(impl) == "fast":
-    return _edge_pad(x, widths)
+    return fast_edge_pad(x, widths)
   return jnp.pad(x, ((0, 0), *widths, (0, 0)), mode="edge")
 
 

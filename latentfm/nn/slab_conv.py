@@ -1,0 +1,139 @@
+"""Stride-1 VALID convolutions for XLA:CPU: 3D as 2D convolutions over depth slabs.
+
+XLA:CPU runs 2D convolutions several times faster than 3D ones and differentiates strided
+and 3D convolutions slowly. `conv_valid` computes a stride-1 VALID convolution of 1-3 spatial
+axes with 2D convolutions over (H, W), the depth handled by folding its taps into channels, and
+a custom VJP whose input and kernel gradients are 2D convolutions too (reverse mode only: use
+`lax_valid`, i.e. the "lax" formulation of `latentfm.nn.layers`, for `jax.jvp`). The kernel
+gradients run fastest with XLA's own convolutions rather than YNNPACK's (see
+`latentfm.train.compiler`).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+
+def dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
+  """Channels-last input/output and `(*spatial, in, out)` kernel for `nd` spatial axes."""
+  spatial = tuple(range(1, nd + 1))
+  return lax.ConvDimensionNumbers(
+      lhs_spec=(0, nd + 1) + spatial, rhs_spec=(nd + 1, nd) + tuple(range(nd)),
+      out_spec=(0, nd + 1) + spatial)
+
+
+def lax_valid(x: Array, kernel: Array) -> Array:
+  """Stride-1 VALID convolution as one `lax.conv_general_dilated` (the reference)."""
+  nd = x.ndim - 2
+  return lax.conv_general_dilated(x, kernel, (1,) * nd, "VALID",
+                                  dimension_numbers=dimension_numbers(nd))
+
+
+# Stride-1 3D convs as 2D convs over (H, W) with the depth folded into the batch or the
+# contraction: XLA:CPU runs 2D convolutions several times faster than 3D ones, and on both cores
+# when the W padding reaches the kernel width (its other paths use one core; all measured).
+# The weight-gradient convs slow down when their contraction grows, hence chunks of about
+# _CHUNK_DW pixels per depth slice range.
+_CHUNK_DW = 16384
+
+
+def _conv2d(x: Array, w: Array, pad, dims=("NHWC", "HWIO", "NHWC")) -> Array:
+  return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dims)
+
+
+def _depth_taps_on_input(x: Array, kd: int, n: int) -> Array:
+  """(B, n + kd - 1, H, W, C) -> (B * n, H, W, kd * C): the kd depth neighbours as channels."""
+  x = jnp.concatenate([x[:, a:a + n] for a in range(kd)], axis=-1)
+  return x.reshape(x.shape[0] * n, *x.shape[2:])
+
+
+def _slab_fwd(x: Array, w: Array) -> Array:
+  """2D convs over (H, W) with the depth taps folded into the narrower of the channel sides.
+
+  Few input channels: the kd depth neighbours become input channels (one 2D conv). Otherwise
+  the taps become output channels and a shifted sum adds them up.
+  """
+  kd, kh, kw, ci, co = w.shape
+  (b, d), n = x.shape[:2], x.shape[1] - kd + 1
+  if ci < co:
+    x2, w2 = _depth_taps_on_input(x, kd, n), w.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kd * ci, co)
+  else:
+    x2, w2 = x.reshape(b * d, *x.shape[2:]), w.transpose(1, 2, 3, 0, 4).reshape(kh, kw, ci, kd * co)
+  # W padding >= kw takes XLA:CPU's two-core path; the extra output columns are cropped.
+  z = _conv2d(x2, w2, ((0, 0), (1, kw)))[:, :, 1:1 + x.shape[3] - kw + 1]
+  if ci < co:
+    return z.reshape(b, n, *z.shape[1:])
+  z = z.reshape(b, d, *z.shape[1:3], kd, co)
+  return sum(z[:, a:a + n, :, :, a] for a in range(1, kd)) + z[:, :n, :, :, 0]
+
+
+def _slab_dx(w: Array, g: Array) -> Array:
+  """Input gradient: full 2D conv of `g` with the flipped kernel, depth taps as in `_slab_fwd`."""
+  kd, kh, kw, ci, co = w.shape
+  b, n = g.shape[:2]
+  w = w[:, ::-1, ::-1]
+  pad = ((kh - 1, kh - 1), (kw - 1, kw - 1))
+  if co < ci:  # input-gradient slice d reads cotangent slices d - a through tap a
+    gp = jnp.pad(g, ((0, 0), (kd - 1, kd - 1), (0, 0), (0, 0), (0, 0)))[:, ::-1]
+    g3 = _depth_taps_on_input(gp, kd, n + kd - 1)
+    z = _conv2d(g3, w.transpose(1, 2, 0, 4, 3).reshape(kh, kw, kd * co, ci), pad)
+    return z.reshape(b, n + kd - 1, *z.shape[1:])[:, ::-1]
+  w2 = w.transpose(1, 2, 4, 0, 3).reshape(kh, kw, co, kd * ci)
+  z = _conv2d(g.reshape(b * n, *g.shape[2:]), w2, pad)
+  z = z.reshape(b, n, *z.shape[1:3], kd, ci)
+  return sum(jnp.pad(z[..., a, :], ((0, 0), (a, kd - 1 - a), (0, 0), (0, 0), (0, 0)))
+             for a in range(kd))
+
+
+def _slab_dw(x: Array, g: Array, kd: int) -> Array:
+  """Kernel gradient: per chunk of depth slices and per H tap, one 2D conv over (D*H, W).
+
+  Depth and H are merged into one axis, on which the kd depth taps are the outputs at stride H
+  when every cotangent slice is zero-padded to the input's H; the H tap i is the cotangent
+  shifted down by i rows inside that padding (a negative conv padding instead gave wrong,
+  run-dependent values on XLA:CPU). XLA transposes each input chunk once, and no operand is
+  repeated along the channels.
+  """
+  b, n, h, w, co = g.shape
+  hp, wp, ci = x.shape[2:]
+  step, total = max(1, _CHUNK_DW // (h * w)), 0
+  for s in range(0, n, step):
+    m = min(step, n - s)
+    xs = x[:, s:s + m + kd - 1].reshape(b, (m + kd - 1) * hp, wp, ci)
+    taps = []
+    for i in range(hp - h + 1):
+      gs = jnp.pad(g[:, s:s + m], ((0, 0), (0, 0), (i, hp - h - i), (0, 0), (0, 0)))
+      taps.append(lax.conv_general_dilated(xs, gs.reshape(b, m * hp, w, co), (hp, 1), "VALID",
+                                           dimension_numbers=("CHWN", "IHWO", "HWNC")))
+    total = total + jnp.stack(taps, axis=1)
+  return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _slab_conv(x: Array, w: Array, wide: bool) -> Array:
+  """3D VALID conv; `wide` (sub-pixel kernels, 8x outputs): forward and dW in 3D (measured)."""
+  return lax_valid(x, w) if wide else _slab_fwd(x, w)
+
+
+def _slab_conv_bwd(wide, res, g):
+  x, w = res
+  dw = jax.vjp(lambda v: lax_valid(x, v), w)[1](g)[0] if wide else _slab_dw(x, g, w.shape[0])
+  return _slab_dx(w, g).astype(x.dtype), dw.astype(w.dtype)
+
+
+_slab_conv.defvjp(lambda x, w, wide: (_slab_conv(x, w, wide), (x, w)), _slab_conv_bwd)
+
+
+def conv_valid(x: Array, kernel: Array, wide: bool = False) -> Array:
+  """Stride-1 VALID conv of the "fast" path; 1-3 spatial axes run as slabs (2D: one slab)."""
+  nd = x.ndim - 2
+  if nd > 3 or all(k == 1 for k in kernel.shape[:nd]):
+    return lax_valid(x, kernel)
+  lift = (1,) * (3 - nd)
+  y = _slab_conv(x.reshape(x.shape[0], *lift, *x.shape[1:]),
+                 kernel.reshape(*lift, *kernel.shape), wide)
+  return y.reshape(y.shape[0], *y.shape[1 + len(lift):])
