@@ -63,8 +63,9 @@ def _slab_fwd(x: Array, w: Array) -> Array:
     x2, w2 = _depth_taps_on_input(x, kd, n), w.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kd * ci, co)
   else:
     x2, w2 = x.reshape(b * d, *x.shape[2:]), w.transpose(1, 2, 3, 0, 4).reshape(kh, kw, ci, kd * co)
-  # W padding >= kw takes XLA:CPU's two-core path; the extra output columns are cropped.
-  z = _conv2d(x2, w2, ((0, 0), (1, kw)))[:, :, 1:1 + x.shape[3] - kw + 1]
+  # W padding of kw in all takes XLA:CPU's two-core path (no window lies wholly in the
+  # padding); the extra output columns are cropped.
+  z = _conv2d(x2, w2, ((0, 0), (1, kw - 1)))[:, :, 1:1 + x.shape[3] - kw + 1]
   if ci < co:
     return z.reshape(b, n, *z.shape[1:])
   z = z.reshape(b, d, *z.shape[1:3], kd, co)
