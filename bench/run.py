@@ -16,8 +16,6 @@ and prints the JAX/PyTorch ratios. The JAX training steps compile with
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import resource
@@ -30,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latentfm.train.compiler import compiler_options
+from latentfm.train.compiler import jit_train_step
 
 
 def timeit(fn, repeats: int, sync=jax.block_until_ready) -> float:
@@ -79,7 +77,7 @@ def bench_vqgan_ae(size: int, batch: int, repeats: int) -> dict:
     recon = model.apply({**variables, "params": params}, z, method=model.decode)
     return jnp.mean(jnp.abs(recon - x))
 
-  step = jax.jit(jax.grad(loss), compiler_options=compiler_options())
+  step = jit_train_step(jax.grad(loss))
   seconds = timeit(lambda: step(variables["params"]), repeats)
   return report(f"vqgan_ae fwd+bwd {size}^3 b{batch}", seconds, batch,
                 flops_of(step, variables["params"]))
@@ -97,7 +95,7 @@ def bench_vqgan(size: int, batch: int, repeats: int) -> dict:
   lpips = load_params()
   batch_data = {"image": jnp.asarray(np.random.default_rng(0).random(
       (batch, size, size, size, 1), dtype=np.float32))}
-  step = jax.jit(make_train_step(config, use_gan=True), compiler_options=compiler_options())
+  step = jit_train_step(make_train_step(config, use_gan=True))
   holder = {"s": state}
 
   def call():
@@ -119,7 +117,7 @@ def bench_flow(size: int, batch: int, repeats: int, dtype: str = "float32",
   state = create_state(jax.random.PRNGKey(0), config, latent)
   z = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((batch,) + latent),
                             jnp.float32)}
-  step = jax.jit(make_train_step(config), compiler_options=compiler_options())
+  step = jit_train_step(make_train_step(config))
   holder = {"s": state}
 
   def call():
@@ -154,7 +152,7 @@ def bench_sample(size: int, repeats: int) -> list[dict]:
   return rows
 
 
-def bench_torch_ae(size: int, batch: int, repeats: int) -> dict:
+def bench_torch_ae(size: int, batch: int, repeats: int) -> tuple[str, float]:
   import torch  # pylint: disable=import-outside-toplevel
   from bench.torch_models import ThesisAutoencoder  # pylint: disable=import-outside-toplevel
   model = ThesisAutoencoder()
@@ -166,11 +164,11 @@ def bench_torch_ae(size: int, batch: int, repeats: int) -> dict:
     loss.backward()
     return loss.detach()
 
-  return report(f"torch vqgan_ae fwd+bwd {size}^3 b{batch}",
-                timeit(step, repeats, sync=lambda out: out), batch, None)
+  return (f"torch vqgan_ae fwd+bwd {size}^3 b{batch}",
+          timeit(step, repeats, sync=lambda out: out))
 
 
-def bench_torch_flow(size: int, batch: int, repeats: int) -> dict:
+def bench_torch_flow(size: int, batch: int, repeats: int) -> tuple[str, float]:
   import torch  # pylint: disable=import-outside-toplevel
   from bench.torch_models import FlowUNet3d  # pylint: disable=import-outside-toplevel
   model = FlowUNet3d()  # the thesis UNet (37,910,568 parameters), dropout 0.5
@@ -190,8 +188,8 @@ def bench_torch_flow(size: int, batch: int, repeats: int) -> dict:
     opt.step()
     return loss.detach()
 
-  return report(f"torch flow train step {latent[0]}^3x8 b{batch}",
-                timeit(step, repeats, sync=lambda out: out), batch, None)
+  return (f"torch flow train step {latent[0]}^3x8 b{batch}",
+          timeit(step, repeats, sync=lambda out: out))
 
 
 def main() -> None:
@@ -230,8 +228,8 @@ def main() -> None:
     for name, mine, theirs in (("vqgan_ae", jax_ae, rows.get("vqgan_ae")),
                                ("flow step", jax_flow, rows.get("flow"))):
       if mine and theirs:
-        report(theirs["label"], theirs["ms"] / 1e3, args.batch, None)
-        print(f"ratio JAX/PyTorch ({name}): {mine['ms'] / theirs['ms']:.2f}")
+        report(theirs["label"], theirs["seconds"], args.batch, None)
+        print(f"ratio JAX/PyTorch ({name}): {mine['ms'] / 1e3 / theirs['seconds']:.2f}")
 
 
 def run_torch(stages: list[str], args) -> None:
@@ -240,9 +238,8 @@ def run_torch(stages: list[str], args) -> None:
   torch.set_num_threads(os.cpu_count() or 1)
   for stage, bench in (("vqgan_ae", bench_torch_ae), ("flow", bench_torch_flow)):
     if stage in stages:
-      with contextlib.redirect_stdout(io.StringIO()):
-        row = bench(args.size, args.batch, args.repeats)
-      print(json.dumps({"name": stage, "label": row["name"], "ms": row["ms"]}), flush=True)
+      label, seconds = bench(args.size, args.batch, args.repeats)
+      print(json.dumps({"name": stage, "label": label, "seconds": seconds}), flush=True)
 
 
 if __name__ == "__main__":

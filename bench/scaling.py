@@ -24,7 +24,7 @@ def child(args) -> None:
   from bench.run import timeit
   from experiments.configs.flow import get_config
   from latentfm.train import flow_step, parallel
-  from latentfm.train.compiler import compiler_options
+  from latentfm.train.compiler import jit_train_step
   config = get_config(args.config)
   mesh = parallel.make_mesh(jax.devices()[:args.child])
   latent = (args.latent,) * 3 + (8,)
@@ -32,7 +32,7 @@ def child(args) -> None:
   batch = args.per_device_batch * args.child
   z = np.random.default_rng(0).standard_normal((batch,) + latent).astype(np.float32)
   data = parallel.shard_batch({"image": z}, mesh)
-  step = jax.jit(flow_step.make_train_step(config), compiler_options=compiler_options())
+  step = jit_train_step(flow_step.make_train_step(config))
   holder = {"s": state}
 
   def call():

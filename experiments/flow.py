@@ -25,7 +25,7 @@ from latentfm.data import loader
 from latentfm.sample import integrate, velocity_from_model
 from latentfm.nn.unet3d import UNet3D
 from latentfm.train import checkpoint, parallel, stages
-from latentfm.train.compiler import compiler_options
+from latentfm.train.compiler import jit_train_step
 from latentfm.train.flow_step import create_state, encode_volumes, make_train_step
 from latentfm.train.loop import Periodic, check_nonfinite_policy, guard_step, resume, train_loop
 from latentfm.train.writer import MetricWriter
@@ -92,8 +92,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   extra = {"stage": "flow", "latent_stats": stats.to_dict(),
            "latent_shape": list(latents.shape[1:])}
 
-  step_fn = jax.jit(guard_step(make_train_step(config), config.train.on_nonfinite),
-                    donate_argnums=0, compiler_options=compiler_options())
+  step_fn = jit_train_step(guard_step(make_train_step(config), config.train.on_nonfinite),
+                           donate_argnums=0)
   writer = MetricWriter(workdir, tensorboard=config.train.tensorboard,
                         resume_step=first_step, enabled=main_process)
   unet = UNet3D.from_config(config.model)

@@ -21,7 +21,7 @@ from experiments import common
 from latentfm import viz
 from latentfm.data import loader
 from latentfm.train import checkpoint, parallel
-from latentfm.train.compiler import compiler_options
+from latentfm.train.compiler import jit_train_step
 from latentfm.train.loop import Periodic, check_nonfinite_policy, guard_step, resume, train_loop
 from latentfm.train.vqgan_step import create_state, make_eval_step, make_train_step
 from latentfm.train.writer import MetricWriter
@@ -84,11 +84,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from latentfm.nn.lpips import load_params  # pylint: disable=import-outside-toplevel
     lpips_params = parallel.replicate(load_params(), mesh)
   policy = config.train.on_nonfinite
-  options = compiler_options()
-  warm = jax.jit(guard_step(make_train_step(config, use_gan=False), policy), donate_argnums=0,
-                 compiler_options=options)
-  full = jax.jit(guard_step(make_train_step(config, use_gan=True), policy), donate_argnums=0,
-                 compiler_options=options)
+  warm = jit_train_step(guard_step(make_train_step(config, use_gan=False), policy),
+                        donate_argnums=0)
+  full = jit_train_step(guard_step(make_train_step(config, use_gan=True), policy),
+                        donate_argnums=0)
   start = config.loss.discriminator_start
 
   def train_step(state, batch, step):

@@ -29,3 +29,11 @@ def test_unknown_option_falls_back_to_defaults(monkeypatch, caplog):
     assert "rejected" in caplog.text
   finally:
     compiler.compiler_options.cache_clear()
+
+
+def test_jit_train_step_matches_jax_jit():
+  f = lambda x, y: (jnp.sin(x) * y).sum()
+  x, y = jnp.arange(6.0), jnp.full((6,), 0.5)
+  np.testing.assert_allclose(compiler.jit_train_step(f)(x, y), jax.jit(f)(x, y), rtol=1e-6)
+  donated = compiler.jit_train_step(lambda x: x * 2, donate_argnums=0)
+  np.testing.assert_array_equal(donated(jnp.ones(3)), np.full(3, 2.0))

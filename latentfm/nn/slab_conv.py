@@ -78,11 +78,11 @@ def _slab_dx(w: Array, g: Array) -> Array:
   b, n = g.shape[:2]
   w = w[:, ::-1, ::-1]
   pad = ((kh - 1, kh - 1), (kw - 1, kw - 1))
-  if co < ci:  # input-gradient slice d reads cotangent slices d - a through tap a
-    gp = jnp.pad(g, ((0, 0), (kd - 1, kd - 1), (0, 0), (0, 0), (0, 0)))[:, ::-1]
+  if co < ci:  # slice d reads cotangent slice d - a through tap a: channel block kd-1-a
+    gp = jnp.pad(g, ((0, 0), (kd - 1, kd - 1), (0, 0), (0, 0), (0, 0)))
     g3 = _depth_taps_on_input(gp, kd, n + kd - 1)
-    z = _conv2d(g3, w.transpose(1, 2, 0, 4, 3).reshape(kh, kw, kd * co, ci), pad)
-    return z.reshape(b, n + kd - 1, *z.shape[1:])[:, ::-1]
+    z = _conv2d(g3, w[::-1].transpose(1, 2, 0, 4, 3).reshape(kh, kw, kd * co, ci), pad)
+    return z.reshape(b, n + kd - 1, *z.shape[1:])
   w2 = w.transpose(1, 2, 4, 0, 3).reshape(kh, kw, co, kd * ci)
   z = _conv2d(g.reshape(b * n, *g.shape[2:]), w2, pad)
   z = z.reshape(b, n, *z.shape[1:3], kd, ci)

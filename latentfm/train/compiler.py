@@ -7,8 +7,10 @@ them on YNNPACK and 3.4 s on XLA's own two-core convolutions). The training step
 keep YNNPACK for reductions only. Other backends compile with their defaults.
 """
 
+from collections.abc import Callable
 import functools
 import logging
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,3 +34,8 @@ def compiler_options() -> dict[str, str] | None:
                     _CPU_OPTIONS, err)
     return None
   return dict(_CPU_OPTIONS)
+
+
+def jit_train_step(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
+  """`jax.jit(fn, **jit_kwargs)` compiled with `compiler_options()`."""
+  return jax.jit(fn, compiler_options=compiler_options(), **jit_kwargs)
