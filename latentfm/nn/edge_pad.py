@@ -35,17 +35,10 @@ def edge_pad_concat(x: Array, widths: Sequence[tuple[int, int]]) -> Array:
 
 
 def _fold_concat(g: Array, widths: Widths) -> Array:
-  """Transpose of `edge_pad_concat`: border planes summed into the outermost kept plane."""
-  for axis, (lo, hi) in enumerate(widths, start=1):
-    if not (lo or hi):
-      continue
-    n = g.shape[axis]
-    parts = [jnp.sum(_slice(g, axis, 0, lo + 1), axis, keepdims=True)] if lo else []
-    parts.append(_slice(g, axis, lo + bool(lo), n - hi - bool(hi)))
-    if hi:
-      parts.append(jnp.sum(_slice(g, axis, n - hi - 1, n), axis, keepdims=True))
-    g = jnp.concatenate(parts, axis)
-  return g
+  """Transpose of `edge_pad_concat` by autodiff: border planes summed into the kept ones."""
+  shape = tuple(n - lo - hi for n, (lo, hi) in zip(g.shape[1:-1], widths))
+  unpadded = jax.ShapeDtypeStruct((g.shape[0], *shape, g.shape[-1]), g.dtype)
+  return jax.linear_transpose(lambda v: edge_pad_concat(v, widths), unpadded)(g)[0]
 
 
 def _pad_in_place(x: Array, widths: Widths) -> Array:
