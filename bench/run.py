@@ -10,7 +10,10 @@ Euler-50 + decode and tsit5 + decode of one volume. `--torch` times the same aut
 PyTorch (bench/torch_models.py) in the same run, and the flow train step with the same UNet
 in PyTorch (AdamW, clipping, hybrid loss), in a fresh child process with the same environment,
 and prints the JAX/PyTorch ratios. The JAX training steps compile with
-`latentfm.train.compiler.compiler_options()`, as the trainers do.
+`latentfm.train.compiler.compiler_options()` and run with `latentfm.train.host_memory`'s reuse
+of host memory, as the trainers do (`--host-memory default` turns it off).
+`--torch-host-memory reuse` gives the PyTorch process the same glibc settings
+(`keep_freed_memory`), to compare both under one allocator policy.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latentfm.train import host_memory
 from latentfm.train.compiler import jit_train_step
 
 
@@ -201,13 +205,25 @@ def main() -> None:
   parser.add_argument("--torch", action="store_true")
   parser.add_argument("--dtype", default="float32", help="flow UNet compute dtype (bfloat16)")
   parser.add_argument("--remat", action="store_true", help="rematerialise UNet res blocks")
+  parser.add_argument("--host-memory", choices=("reuse", "default"), default="reuse",
+                      help="JAX: reuse host buffers across steps as the trainers do, or not")
+  parser.add_argument("--torch-host-memory", choices=("reuse", "default"), default="default",
+                      help="PyTorch: the same glibc settings as JAX's reuse, or glibc's defaults")
   parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   stages = args.stages.split(",")
   if args.torch_only:
+    if args.torch_host_memory == "reuse":
+      host_memory.keep_freed_memory()
     run_torch(stages, args)
     return
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+  if args.host_memory == "reuse":
+    host_memory.reuse_host_memory()
+  # PyTorch runs first, in a fresh process with the same environment, so that neither
+  # framework's thread pools or memory (JAX's, kept for reuse) slow the other down.
+  torch_rows = _torch_child(stages, args) if args.torch else {}
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
+        f"host memory {args.host_memory}")
   jax_ae = bench_vqgan_ae(args.size, args.batch, args.repeats) if "vqgan_ae" in stages else None
   if "vqgan" in stages:
     bench_vqgan(args.size, args.batch, args.repeats)
@@ -217,19 +233,23 @@ def main() -> None:
     bench_sample(args.size, args.repeats)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"peak host memory: {peak:.0f} MiB", flush=True)
-  if args.torch and (jax_ae or jax_flow):
-    # PyTorch runs in a fresh process with the same environment, so that neither framework's
-    # thread pools or allocator state slow the other down.
-    command = [sys.executable, "-m", "bench.run", "--torch-only", "--stages", args.stages,
-               "--size", str(args.size), "--batch", str(args.batch),
-               "--repeats", str(args.repeats)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    rows = {row["name"]: row for row in map(json.loads, out.splitlines()) if row}
-    for name, mine, theirs in (("vqgan_ae", jax_ae, rows.get("vqgan_ae")),
-                               ("flow step", jax_flow, rows.get("flow"))):
-      if mine and theirs:
-        report(theirs["label"], theirs["seconds"], args.batch, None)
-        print(f"ratio JAX/PyTorch ({name}): {mine['ms'] / 1e3 / theirs['seconds']:.2f}")
+  for name, mine, theirs in (("vqgan_ae", jax_ae, torch_rows.get("vqgan_ae")),
+                             ("flow step", jax_flow, torch_rows.get("flow"))):
+    if mine and theirs:
+      report(f"{theirs['label']} (host memory {args.torch_host_memory})", theirs["seconds"],
+             args.batch, None)
+      print(f"ratio JAX/PyTorch ({name}): {mine['ms'] / 1e3 / theirs['seconds']:.2f}")
+
+
+def _torch_child(stages: list[str], args) -> dict[str, dict]:
+  """Runs `run_torch` in a child process; its timings by stage name."""
+  if not {"vqgan_ae", "flow"} & set(stages):
+    return {}
+  command = [sys.executable, "-m", "bench.run", "--torch-only", "--stages", args.stages,
+             "--size", str(args.size), "--batch", str(args.batch),
+             "--repeats", str(args.repeats), "--torch-host-memory", args.torch_host_memory]
+  out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+  return {row["name"]: row for row in map(json.loads, out.splitlines()) if row}
 
 
 def run_torch(stages: list[str], args) -> None:

@@ -5,6 +5,7 @@ r"""Data-parallel scaling: the flow train step on 1, 2, 4, ... devices at a fixe
 Each device count runs in its own process (on the CPU the devices are forced with
 `--xla_force_host_platform_device_count`, so they share the host's cores; on accelerators the
 first N real devices are used). Prints step time, throughput and throughput per device.
+Each child reuses host memory across steps as the trainers do (`latentfm.train.host_memory`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ def child(args) -> None:
   import numpy as np
   from bench.run import timeit
   from experiments.configs.flow import get_config
-  from latentfm.train import flow_step, parallel
+  from latentfm.train import flow_step, host_memory, parallel
   from latentfm.train.compiler import jit_train_step
+  host_memory.reuse_host_memory()  # as the trainers do
   config = get_config(args.config)
   mesh = parallel.make_mesh(jax.devices()[:args.child])
   latent = (args.latent,) * 3 + (8,)

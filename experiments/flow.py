@@ -24,7 +24,7 @@ from latentfm import flow, viz
 from latentfm.data import loader
 from latentfm.sample import integrate, velocity_from_model
 from latentfm.nn.unet3d import UNet3D
-from latentfm.train import checkpoint, parallel, stages
+from latentfm.train import checkpoint, host_memory, parallel, stages
 from latentfm.train.compiler import jit_train_step
 from latentfm.train.flow_step import create_state, encode_volumes, make_train_step
 from latentfm.train.loop import Periodic, check_nonfinite_policy, guard_step, resume, train_loop
@@ -74,6 +74,8 @@ def prepare_latents(config, workdir: str, main_process: bool):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the flow model in `workdir`; returns the last logged metrics."""
   parallel.maybe_initialize_distributed()
+  if config.train.reuse_host_memory:
+    host_memory.reuse_host_memory()
   validate_config(config)
   main_process = jax.process_index() == 0
   latents, stats, (_, vq_model, vq_vars) = prepare_latents(config, workdir, main_process)

@@ -20,7 +20,7 @@ import numpy as np
 from experiments import common
 from latentfm import viz
 from latentfm.data import loader
-from latentfm.train import checkpoint, parallel
+from latentfm.train import checkpoint, host_memory, parallel
 from latentfm.train.compiler import jit_train_step
 from latentfm.train.loop import Periodic, check_nonfinite_policy, guard_step, resume, train_loop
 from latentfm.train.vqgan_step import create_state, make_eval_step, make_train_step
@@ -62,6 +62,8 @@ def evaluate(eval_fn, state, val: loader.Dataset, mesh, limit: int) -> tuple[dic
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the VQ-GAN in `workdir`; returns the final validation metrics."""
   parallel.maybe_initialize_distributed()
+  if config.train.reuse_host_memory:
+    host_memory.reuse_host_memory()
   validate_config(config)
   main_process = jax.process_index() == 0
   train_ds, val_ds = loader.load_splits(config.data, workdir, config.seed,

@@ -71,6 +71,9 @@ def _base() -> ml_collections.ConfigDict:
   c.train.on_nonfinite = "stop"
   c.train.max_consecutive_skips = 10
   c.train.tensorboard = True  # also write tensorboard/ (metrics.jsonl is always written)
+  # CPU: reuse XLA's per-step host buffers instead of faulting them in every step
+  # (latentfm.train.host_memory; about 12% faster at 64³). Read before JAX starts.
+  c.train.reuse_host_memory = True
   return c
 
 
