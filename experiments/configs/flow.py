@@ -60,7 +60,8 @@ def _base() -> ml_collections.ConfigDict:
   c.train.max_consecutive_skips = 10
   c.train.tensorboard = True  # also write tensorboard/ (metrics.jsonl is always written)
   # CPU: reuse XLA's per-step host buffers instead of faulting them in every step
-  # (latentfm.train.host_memory; about 12% faster at 64³). Read before JAX starts.
+  # (latentfm.train.host_memory; thesis autoencoder at 64³: 3.4-3.6 s -> 2.8-3.0 s per
+  # forward+backward). Applied only if JAX has not started yet.
   c.train.reuse_host_memory = True
 
   c.sample = ml_collections.ConfigDict()
