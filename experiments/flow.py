@@ -74,7 +74,7 @@ def prepare_latents(config, workdir: str, main_process: bool):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the flow model in `workdir`; returns the last logged metrics."""
   parallel.maybe_initialize_distributed()
-  if config.train.reuse_host_memory:
+  if config.train.get("reuse_host_memory", True):  # configs written before the option
     host_memory.reuse_host_memory()
   validate_config(config)
   main_process = jax.process_index() == 0

@@ -62,7 +62,7 @@ def evaluate(eval_fn, state, val: loader.Dataset, mesh, limit: int) -> tuple[dic
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the VQ-GAN in `workdir`; returns the final validation metrics."""
   parallel.maybe_initialize_distributed()
-  if config.train.reuse_host_memory:
+  if config.train.get("reuse_host_memory", True):  # configs written before the option
     host_memory.reuse_host_memory()
   validate_config(config)
   main_process = jax.process_index() == 0
