@@ -41,8 +41,8 @@ def lax_valid(x: Array, kernel: Array) -> Array:
 _CHUNK_DW = 16384
 
 
-def _conv2d(x: Array, w: Array, pad, dims=("NHWC", "HWIO", "NHWC")) -> Array:
-  return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dims)
+def _conv2d(x: Array, w: Array, pad) -> Array:
+  return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _depth_taps_on_input(x: Array, kd: int, n: int) -> Array:
