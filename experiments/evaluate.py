@@ -60,6 +60,7 @@ def run(workdir: str, num_samples: int, samples_dir: str | None, solver: str, st
   from latentfm.data.io import read_volume
   from latentfm.metrics import report as report_lib
   from latentfm.metrics.features import random_conv_features
+  from latentfm.nn.vqgan import from_model_range, to_model_range
   from latentfm.train import stages
   models = sample.load(workdir)
   vq_dir = stages.load_config(workdir).vqgan_workdir
@@ -80,9 +81,8 @@ def run(workdir: str, num_samples: int, samples_dir: str | None, solver: str, st
                                  solver=solver, steps=steps)
     sampling = {"solver": solver, "steps": steps, "nfe": nfe,
                 "seconds_including_compile": time.perf_counter() - start}
-  x = jnp.asarray(val.volumes[..., None]) * 2.0 - 1.0
-  recon = models.vqgan.apply(models.vqgan_variables, x)["recon"]
-  recon = np.clip((np.asarray(recon)[..., 0] + 1.0) / 2.0, 0.0, 1.0)
+  x = to_model_range(jnp.asarray(val.volumes[..., None]))
+  recon = np.asarray(from_model_range(models.vqgan.apply(models.vqgan_variables, x)["recon"]))[..., 0]
   report = report_lib.evaluate(samples, train.volumes, val.volumes, random_conv_features(seed=0))
   report["reconstruction"] = report_lib.reconstruction_metrics(recon, val.volumes)
   report["sampling"] = sampling

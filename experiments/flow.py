@@ -24,6 +24,7 @@ from latentfm import flow, viz
 from latentfm.data import loader
 from latentfm.sample import integrate, velocity_from_model
 from latentfm.nn.unet3d import UNet3D
+from latentfm.nn.vqgan import from_model_range
 from latentfm.train import checkpoint, host_memory, parallel, stages
 from latentfm.train.compiler import jit_train_step
 from latentfm.train.flow_step import create_state, encode_volumes, make_train_step
@@ -106,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     z0, nfe = integrate(velocity_from_model(unet.apply, state["ema_params"]), z1,
                         solver=config.sample.solver, steps=config.sample.steps,
                         rtol=config.sample.rtol, atol=config.sample.atol)
-    volumes = np.asarray(jnp.clip((decode(vq_vars, flow.denormalize(z0, stats)) + 1) / 2, 0, 1))
+    volumes = np.asarray(from_model_range(decode(vq_vars, flow.denormalize(z0, stats))))
     if main_process:
       viz.save_triplanar(os.path.join(workdir, "images", f"samples_{step:06d}.png"),
                          volumes[..., 0], [f"sample {i}" for i in range(len(volumes))],

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentfm.flow import LatentStats, denormalize, normalize
+from latentfm.nn.vqgan import from_model_range, to_model_range
 
 Array = jax.Array
 VelocityFn = Callable[[Array, Array], Array]
@@ -165,7 +166,7 @@ def load(workdir: str, vqgan_workdir: str | None = None) -> Models:
 def _decode(model, variables, z, snap):
   if snap:
     z = model.apply(variables, z, method=lambda m, v: m.quantize(v)["quantized"])
-  return jnp.clip((model.apply(variables, z, method=model.decode) + 1.0) / 2.0, 0.0, 1.0)[..., 0]
+  return from_model_range(model.apply(variables, z, method=model.decode))[..., 0]
 
 
 def decode(models: Models, z0: Array, snap_to_codebook: bool = False) -> Array:
@@ -196,7 +197,7 @@ def sample(key: Array, models: Models, num: int, *, solver: str = "euler", steps
 def encode_to_noise(models: Models, volumes: Array, *, solver: str = "tsit5", steps: int = 50,
                     rtol: float = 1e-5, atol: float = 1e-5) -> tuple[Array, Array]:
   """Inverts real volumes [N, D, H, W] in [0, 1]: encode, normalise, integrate t = 0 → 1."""
-  x = jnp.asarray(volumes, jnp.float32)[..., None] * 2.0 - 1.0
+  x = to_model_range(jnp.asarray(volumes, jnp.float32)[..., None])
   z = models.vqgan.apply(models.vqgan_variables, x, method=models.vqgan.encode)
   return integrate(models.velocity, normalize(z, models.stats), solver=solver, steps=steps,
                    rtol=rtol, atol=atol, t0=0.0, t1=1.0)

@@ -24,6 +24,23 @@ from latentfm.nn.quantizer import VectorQuantizer
 Array = jax.Array
 
 
+def to_model_range(images: Array) -> Array:
+  """Images in [0, 1] → the autoencoder's [-1, 1], as (x - 0.5) * 2.
+
+  The same numbers as x * 2 - 1 (float32: both are one rounding of 2x - 1), written so that
+  XLA:CPU (jaxlib 0.10.2) does not fuse it as a multiply-add into the zero padding of a
+  one-channel convolution input: that fused kernel loads four lanes unmasked and reads past
+  the end of the image buffer, which crashed the VQ-GAN train step whenever the batch ended
+  next to an unmapped page (`tests/test_guard_page.py`).
+  """
+  return (images - 0.5) * 2.0
+
+
+def from_model_range(x: Array) -> Array:
+  """The autoencoder's [-1, 1] → images in [0, 1], clipped."""
+  return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
 def stage_strides(factors: Sequence[int]) -> list[tuple[int, ...]]:
   """Per-stage strides: 2 on an axis while it still needs halving, else 1."""
   remaining = [int(round(math.log2(f))) for f in factors]

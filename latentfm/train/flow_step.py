@@ -16,6 +16,7 @@ import optax
 
 from latentfm import flow
 from latentfm.nn.unet3d import UNet3D
+from latentfm.nn.vqgan import to_model_range
 
 State = dict[str, Any]
 
@@ -62,7 +63,7 @@ def make_train_step(config: ml_collections.ConfigDict
 def encode_volumes(model, variables: dict, volumes: np.ndarray, batch_size: int = 4,
                    progress: Callable | None = None) -> np.ndarray:
   """Continuous (pre-quantisation) latents of volumes [N, D, H, W] in [0, 1]."""
-  encode = jax.jit(lambda v, x: model.apply(v, x * 2.0 - 1.0, method=model.encode))
+  encode = jax.jit(lambda v, x: model.apply(v, to_model_range(x), method=model.encode))
   chunks = range(0, len(volumes), batch_size)
   out = [np.asarray(encode(variables, jnp.asarray(volumes[i:i + batch_size, ..., None])))
          for i in (progress(chunks) if progress else chunks)]

@@ -19,7 +19,7 @@ from latentfm import losses
 from latentfm.metrics import image as image_metrics
 from latentfm.nn.discriminators import make_discriminators
 from latentfm.nn.lpips import LPIPS
-from latentfm.nn.vqgan import VQGAN
+from latentfm.nn.vqgan import VQGAN, from_model_range, to_model_range
 
 State = dict[str, Any]
 
@@ -79,7 +79,7 @@ def make_train_step(config: ml_collections.ConfigDict, *, use_gan: bool
     return (logits, feats), upd["batch_stats"]
 
   def step(state: State, batch: dict, lpips_params: Any) -> tuple[State, dict]:
-    x = batch["image"] * 2.0 - 1.0
+    x = to_model_range(batch["image"])
     key = jax.random.fold_in(state["rng"], state["step"])
     k_code, k_slice = jax.random.split(key)
     dp, ds = state["disc_params"], state["disc_stats"]
@@ -162,8 +162,8 @@ def make_eval_step(config: ml_collections.ConfigDict) -> Callable[[State, jax.Ar
 
   def evaluate(state: State, images: jax.Array) -> dict:
     out = model.apply({"params": state["params"], "codebook": state["codebook"]},
-                      images * 2.0 - 1.0)
-    recon = jnp.clip((out["recon"] + 1.0) / 2.0, 0.0, 1.0)
+                      to_model_range(images))
+    recon = from_model_range(out["recon"])
     return {"recon": recon,
             "l1": jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3, 4)),
             "psnr": image_metrics.psnr(recon, images),
