@@ -57,3 +57,18 @@ def test_3d_features_and_logits():
   assert logits.shape == (1, 7, 7, 7, 1)
   assert len(feats) == 3
   assert [f.shape for f in feats] == [(1, 9, 9, 9, 4), (1, 5, 5, 5, 8), (1, 6, 6, 6, 16)]
+
+
+def test_bfloat16_compute_float32_parameters_and_outputs():
+  disc = PatchDiscriminator(channels=4, num_layers=2, spatial_dims=3)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 16, 1)), jnp.float32)
+  variables = jax.jit(disc.init)(jax.random.key(0), x)
+  half = disc.clone(dtype=jnp.bfloat16)
+  run = lambda d: jax.jit(lambda v: d.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
+  (logits, feats), stats = run(disc)
+  (logits_h, feats_h), stats_h = run(half)
+  assert logits_h.dtype == jnp.float32 and all(f.dtype == jnp.float32 for f in feats_h)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves((stats_h, jax.eval_shape(
+      half.init, jax.random.key(0), x))))
+  err = float(jnp.max(jnp.abs(logits_h - logits)))
+  assert 0 < err < 0.05 * float(jnp.max(jnp.abs(logits)))

@@ -155,3 +155,13 @@ def test_impl_switch():
     layers.set_conv_impl("cudnn")
   with pytest.raises(ValueError):
     layers.conv(jnp.ones((1, 4, 1)), jnp.ones((2, 1, 1)), (1,), ((0, 0),), impl="eigen")
+
+
+def test_default_impl_follows_backend(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert layers.get_conv_impl() == "lax"  # cuDNN's convolutions, not the CPU formulation
+  with layers.conv_impl("fast"):
+    assert layers.get_conv_impl() == "fast"
+  assert layers.get_conv_impl() == "lax"
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert layers.get_conv_impl() == "fast"

@@ -126,3 +126,39 @@ def test_training_step_straight_through_and_codebook_init(tiny):
   assert int(out["live_codes"]) in range(1, 33)
   assert float(out["perplexity"]) >= 1.0
   assert bool(jnp.all(jnp.isfinite(out["recon"])))
+
+
+def _l1_and_grads(model, params, codebook, x):
+  def loss(p):
+    out = model.apply({"params": p, "codebook": codebook}, x)
+    return jnp.mean(jnp.abs(out["recon"] - x)), out
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+def test_remat_keeps_layout_and_gradients(tiny):
+  model, variables, x = tiny
+  remat = model.clone(remat=True)
+  shapes = jax.eval_shape(remat.init, jax.random.key(0), x)
+  assert jax.tree.structure(shapes) == jax.tree.structure(variables)  # same checkpoints
+  (l0, _), g0 = _l1_and_grads(model, variables["params"], variables["codebook"], x)
+  (l1, _), g1 = _l1_and_grads(remat, variables["params"], variables["codebook"], x)
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs(tiny):
+  model, variables, x = tiny
+  half = model.clone(dtype="bfloat16")
+  shapes = jax.eval_shape(half.init, jax.random.key(0), x)
+  assert {a.dtype for a in jax.tree.leaves(shapes)} <= {jnp.dtype(jnp.float32), jnp.dtype(bool),
+                                                         jnp.dtype(jnp.int32)}
+  (l0, out0), g0 = _l1_and_grads(model, variables["params"], variables["codebook"], x)
+  (l1, out1), g1 = _l1_and_grads(half, variables["params"], variables["codebook"], x)
+  assert out1["recon"].dtype == out1["latent"].dtype == jnp.float32
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(g1))
+  # bfloat16 keeps 8 bits of mantissa: outputs agree to about 1%, not to float32 rounding.
+  z0, z1 = np.asarray(out0["latent"]), np.asarray(out1["latent"])
+  assert np.abs(z1 - z0).max() < 0.05 * np.abs(z0).max()
+  assert 0 < np.abs(z1 - z0).max()  # the computation really ran in bfloat16
+  np.testing.assert_allclose(float(l1), float(l0), rtol=0.02)

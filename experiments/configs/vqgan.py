@@ -38,6 +38,11 @@ def _base() -> ml_collections.ConfigDict:
   c.model.restart_dead_codes = True
   c.model.disc_channels = 64
   c.model.disc_layers = 3
+  # Mixed precision and memory (accelerators): computation dtype of the autoencoder and both
+  # discriminators ("bfloat16"; parameters, optimizer state, quantiser and losses stay float32)
+  # and recomputation of the residual blocks in the backward pass. Same parameter layout.
+  c.model.dtype = "float32"
+  c.model.remat = False
 
   c.loss = ml_collections.ConfigDict()
   c.loss.l1_weight = 4.0

@@ -7,10 +7,14 @@ Layers (kernel 4, zero padding 2 on every side):
   logits:                conv s1 -> 1 channel
 with min(channels * 2^n, 512) channels in block n. BatchNorm uses PyTorch's defaults
 (momentum 0.1, i.e. flax momentum 0.9; eps 1e-5); running statistics live in `"batch_stats"`.
+`dtype` is the computation dtype (parameters and statistics stay float32; outputs are float32).
 """
+
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from latentfm.nn.layers import ZeroPadConv
@@ -23,6 +27,7 @@ class PatchDiscriminator(nn.Module):
   channels: int = 64
   num_layers: int = 3
   spatial_dims: int = 3
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> tuple[Array, list[Array]]:
@@ -30,25 +35,27 @@ class PatchDiscriminator(nn.Module):
     if x.ndim != self.spatial_dims + 2:
       raise ValueError(f"expected {self.spatial_dims + 2}-d input, got shape {x.shape}")
     features = []
-    h = ZeroPadConv(self.channels, 4, 2, 2, name="conv_0")(x)
+    conv = lambda f, s, name: ZeroPadConv(f, 4, s, 2, dtype=self.dtype, name=name)
+    h = conv(self.channels, 2, "conv_0")(x)
     h = nn.leaky_relu(h, 0.2)
     features.append(h)
     for n in range(1, self.num_layers + 1):
       stride = 2 if n < self.num_layers else 1
-      h = ZeroPadConv(min(self.channels * 2**n, 512), 4, stride, 2, name=f"conv_{n}")(h)
+      h = conv(min(self.channels * 2**n, 512), stride, f"conv_{n}")(h)
       h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                       name=f"norm_{n}")(h)
+                       dtype=self.dtype, name=f"norm_{n}")(h)
       h = nn.leaky_relu(h, 0.2)
       features.append(h)
-    logits = ZeroPadConv(1, 4, 1, 2, name="conv_out")(h)
-    return logits, features
+    logits = conv(1, 1, "conv_out")(h)
+    return logits.astype(jnp.float32), [f.astype(jnp.float32) for f in features]
 
 
 def make_discriminators(
     model: ml_collections.ConfigDict) -> tuple[PatchDiscriminator, PatchDiscriminator]:
   """The (2D slice, 3D volume) discriminators of a VQ-GAN config's `model` section."""
-  return (PatchDiscriminator(model.disc_channels, model.disc_layers, spatial_dims=2),
-          PatchDiscriminator(model.disc_channels, model.disc_layers, spatial_dims=3))
+  dtype = jnp.dtype(model.get("dtype", "float32"))
+  return (PatchDiscriminator(model.disc_channels, model.disc_layers, 2, dtype),
+          PatchDiscriminator(model.disc_channels, model.disc_layers, 3, dtype))
 
 
 def output_size(size: int, num_layers: int) -> int:

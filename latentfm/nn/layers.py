@@ -6,7 +6,8 @@ volumes). Every convolution keeps its weights as one `kernel` of shape
 that the arithmetic in `conv` / `conv_transpose` can change without changing checkpoints.
 
 Two formulations give the same numbers (`set_conv_impl`): "lax", one `lax.conv_general_dilated`
-per layer (accelerators, reference), and "fast" (default) for XLA:CPU, which differentiates
+per layer (the default on accelerators; the reference), and "fast" (the default on the CPU) for
+XLA:CPU, which differentiates
 strided, transposed and 3D convs slowly: strided convs run as space-to-depth + a stride-1 conv,
 transposed convs as sub-pixel convs, stride-1 convs as 2D convs over depth slabs with a custom
 VJP (`slab_conv.py`; reverse mode only: use "lax" for `jax.jvp`). Replicate padding has a
@@ -33,7 +34,7 @@ from latentfm.nn.slab_conv import conv_valid, dimension_numbers
 Array = jax.Array
 IntOrSeq = int | Sequence[int]
 _IMPLS = ("fast", "lax")
-_impl = "fast"
+_impl: str | None = None  # None: "fast" on the CPU, "lax" on accelerators
 
 
 def _tuple(v: IntOrSeq, n: int) -> tuple[int, ...]:
@@ -66,21 +67,24 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
 
 
 def _check(impl: str | None) -> str:
-  impl = _impl if impl is None else impl
+  impl = get_conv_impl() if impl is None else impl
   if impl not in _IMPLS:
     raise ValueError(f"unknown conv impl {impl!r}; choose one of {_IMPLS}")
   return impl
 
 
-def set_conv_impl(impl: str) -> None:
-  """Selects "fast" (default) or "lax" convolutions; read when tracing, so re-jit after."""
+def set_conv_impl(impl: str | None) -> None:
+  """Selects "fast" or "lax" convolutions, or None for the backend's default; read when
+  tracing, so re-jit after."""
   global _impl
-  _impl = _check(impl)
+  _impl = None if impl is None else _check(impl)
 
 
 def get_conv_impl() -> str:
-  """The formulation selected by `set_conv_impl`."""
-  return _impl
+  """The formulation in use: the one set by `set_conv_impl`, else the default backend's."""
+  if _impl is not None:
+    return _impl
+  return "fast" if jax.default_backend() == "cpu" else "lax"
 
 
 @contextlib.contextmanager
@@ -223,6 +227,7 @@ class SamePadConv(nn.Module):
   features: int
   kernel_size: IntOrSeq = 3
   strides: IntOrSeq = 1
+  dtype: Any = None  # computation dtype; parameters stay float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -231,6 +236,7 @@ class SamePadConv(nn.Module):
     fan_in = x.shape[-1] * math.prod(ks)
     kernel = self.param("kernel", torch_kernel_init(), (*ks, x.shape[-1], self.features))
     bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
+    x = x if self.dtype is None else x.astype(self.dtype)
     y = conv(edge_pad(x, same_pad_widths(ks, st)), kernel, st, ((0, 0),) * nd)
     return y + bias.astype(y.dtype)
 
@@ -244,6 +250,7 @@ class SamePadConvTranspose(nn.Module):
   features: int
   kernel_size: IntOrSeq = 4
   strides: IntOrSeq = 2
+  dtype: Any = None  # computation dtype; parameters stay float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -253,6 +260,7 @@ class SamePadConvTranspose(nn.Module):
     kernel = self.param("kernel", torch_kernel_init(transpose=True),
                         (*ks, x.shape[-1], self.features))
     bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
+    x = x if self.dtype is None else x.astype(self.dtype)
     y = conv_transpose(edge_pad(x, same_pad_widths(ks, st)), kernel, st,
                        tuple(k - 1 for k in ks))
     return y + bias.astype(y.dtype)
@@ -285,20 +293,22 @@ class ZeroPadConv(nn.Module):
     return y + bias.astype(y.dtype)
 
 
-def GroupNorm(channels: int, max_groups: int = 32, name: str | None = None) -> nn.GroupNorm:
+def GroupNorm(channels: int, max_groups: int = 32, name: str | None = None,
+              dtype: Any = None) -> nn.GroupNorm:
   """GroupNorm with min(max_groups, channels) groups and epsilon 1e-6 (reference `Normalize`)."""
-  return nn.GroupNorm(num_groups=min(max_groups, channels), epsilon=1e-6, name=name)
+  return nn.GroupNorm(num_groups=min(max_groups, channels), epsilon=1e-6, name=name, dtype=dtype)
 
 
 class ResBlock(nn.Module):
   """GN -> SiLU -> conv3 -> GN -> SiLU -> conv3, plus identity (channels preserved)."""
   norm_groups: int = 32
+  dtype: Any = None  # computation dtype; parameters stay float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
-    h = nn.silu(GroupNorm(c, self.norm_groups, name="norm1")(x))
-    h = SamePadConv(c, 3, 1, name="conv1")(h)
-    h = nn.silu(GroupNorm(c, self.norm_groups, name="norm2")(h))
-    h = SamePadConv(c, 3, 1, name="conv2")(h)
-    return x + h
+    h = nn.silu(GroupNorm(c, self.norm_groups, "norm1", self.dtype)(x))
+    h = SamePadConv(c, 3, 1, self.dtype, name="conv1")(h)
+    h = nn.silu(GroupNorm(c, self.norm_groups, "norm2", self.dtype)(h))
+    h = SamePadConv(c, 3, 1, self.dtype, name="conv2")(h)
+    return x.astype(h.dtype) + h

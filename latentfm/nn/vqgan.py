@@ -11,6 +11,7 @@ The codebook lives in the `"codebook"` collection (see `quantizer.py`).
 
 from collections.abc import Sequence
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -53,19 +54,27 @@ def stage_strides(factors: Sequence[int]) -> list[tuple[int, ...]]:
   return strides
 
 
+def _res_block(remat: bool) -> type[nn.Module]:
+  """ResBlock, recomputed in the backward pass when `remat` (same parameter names)."""
+  return nn.remat(ResBlock) if remat else ResBlock
+
+
 class Encoder(nn.Module):
   """conv3 -> [strided conv4 -> ResBlock] per stage -> GN -> SiLU."""
   n_hiddens: int
   downsample: Sequence[int]
   norm_groups: int = 32
+  dtype: Any = None  # computation dtype; parameters stay float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = SamePadConv(self.n_hiddens, 3, 1, name="conv_in")(x)
+    block = _res_block(self.remat)
+    h = SamePadConv(self.n_hiddens, 3, 1, self.dtype, name="conv_in")(x)
     for i, s in enumerate(stage_strides(self.downsample)):
-      h = SamePadConv(self.n_hiddens * 2**(i + 1), 4, s, name=f"down_{i}")(h)
-      h = ResBlock(self.norm_groups, name=f"res_{i}")(h)
-    h = GroupNorm(h.shape[-1], self.norm_groups, name="norm_out")(h)
+      h = SamePadConv(self.n_hiddens * 2**(i + 1), 4, s, self.dtype, name=f"down_{i}")(h)
+      h = block(self.norm_groups, self.dtype, name=f"res_{i}")(h)
+    h = GroupNorm(h.shape[-1], self.norm_groups, "norm_out", self.dtype)(h)
     return nn.silu(h)
 
 
@@ -75,22 +84,29 @@ class Decoder(nn.Module):
   upsample: Sequence[int]
   image_channels: int = 1
   norm_groups: int = 32
+  dtype: Any = None  # computation dtype; parameters stay float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = nn.silu(GroupNorm(x.shape[-1], self.norm_groups, name="norm_in")(x))
+    block = _res_block(self.remat)
+    h = nn.silu(GroupNorm(x.shape[-1], self.norm_groups, "norm_in", self.dtype)(x))
     strides = stage_strides(self.upsample)
     for i, s in enumerate(strides):
-      h = SamePadConvTranspose(self.n_hiddens * 2**(len(strides) - i), 4, s, name=f"up_{i}")(h)
-      h = ResBlock(self.norm_groups, name=f"res_{i}_0")(h)
-      h = ResBlock(self.norm_groups, name=f"res_{i}_1")(h)
-    return SamePadConv(self.image_channels, 3, 1, name="conv_out")(h)
+      h = SamePadConvTranspose(self.n_hiddens * 2**(len(strides) - i), 4, s, self.dtype,
+                               name=f"up_{i}")(h)
+      h = block(self.norm_groups, self.dtype, name=f"res_{i}_0")(h)
+      h = block(self.norm_groups, self.dtype, name=f"res_{i}_1")(h)
+    return SamePadConv(self.image_channels, 3, 1, self.dtype, name="conv_out")(h)
 
 
 class VQGAN(nn.Module):
   """Encoder -> 1x1x1 conv -> vector quantiser -> 1x1x1 conv -> decoder.
 
   Inputs are (B, D, H, W, image_channels) in [-1, 1]; latents are (B, D/f, H/f, W/f, embedding_dim).
+  `dtype` "bfloat16" computes the encoder and decoder in bfloat16 (parameters, the quantiser, the
+  latents and the reconstruction stay float32); `remat` recomputes every residual block in the
+  backward pass instead of storing its activations. Neither changes the parameter layout.
   """
   image_channels: int = 1
   n_hiddens: int = 16
@@ -100,6 +116,8 @@ class VQGAN(nn.Module):
   norm_groups: int = 32
   codebook_decay: float = 0.99
   restart_dead_codes: bool = True
+  dtype: str = "float32"
+  remat: bool = False
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> "VQGAN":
@@ -108,21 +126,24 @@ class VQGAN(nn.Module):
         image_channels=model.image_channels, n_hiddens=model.n_hiddens,
         downsample=tuple(model.downsample), embedding_dim=model.embedding_dim,
         n_codes=model.n_codes, norm_groups=model.norm_groups,
-        codebook_decay=model.codebook_decay, restart_dead_codes=model.restart_dead_codes)
+        codebook_decay=model.codebook_decay, restart_dead_codes=model.restart_dead_codes,
+        dtype=model.get("dtype", "float32"), remat=model.get("remat", False))
 
   def setup(self):
     stages = len(stage_strides(self.downsample))
-    self.encoder = Encoder(self.n_hiddens, tuple(self.downsample), self.norm_groups)
+    dtype = jnp.dtype(self.dtype)
+    self.encoder = Encoder(self.n_hiddens, tuple(self.downsample), self.norm_groups, dtype,
+                           self.remat)
     self.decoder = Decoder(self.n_hiddens, tuple(self.downsample), self.image_channels,
-                           self.norm_groups)
-    self.pre_vq_conv = SamePadConv(self.embedding_dim, 1, 1)
-    self.post_vq_conv = SamePadConv(self.n_hiddens * 2**stages, 1, 1)
+                           self.norm_groups, dtype, self.remat)
+    self.pre_vq_conv = SamePadConv(self.embedding_dim, 1, 1, dtype)
+    self.post_vq_conv = SamePadConv(self.n_hiddens * 2**stages, 1, 1, dtype)
     self.quantizer = VectorQuantizer(self.n_codes, self.embedding_dim, self.codebook_decay,
                                      self.restart_dead_codes)
 
   def encode(self, x: Array) -> Array:
     """Continuous latent after the pre-VQ conv (before quantisation)."""
-    return self.pre_vq_conv(self.encoder(x))
+    return self.pre_vq_conv(self.encoder(x)).astype(jnp.float32)
 
   def quantize(self, z: Array, train: bool = False) -> dict[str, Array]:
     """Quantiser output dict for a latent `z` (see `VectorQuantizer.__call__`)."""
@@ -130,7 +151,7 @@ class VQGAN(nn.Module):
 
   def decode(self, z: Array) -> Array:
     """Image from a (quantised or continuous) latent with `embedding_dim` channels."""
-    return self.decoder(self.post_vq_conv(z))
+    return self.decoder(self.post_vq_conv(z)).astype(jnp.float32)
 
   def lookup(self, indices: Array) -> Array:
     """Latent of code vectors for integer code indices (B, d, h, w)."""
