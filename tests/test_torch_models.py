@@ -8,7 +8,11 @@ import pytest
 from latentfm.nn.unet3d import UNet3D
 
 torch = pytest.importorskip("torch", reason="the PyTorch benchmark modules need the test extra")
-from bench.torch_models import FlowUNet3d, load_flax_unet  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from bench.torch_models import FlowUNet3d, load_flax_unet
+from bench.torch_vqgan import PatchDiscriminator, VQGANTrainStep, load_flax_discriminator
+from experiments.configs.vqgan import get_config
+from latentfm.nn import discriminators
 
 
 def test_thesis_unet_parameter_count():
@@ -34,3 +38,66 @@ def test_unet_matches_jax_with_ported_weights():
   theirs = theirs.numpy().transpose(0, 2, 3, 4, 1)
   assert sum(p.numel() for p in ref.parameters()) == sum(x.size for x in jax.tree.leaves(params))
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+
+@pytest.fixture
+def one_thread():
+  """Tiny convolutions: one PyTorch thread is fastest and is not slowed down by busy cores."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
+def test_thesis_discriminator_parameter_counts():
+  model = get_config("thesis").model
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  jax_counts = [count(jax.eval_shape(d.init, jax.random.key(0),
+                                     jnp.zeros((1,) + (16,) * dims + (1,)))["params"])
+                for d, dims in zip(discriminators.make_discriminators(model), (2, 3))]
+  torch_counts = [sum(p.numel() for p in PatchDiscriminator(
+      model.disc_channels, model.disc_layers, dims).parameters()) for dims in (2, 3)]
+  assert jax_counts == torch_counts == [2_764_481, 11_049_665]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("dims", [2, 3])
+def test_discriminator_matches_jax_with_ported_weights(dims):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2,) + (16,) * dims + (1,)).astype(np.float32)
+  model = discriminators.PatchDiscriminator(channels=8, num_layers=2, spatial_dims=dims)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(x))
+  params = jax.tree.map(lambda p: rng.normal(0, 0.2, p.shape).astype(np.float32),
+                        shapes["params"])
+  stats = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32),
+                       shapes["batch_stats"])  # running mean and (positive) variance
+  logits, feats = jax.jit(model.apply)({"params": params, "batch_stats": stats}, x)  # eval
+
+  ref = load_flax_discriminator(PatchDiscriminator(8, 2, dims), params, stats).eval()
+  with torch.no_grad():
+    t_logits, t_feats = ref(torch.from_numpy(np.moveaxis(x, -1, 1).copy()))
+  for ours, theirs in zip([logits, *feats], [t_logits, *t_feats]):
+    theirs = np.moveaxis(theirs.numpy(), 1, -1)
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4,
+                               atol=1e-4 * np.abs(theirs).max())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_torch_vqgan_step_trains_everything():
+  pytest.importorskip("lpips", reason="the PyTorch VQ-GAN step uses the lpips package")
+  config = get_config("thesis")
+  config.data.shape, config.optim.accumulate = (16, 16, 16), 1
+  config.model.n_hiddens, config.model.n_codes = 8, 64
+  config.model.disc_channels, config.model.disc_layers = 8, 2
+  torch.manual_seed(0)
+  step = VQGANTrainStep(config)
+  groups = {"autoencoder": step.ae, "image_disc": step.image_disc,
+            "volume_disc": step.volume_disc}
+  before = {name: [p.detach().clone() for p in m.parameters()] for name, m in groups.items()}
+  metrics = step(torch.rand(2, 1, 16, 16, 16))
+  assert all(torch.isfinite(v).all() for v in metrics.values()), metrics
+  assert bool(step.quantizer.initialized)
+  assert not any(p.requires_grad for p in step.lpips.parameters()) and not step.lpips.training
+  for name, m in groups.items():
+    changed = [not torch.equal(a, b) for a, b in zip(before[name], m.parameters())]
+    assert all(changed), (name, changed)
