@@ -52,10 +52,12 @@ def timeit(fn, repeats: int) -> float:
   return timing.timeit(fn, repeats, sync=jax.block_until_ready)
 
 
-def compile_step(fn, *args):
-  """`(compiled, flops)`: `fn` compiled for `args` as the trainers compile it, and its FLOPs
-  from XLA's cost analysis (None where XLA gives none)."""
-  compiled = jit_train_step(fn).lower(*args).compile()
+def compile_step(fn, *args, donate_state: bool = False):
+  """`(compiled, flops)`: `fn` compiled for `args` as the trainers compile it (donating the
+  train state, the first argument, when `donate_state`), and its FLOPs from XLA's cost
+  analysis (None where XLA gives none)."""
+  jit_kwargs = {"donate_argnums": 0} if donate_state else {}
+  compiled = jit_train_step(fn, **jit_kwargs).lower(*args).compile()
   try:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -126,7 +128,8 @@ def bench_vqgan(args) -> dict:
   lpips = load_params()
   batch = {"image": jnp.asarray(np.random.default_rng(0).random(
       (args.batch,) + (args.size,) * 3 + (1,), dtype=np.float32))}
-  step, flops = compile_step(make_train_step(config, use_gan=True), state, batch, lpips)
+  step, flops = compile_step(make_train_step(config, use_gan=True), state, batch, lpips,
+                             donate_state=True)
   holder = {"s": state}
 
   def call():
@@ -148,7 +151,7 @@ def bench_flow(args) -> dict:
   state = create_state(jax.random.PRNGKey(0), config, latent)
   z = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((args.batch,) + latent),
                             jnp.float32)}
-  step, flops = compile_step(make_train_step(config), state, z)
+  step, flops = compile_step(make_train_step(config), state, z, donate_state=True)
   holder = {"s": state}
 
   def call():

@@ -34,7 +34,7 @@ def child(args) -> None:
   batch = args.per_device_batch * args.child
   z = np.random.default_rng(0).standard_normal((batch,) + latent).astype(np.float32)
   data = parallel.shard_batch({"image": z}, mesh)
-  step = jit_train_step(flow_step.make_train_step(config))
+  step = jit_train_step(flow_step.make_train_step(config), donate_argnums=0)  # as the trainer
   holder = {"s": state}
 
   def call():

@@ -3,9 +3,9 @@
   python -m bench.torch_run --stages vqgan_ae,vqgan,flow --size 64 --batch 2 [--dtype bfloat16]
 
 prints one JSON line per stage (`bench.run` starts it as a child process, so that no JAX
-runtime runs beside PyTorch). Runs on CUDA when PyTorch sees a GPU, else on the CPU with all cores. `dtype="bfloat16"` runs
-the forward and backward passes under `torch.autocast` (parameters and optimizer state float32),
-PyTorch's counterpart of the JAX models' `dtype` option.
+runtime runs beside PyTorch). Runs on CUDA when PyTorch sees a GPU, else on the CPU with all
+cores. `dtype="bfloat16"` runs the forward and backward passes under `torch.autocast`
+(parameters and optimizer state float32), PyTorch's counterpart of the JAX models' `dtype`.
 """
 
 from __future__ import annotations
