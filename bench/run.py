@@ -79,8 +79,9 @@ def report(name: str, seconds: float, batch: int, flops: float | None = None,
   if flops:
     row["tflops_per_s"] = flops / seconds / 1e12
     text += f"  {row['tflops_per_s']:.3f} TFLOP/s"
-    if peak_flops(dtype):
-      row["mfu"] = flops / seconds / peak_flops(dtype)
+    peak = peak_flops(dtype)
+    if peak:
+      row["mfu"] = flops / seconds / peak
       text += f"  MFU {100 * row['mfu']:.1f}%"
   print(text, flush=True)
   return row

@@ -174,25 +174,35 @@ class FlowUNet3d(nn.Module):
     return self.out(F.silu(self.out_norm(h)))
 
 
+def flax_tensor(a) -> torch.Tensor:
+  """A writable float32 torch copy of a Flax (or NumPy) array."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return torch.from_numpy(np.array(a, np.float32))  # a writable copy
+
+
+def load_conv(m: nn.Module, p: dict) -> None:
+  """Copies a channels-last Flax conv (kernel (*spatial, in, out), bias) into a torch ConvNd."""
+  k = p["kernel"]
+  m.weight.data.copy_(flax_tensor(k).permute(k.ndim - 1, k.ndim - 2, *range(k.ndim - 2)))
+  m.bias.data.copy_(flax_tensor(p["bias"]))
+
+
+def load_affine(m: nn.Module, p: dict) -> None:
+  """Copies a Flax norm's scale and bias into a torch norm's weight and bias."""
+  m.weight.data.copy_(flax_tensor(p["scale"]))
+  m.bias.data.copy_(flax_tensor(p["bias"]))
+
+
 def load_flax_unet(model: FlowUNet3d, params: dict) -> FlowUNet3d:
   """Copies the parameters of a `latentfm.nn.unet3d.UNet3D` into `model` (same config).
 
   Flax numbers auto-named blocks in call order, which is this module's construction order.
   """
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  t = lambda a: torch.from_numpy(np.array(a, np.float32))  # a writable copy
-
-  def conv(m, p):
-    m.weight.data.copy_(t(np.transpose(p["kernel"], (4, 3, 0, 1, 2))))
-    m.bias.data.copy_(t(p["bias"]))
+  conv, norm = load_conv, load_affine
 
   def dense(m, p):
-    m.weight.data.copy_(t(np.asarray(p["kernel"]).T))
-    m.bias.data.copy_(t(p["bias"]))
-
-  def norm(m, p):
-    m.weight.data.copy_(t(p["scale"]))
-    m.bias.data.copy_(t(p["bias"]))
+    m.weight.data.copy_(flax_tensor(p["kernel"]).T)
+    m.bias.data.copy_(flax_tensor(p["bias"]))
 
   dense(model.time_mlp[0], params["time_mlp_0"])
   dense(model.time_mlp[2], params["time_mlp_1"])

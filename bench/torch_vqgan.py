@@ -17,12 +17,11 @@ from typing import Iterator
 import warnings
 
 import ml_collections
-import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from bench.torch_models import ThesisAutoencoder
+from bench.torch_models import ThesisAutoencoder, flax_tensor, load_affine, load_conv
 
 
 class VectorQuantizer(nn.Module):
@@ -111,22 +110,14 @@ class PatchDiscriminator(nn.Module):
 def load_flax_discriminator(model: PatchDiscriminator, params: dict,
                             batch_stats: dict | None = None) -> PatchDiscriminator:
   """Copies a JAX `PatchDiscriminator`'s params (and running statistics) into `model`."""
-  t = lambda a: torch.from_numpy(np.array(a, np.float32))
-
-  def conv(m: nn.Module, p: dict) -> None:
-    k = np.asarray(p["kernel"])  # (*spatial, in, out) -> (out, in, *spatial)
-    m.weight.data.copy_(t(np.transpose(k, (k.ndim - 1, k.ndim - 2, *range(k.ndim - 2)))))
-    m.bias.data.copy_(t(p["bias"]))
-
   for n, block in enumerate(model.blocks):
-    conv(block[0], params[f"conv_{n}"])
+    load_conv(block[0], params[f"conv_{n}"])
     if n:
-      block[1].weight.data.copy_(t(params[f"norm_{n}"]["scale"]))
-      block[1].bias.data.copy_(t(params[f"norm_{n}"]["bias"]))
+      load_affine(block[1], params[f"norm_{n}"])
       if batch_stats is not None:
-        block[1].running_mean.copy_(t(batch_stats[f"norm_{n}"]["mean"]))
-        block[1].running_var.copy_(t(batch_stats[f"norm_{n}"]["var"]))
-  conv(model.out, params["conv_out"])
+        block[1].running_mean.copy_(flax_tensor(batch_stats[f"norm_{n}"]["mean"]))
+        block[1].running_var.copy_(flax_tensor(batch_stats[f"norm_{n}"]["var"]))
+  load_conv(model.out, params["conv_out"])
   return model
 
 

@@ -82,7 +82,8 @@ def run(workdir: str, num_samples: int, samples_dir: str | None, solver: str, st
     sampling = {"solver": solver, "steps": steps, "nfe": nfe,
                 "seconds_including_compile": time.perf_counter() - start}
   x = to_model_range(jnp.asarray(val.volumes[..., None]))
-  recon = np.asarray(from_model_range(models.vqgan.apply(models.vqgan_variables, x)["recon"]))[..., 0]
+  recon = from_model_range(models.vqgan.apply(models.vqgan_variables, x)["recon"])
+  recon = np.asarray(recon)[..., 0]
   report = report_lib.evaluate(samples, train.volumes, val.volumes, random_conv_features(seed=0))
   report["reconstruction"] = report_lib.reconstruction_metrics(recon, val.volumes)
   report["sampling"] = sampling

@@ -66,6 +66,11 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
+def _to_dtype(x: Array, dtype: Any) -> Array:
+  """`x` in the computation dtype `dtype`, or as it is when `dtype` is None."""
+  return x if dtype is None else x.astype(dtype)
+
+
 def _check(impl: str | None) -> str:
   impl = get_conv_impl() if impl is None else impl
   if impl not in _IMPLS:
@@ -236,7 +241,7 @@ class SamePadConv(nn.Module):
     fan_in = x.shape[-1] * math.prod(ks)
     kernel = self.param("kernel", torch_kernel_init(), (*ks, x.shape[-1], self.features))
     bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
-    x = x if self.dtype is None else x.astype(self.dtype)
+    x = _to_dtype(x, self.dtype)
     y = conv(edge_pad(x, same_pad_widths(ks, st)), kernel, st, ((0, 0),) * nd)
     return y + bias.astype(y.dtype)
 
@@ -260,7 +265,7 @@ class SamePadConvTranspose(nn.Module):
     kernel = self.param("kernel", torch_kernel_init(transpose=True),
                         (*ks, x.shape[-1], self.features))
     bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
-    x = x if self.dtype is None else x.astype(self.dtype)
+    x = _to_dtype(x, self.dtype)
     y = conv_transpose(edge_pad(x, same_pad_widths(ks, st)), kernel, st,
                        tuple(k - 1 for k in ks))
     return y + bias.astype(y.dtype)
@@ -289,7 +294,7 @@ class ZeroPadConv(nn.Module):
     kernel = self.param("kernel", self.kernel_init or torch_kernel_init(),
                         (*ks, x.shape[-1], self.features))
     bias = self.param("bias", self.bias_init or torch_bias_init(fan_in), (self.features,))
-    y = conv(x if self.dtype is None else x.astype(self.dtype), kernel, st, pads)
+    y = conv(_to_dtype(x, self.dtype), kernel, st, pads)
     return y + bias.astype(y.dtype)
 
 
