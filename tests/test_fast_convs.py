@@ -127,6 +127,18 @@ def test_stride1_slab_gradients_match_lax(monkeypatch, chunk):
     _assert_close(fast, ref)
 
 
+@pytest.mark.parametrize("ci,co", [(3, 3), (4, 2)])
+def test_stride1_slab_gradients_match_lax_deep(ci, co):
+  """Depth 36 (34 output slices): the input gradient's cotangent-padding path."""
+  x, w = _normal((1, 36, 4, 5, ci), 4), _normal((3, 3, 2, ci, co), 5)
+  ct = _normal((1, 34, 2, 4, co), 6)
+  grads = {impl: jax.grad(lambda x, w, i=impl: (layers.conv(x, w, (1, 1, 1), ((0, 0),) * 3,
+                                                            impl=i) * ct).sum(), (0, 1))(x, w)
+           for impl in ("fast", "lax")}
+  for fast, ref in zip(grads["fast"], grads["lax"]):
+    _assert_close(fast, ref)
+
+
 def test_edge_pad_value_and_gradient_match():
   x = _normal((2, 1, 4, 3, 2))
   widths = ((1, 1), (2, 0), (0, 3))
