@@ -139,6 +139,20 @@ def test_stride1_slab_gradients_match_lax_deep(ci, co):
     _assert_close(fast, ref)
 
 
+def test_stride1_slab_gradients_match_lax_on_tiny_volumes():
+  """2x2x2 outputs: the input gradient pads by 2 >= 2, the case padded before the conv."""
+  x, w = _normal((2, 4, 4, 4, 6), 7), _normal((3, 3, 3, 6, 4), 8)
+  ct = _normal((2, 2, 2, 2, 4), 9)
+  grads = {impl: jax.grad(lambda x, w, i=impl: (layers.conv(x, w, (1, 1, 1), ((0, 0),) * 3,
+                                                            impl=i) * ct).sum(), (0, 1))(x, w)
+           for impl in ("fast", "lax")}
+  for fast, ref in zip(grads["fast"], grads["lax"]):
+    _assert_close(fast, ref)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: (layers.conv(
+      x, w, (1, 1, 1), ((0, 0),) * 3, impl="fast") * ct).sum()))(x))
+  assert "optimization_barrier" in jaxpr
+
+
 def test_edge_pad_value_and_gradient_match():
   x = _normal((2, 1, 4, 3, 2))
   widths = ((1, 1), (2, 0), (0, 3))
