@@ -113,6 +113,15 @@ def test_conv_transpose_subpixel_kernel_has_no_empty_taps():
   assert taps.tolist() == [[2, 3], [0, 1]]
 
 
+def _assert_stride1_grads_match(x, w, ct):
+  """d<conv(x, w), ct>/d(x, w) of a stride-1 VALID conv: "fast" equals "lax"."""
+  grads = {impl: jax.grad(lambda x, w, i=impl: (layers.conv(x, w, (1, 1, 1), ((0, 0),) * 3,
+                                                            impl=i) * ct).sum(), (0, 1))(x, w)
+           for impl in ("fast", "lax")}
+  for fast, ref in zip(grads["fast"], grads["lax"]):
+    _assert_close(fast, ref)
+
+
 @pytest.mark.parametrize("chunk", [None, 24, 60])
 def test_stride1_slab_gradients_match_lax(monkeypatch, chunk):
   """Also with tiny chunks, so that the dW convs run in pieces (one slice; 3 + a remainder)."""
@@ -120,11 +129,7 @@ def test_stride1_slab_gradients_match_lax(monkeypatch, chunk):
     monkeypatch.setattr(slab_conv, "_CHUNK_DW", chunk)
   x, w = _normal((2, 6, 5, 7, 3), 1), _normal((3, 2, 3, 3, 4), 2)
   ct = _normal((2, 4, 4, 5, 4), 3)
-  grads = {impl: jax.grad(lambda x, w, i=impl: (layers.conv(x, w, (1, 1, 1), ((0, 0),) * 3,
-                                                            impl=i) * ct).sum(), (0, 1))(x, w)
-           for impl in ("fast", "lax")}
-  for fast, ref in zip(grads["fast"], grads["lax"]):
-    _assert_close(fast, ref)
+  _assert_stride1_grads_match(x, w, ct)
 
 
 @pytest.mark.parametrize("ci,co", [(3, 3), (4, 2)])
@@ -132,22 +137,14 @@ def test_stride1_slab_gradients_match_lax_deep(ci, co):
   """Depth 36 (34 output slices): the input gradient's cotangent-padding path."""
   x, w = _normal((1, 36, 4, 5, ci), 4), _normal((3, 3, 2, ci, co), 5)
   ct = _normal((1, 34, 2, 4, co), 6)
-  grads = {impl: jax.grad(lambda x, w, i=impl: (layers.conv(x, w, (1, 1, 1), ((0, 0),) * 3,
-                                                            impl=i) * ct).sum(), (0, 1))(x, w)
-           for impl in ("fast", "lax")}
-  for fast, ref in zip(grads["fast"], grads["lax"]):
-    _assert_close(fast, ref)
+  _assert_stride1_grads_match(x, w, ct)
 
 
 def test_stride1_slab_gradients_match_lax_on_tiny_volumes():
   """2x2x2 outputs: the input gradient pads by 2 >= 2, the case padded before the conv."""
   x, w = _normal((2, 4, 4, 4, 6), 7), _normal((3, 3, 3, 6, 4), 8)
   ct = _normal((2, 2, 2, 2, 4), 9)
-  grads = {impl: jax.grad(lambda x, w, i=impl: (layers.conv(x, w, (1, 1, 1), ((0, 0),) * 3,
-                                                            impl=i) * ct).sum(), (0, 1))(x, w)
-           for impl in ("fast", "lax")}
-  for fast, ref in zip(grads["fast"], grads["lax"]):
-    _assert_close(fast, ref)
+  _assert_stride1_grads_match(x, w, ct)
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: (layers.conv(
       x, w, (1, 1, 1), ((0, 0),) * 3, impl="fast") * ct).sum()))(x))
   assert "optimization_barrier" in jaxpr
