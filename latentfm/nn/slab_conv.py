@@ -34,8 +34,7 @@ def lax_valid(x: Array, kernel: Array) -> Array:
 
 
 # Stride-1 3D convs as 2D convs over (H, W) with the depth folded into the batch or the
-# contraction: XLA:CPU runs 2D convolutions several times faster than 3D ones, and on both cores
-# when the W padding reaches the kernel width (its other paths use one core; all measured).
+# contraction: XLA:CPU runs 2D convolutions several times faster than 3D ones (measured).
 # The weight-gradient convs slow down when their contraction grows, hence chunks of about
 # _CHUNK_DW pixels per depth slice range.
 _CHUNK_DW = 16384
@@ -70,9 +69,9 @@ def _slab_fwd(x: Array, w: Array) -> Array:
     x2, w2 = _depth_taps_on_input(x, kd, n), w.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kd * ci, co)
   else:
     x2, w2 = x.reshape(b * d, *x.shape[2:]), w.transpose(1, 2, 3, 0, 4).reshape(kh, kw, ci, kd * co)
-  # W padding of kw in all takes XLA:CPU's two-core path (no window lies wholly in the
-  # padding); the extra output columns are cropped.
-  z = _conv2d(x2, w2, ((0, 0), (1, kw - 1)))[:, :, 1:1 + x.shape[3] - kw + 1]
+  # A VALID conv. Padding W by kw and cropping the extra columns, once faster on XLA:CPU, now
+  # measures slower: the flow train step at 16³x8 took 1,733 against 1,517 ms.
+  z = _conv2d(x2, w2, ((0, 0), (0, 0)))
   if ci < co:
     return z.reshape(b, n, *z.shape[1:])
   z = z.reshape(b, d, *z.shape[1:3], kd, co)
