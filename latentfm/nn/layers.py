@@ -181,7 +181,7 @@ def _conv_transpose_fast(x: Array, kernel: Array, strides: Sequence[int],
   cin, cout = kernel.shape[-2:]
   kernel = kernel.transpose(*range(0, 2 * nd, 2), 2 * nd, *range(1, 2 * nd, 2), 2 * nd + 1)
   kernel = kernel.reshape(*kernel.shape[:nd], cin, math.prod(strides) * cout)
-  y = depth_to_space(conv_valid(_zero_pad(x, pads), kernel, wide=True), strides)
+  y = depth_to_space(conv_valid(_zero_pad(x, pads), kernel), strides)
   return y[(slice(None), *crops, slice(None))]
 
 
