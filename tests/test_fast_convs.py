@@ -140,6 +140,19 @@ def test_stride1_slab_gradients_match_lax_deep(ci, co):
   _assert_stride1_grads_match(x, w, ct)
 
 
+def test_kernel_gradient_chunks_get_buffers_of_their_own(monkeypatch):
+  """One conditional per kernel-gradient chunk (3 + 1 output slices here); values unchanged,
+  also for a NaN first element, whose predicate is false."""
+  monkeypatch.setattr(slab_conv, "_CHUNK_DW", 60)
+  x, w = _normal((2, 6, 5, 7, 3), 1), _normal((3, 2, 3, 3, 4), 2)
+  ct = _normal((2, 4, 4, 5, 4), 3)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: (layers.conv(
+      x, w, (1, 1, 1), ((0, 0),) * 3, impl="fast") * ct).sum()))(w))
+  assert jaxpr.count(" cond[") == 2
+  y = x.at[0, 0, 0, 0, 0].set(jnp.nan)
+  np.testing.assert_array_equal(np.asarray(jax.jit(slab_conv._own_buffer)(y)), np.asarray(y))
+
+
 def test_stride1_slab_gradients_match_lax_on_tiny_volumes():
   """2x2x2 outputs: the input gradient pads by 2 >= 2, the case padded before the conv."""
   x, w = _normal((2, 4, 4, 4, 6), 7), _normal((3, 3, 3, 6, 4), 8)

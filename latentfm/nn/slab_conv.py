@@ -105,26 +105,36 @@ def _slab_dx(w: Array, g: Array) -> Array:
   return sum(_pad_depth(z[..., a, :], a - lead, kd - 1 - a - lead) for a in range(kd))
 
 
+def _own_buffer(x: Array) -> Array:
+  """`x`, computed into a buffer of its own: the operand of a conditional whose two branches
+  return it unchanged. XLA:CPU transposes a whole buffer with a fast copy but a slice fused into
+  the transpose element by element (one core, 10.7 MB: 2.4 against 13.9 ms), and it fuses such
+  slices even across an optimization barrier; a conditional's operand is always materialised."""
+  first = x.reshape(-1)[0]
+  return lax.cond(first == first, lambda v: v, lambda v: v, x)  # NaN takes the other branch
+
+
 def _slab_dw(x: Array, g: Array, kd: int) -> Array:
   """Kernel gradient: per chunk of depth slices and per H tap, one 2D conv over (D*H, W).
 
   Depth and H are merged into one axis, on which the kd depth taps are the outputs at stride H
   when every cotangent slice is zero-padded to the input's H; the H tap i is the cotangent
   shifted down by i rows inside that padding (a negative conv padding instead gave wrong,
-  run-dependent values on XLA:CPU). XLA transposes each input chunk once, and no operand is
-  repeated along the channels.
+  run-dependent values on XLA:CPU). Each input chunk is copied into a buffer of its own and
+  transposed once, channels first, and no operand is repeated along the channels.
   """
   b, n, h, w, co = g.shape
   hp, wp, ci = x.shape[2:]
   step, total = max(1, _CHUNK_DW // (h * w)), 0
   for s in range(0, n, step):
     m = min(step, n - s)
-    xs = x[:, s:s + m + kd - 1].reshape(b, (m + kd - 1) * hp, wp, ci)
+    xs = _own_buffer(x[:, s:s + m + kd - 1].reshape(b, (m + kd - 1) * hp, wp, ci))
+    xs = xs.transpose(3, 1, 2, 0)  # (ci, rows, W, b): the channels are the conv's batch
     taps = []
     for i in range(hp - h + 1):
       gs = jnp.pad(g[:, s:s + m], ((0, 0), (0, 0), (i, hp - h - i), (0, 0), (0, 0)))
       taps.append(lax.conv_general_dilated(xs, gs.reshape(b, m * hp, w, co), (hp, 1), "VALID",
-                                           dimension_numbers=("CHWN", "IHWO", "HWNC")))
+                                           dimension_numbers=("NHWC", "IHWO", "HWNC")))
     total = total + jnp.stack(taps, axis=1)
   return total
 
