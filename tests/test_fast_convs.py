@@ -113,11 +113,14 @@ def test_conv_transpose_subpixel_kernel_has_no_empty_taps():
   assert taps.tolist() == [[2, 3], [0, 1]]
 
 
+def _stride1_loss(ct, impl):
+  """(x, w) -> <conv(x, w), ct> for a stride-1 VALID 3D conv of formulation `impl`."""
+  return lambda x, w: (layers.conv(x, w, (1, 1, 1), ((0, 0),) * 3, impl=impl) * ct).sum()
+
+
 def _assert_stride1_grads_match(x, w, ct):
   """d<conv(x, w), ct>/d(x, w) of a stride-1 VALID conv: "fast" equals "lax"."""
-  grads = {impl: jax.grad(lambda x, w, i=impl: (layers.conv(x, w, (1, 1, 1), ((0, 0),) * 3,
-                                                            impl=i) * ct).sum(), (0, 1))(x, w)
-           for impl in ("fast", "lax")}
+  grads = {impl: jax.grad(_stride1_loss(ct, impl), (0, 1))(x, w) for impl in ("fast", "lax")}
   for fast, ref in zip(grads["fast"], grads["lax"]):
     _assert_close(fast, ref)
 
@@ -146,8 +149,7 @@ def test_kernel_gradient_chunks_get_buffers_of_their_own(monkeypatch):
   monkeypatch.setattr(slab_conv, "_CHUNK_DW", 60)
   x, w = _normal((2, 6, 5, 7, 3), 1), _normal((3, 2, 3, 3, 4), 2)
   ct = _normal((2, 4, 4, 5, 4), 3)
-  jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: (layers.conv(
-      x, w, (1, 1, 1), ((0, 0),) * 3, impl="fast") * ct).sum()))(w))
+  jaxpr = str(jax.make_jaxpr(jax.grad(_stride1_loss(ct, "fast"), 1))(x, w))
   assert jaxpr.count(" cond[") == 2
   y = x.at[0, 0, 0, 0, 0].set(jnp.nan)
   np.testing.assert_array_equal(np.asarray(jax.jit(slab_conv._own_buffer)(y)), np.asarray(y))
@@ -158,9 +160,16 @@ def test_stride1_slab_gradients_match_lax_on_tiny_volumes():
   x, w = _normal((2, 4, 4, 4, 6), 7), _normal((3, 3, 3, 6, 4), 8)
   ct = _normal((2, 2, 2, 2, 4), 9)
   _assert_stride1_grads_match(x, w, ct)
-  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: (layers.conv(
-      x, w, (1, 1, 1), ((0, 0),) * 3, impl="fast") * ct).sum()))(x))
+  jaxpr = str(jax.make_jaxpr(jax.grad(_stride1_loss(ct, "fast")))(x, w))
   assert "optimization_barrier" in jaxpr
+
+
+def test_zero_pad_pads_and_crops_the_spatial_axes():
+  x = _normal((2, 4, 5, 3), 10)
+  np.testing.assert_array_equal(slab_conv.zero_pad(x, ((1, 2), (0, 1))),
+                                jnp.pad(x, ((0, 0), (1, 2), (0, 1), (0, 0))))
+  np.testing.assert_array_equal(slab_conv.zero_pad(x, ((-1, 0), (2, -3))),
+                                jnp.pad(x[:, 1:, :2], ((0, 0), (0, 0), (2, 0), (0, 0))))
 
 
 def test_edge_pad_value_and_gradient_match():

@@ -29,7 +29,7 @@ from jax import lax
 import numpy as np
 
 from latentfm.nn.edge_pad import edge_pad as fast_edge_pad
-from latentfm.nn.slab_conv import conv_valid, dimension_numbers
+from latentfm.nn.slab_conv import conv_valid, dimension_numbers, zero_pad
 
 Array = jax.Array
 IntOrSeq = int | Sequence[int]
@@ -120,11 +120,6 @@ def depth_to_space(x: Array, block: Sequence[int]) -> Array:
   return x.reshape(b, *[m * s for m, s in zip(n, block)], x.shape[-1])
 
 
-def _zero_pad(x: Array, pads: Sequence[tuple[int, int]]) -> Array:
-  """Zero-pads the spatial axes; negative widths crop."""
-  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *[(*p, 0) for p in pads], (0, 0, 0)))
-
-
 def _strided_conv_fast(x: Array, kernel: Array, strides: Sequence[int],
                        padding: Sequence[tuple[int, int]]) -> Array:
   """`conv` as zero padding, space-to-depth by the stride and a stride-1 VALID conv.
@@ -135,7 +130,7 @@ def _strided_conv_fast(x: Array, kernel: Array, strides: Sequence[int],
   """
   nd, ks = x.ndim - 2, kernel.shape[:x.ndim - 2]
   kb = [-(-k // s) for k, s in zip(ks, strides)]
-  x = _zero_pad(x, [(lo, ((n + lo + hi - k) // s + b) * s - n - lo)
+  x = zero_pad(x, [(lo, ((n + lo + hi - k) // s + b) * s - n - lo)
                     for n, k, s, b, (lo, hi) in zip(x.shape[1:-1], ks, strides, kb, padding)])
   if all(s == 1 for s in strides):
     return conv_valid(x, kernel)
@@ -181,7 +176,7 @@ def _conv_transpose_fast(x: Array, kernel: Array, strides: Sequence[int],
   cin, cout = kernel.shape[-2:]
   kernel = kernel.transpose(*range(0, 2 * nd, 2), 2 * nd, *range(1, 2 * nd, 2), 2 * nd + 1)
   kernel = kernel.reshape(*kernel.shape[:nd], cin, math.prod(strides) * cout)
-  y = depth_to_space(conv_valid(_zero_pad(x, pads), kernel), strides)
+  y = depth_to_space(conv_valid(zero_pad(x, pads), kernel), strides)
   return y[(slice(None), *crops, slice(None))]
 
 

@@ -76,9 +76,15 @@ def _slab_fwd(x: Array, w: Array) -> Array:
   return sum(z[:, a:a + n, :, :, a] for a in range(1, kd)) + z[:, :n, :, :, 0]
 
 
+def zero_pad(x: Array, pads) -> Array:
+  """Zero-pads the spatial axes of a channels-last `x` by `pads` ((lo, hi) per axis); negative
+  widths crop."""
+  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *[(*p, 0) for p in pads], (0, 0, 0)))
+
+
 def _pad_depth(x: Array, lo: int, hi: int) -> Array:
-  """Zero-pads axis 1 (depth) of `x` by `lo` and `hi`; negative widths crop."""
-  return lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (lo, hi, 0)] + [(0, 0, 0)] * (x.ndim - 2))
+  """Zero-pads (or crops) the depth axis of a (B, D, H, W, C) array."""
+  return zero_pad(x, ((lo, hi), (0, 0), (0, 0)))
 
 
 def _slab_dx(w: Array, g: Array) -> Array:
