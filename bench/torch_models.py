@@ -4,6 +4,8 @@ Same-padding convs replicate-pad by k - s (left = ceil) and then convolve withou
 transposed convs replicate-pad the input by (k - s) and use padding k - 1, as DESIGN.md states.
 """
 
+import math
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -159,7 +161,7 @@ class FlowUNet3d(nn.Module):
 
   def forward(self, z, t):
     half = self.channels // 2
-    freqs = torch.exp(-torch.log(torch.tensor(10_000.0)) * torch.arange(half) / half)
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
     args = (t * self.time_scale)[:, None] * freqs[None]
     temb = self.time_mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
     h = self.stem(z)

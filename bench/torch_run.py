@@ -6,6 +6,8 @@ prints one JSON line per stage (`bench.run` starts it as a child process, so tha
 runtime runs beside PyTorch). Runs on CUDA when PyTorch sees a GPU, else on the CPU with all
 cores. `dtype="bfloat16"` runs the forward and backward passes under `torch.autocast`
 (parameters and optimizer state float32), PyTorch's counterpart of the JAX models' `dtype`.
+On CUDA, cuDNN picks its fastest algorithm per shape (`cudnn.benchmark`) and float32 matrix
+products and convolutions may use TF32 tensor cores, as XLA's defaults do on the JAX side.
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ def run(stages: list[str], size: int, batch: int, repeats: int, dtype: str,
         downsample: int) -> dict[str, tuple[str, float]]:
   """(label, seconds) by stage name for the stages PyTorch has a counterpart of."""
   torch.set_num_threads(os.cpu_count() or 1)
+  if torch.cuda.is_available():
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
   rows = {}
   thesis_layout = downsample == 4  # the PyTorch autoencoder has the thesis' two stages only
   if "vqgan_ae" in stages and thesis_layout:

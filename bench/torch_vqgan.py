@@ -41,15 +41,19 @@ class VectorQuantizer(nn.Module):
     """`n_codes` random rows of `flat`, tiled and jittered when there are fewer rows."""
     m, k = flat.shape[0], self.n_codes
     if m >= k:
-      return flat[torch.randperm(m)[:k]]
-    idx = torch.randperm(m * -(-k // m))[:k] % m
-    return flat[idx] + torch.randn(k, self.dim) * (0.01 / math.sqrt(self.dim))
+      return flat[torch.randperm(m, device=flat.device)[:k]]
+    idx = torch.randperm(m * -(-k // m), device=flat.device)[:k] % m
+    jitter = torch.randn(k, self.dim, device=flat.device)
+    return flat[idx] + jitter * (0.01 / math.sqrt(self.dim))
 
   def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(straight-through quantised z, commitment loss, perplexity) of z (B, dim, ...)."""
-    flat = z.detach().movedim(1, -1).reshape(-1, self.dim)
+    """(straight-through quantised z, commitment loss, perplexity) of z (B, dim, ...).
+
+    The codebook search and its EMA update run in float32, also under autocast.
+    """
+    flat = z.detach().float().movedim(1, -1).reshape(-1, self.dim)
     update = self.training
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):
       if update and not bool(self.initialized):
         fresh = self._sample(flat)
         self.embeddings.copy_(fresh)
@@ -201,7 +205,8 @@ class VQGANTrainStep(nn.Module):
     z = self.ae.pre_vq(self.ae.encoder(x))
     q, commitment, perplexity = self.quantizer(z)
     recon = self.ae.decoder(self.ae.post_vq(q))
-    rows, idx = torch.arange(x.shape[0]), torch.randint(0, x.shape[2], (x.shape[0],))
+    rows = torch.arange(x.shape[0], device=x.device)
+    idx = torch.randint(0, x.shape[2], (x.shape[0],), device=x.device)
     xs, rs = x[rows, :, idx], recon[rows, :, idx]  # one depth slice per volume: (B, 1, H, W)
     perceptual = self.lpips(xs.expand(-1, 3, -1, -1), rs.expand(-1, 3, -1, -1)).mean()
     with running_stats_frozen(*discs):

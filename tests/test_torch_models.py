@@ -101,3 +101,24 @@ def test_torch_vqgan_step_trains_everything():
   for name, m in groups.items():
     changed = [not torch.equal(a, b) for a, b in zip(before[name], m.parameters())]
     assert all(changed), (name, changed)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_torch_vqgan_step_runs_under_bf16_autocast_with_a_float32_codebook():
+  pytest.importorskip("lpips", reason="the PyTorch VQ-GAN step uses the lpips package")
+  config = get_config("thesis")
+  config.data.shape, config.optim.accumulate = (16, 16, 16), 1
+  config.model.n_hiddens, config.model.n_codes = 8, 256  # more codes than latent rows: restarts
+  config.model.disc_channels, config.model.disc_layers = 8, 2
+  torch.manual_seed(0)
+  step = VQGANTrainStep(config)
+  with torch.autocast("cpu", dtype=torch.bfloat16):
+    metrics = step(torch.rand(2, 1, 16, 16, 16))
+  assert all(torch.isfinite(v).all() for v in metrics.values()), metrics
+  assert step.quantizer.embeddings.dtype == torch.float32
+
+
+def test_torch_unet_makes_no_tensors_off_its_device():
+  model = FlowUNet3d().to("meta")  # a tensor made on the CPU inside forward fails on "meta"
+  z, t = torch.empty(2, 8, 8, 8, 8, device="meta"), torch.empty(2, device="meta")
+  assert model(z, t).shape == (2, 8, 8, 8, 8)
