@@ -19,7 +19,10 @@ one, which XLA and cuDNN use for float32 convolutions by default). Peak device m
 printed on accelerators, peak host memory always.
 
 `--torch` first times the same work in PyTorch (`bench/torch_run.py`; CUDA when available) in a
-fresh child process with the same environment, then prints the JAX/PyTorch ratios. The JAX
+fresh child process with the same environment, then prints the JAX/PyTorch ratios. With
+`--rounds R` the two alternate R times (a fresh PyTorch process each round, JAX compiled once),
+and the ratio printed is the median of the rounds' ratios with their range: a shared machine's
+speed drifts by 10-20% between runs, more than the differences measured. The JAX
 steps compile with `latentfm.train.compiler.compiler_options()` and, on the CPU, run with
 `latentfm.train.host_memory`'s reuse of host memory, as the trainers do (`--host-memory
 default` turns it off); `--torch-host-memory reuse` gives PyTorch the same glibc settings.
@@ -28,11 +31,15 @@ default` turns it off); `--torch-host-memory reuse` gives PyTorch the same glibc
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+import dataclasses
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +53,17 @@ from latentfm.train.compiler import jit_train_step
 PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 495e12},
               "H200": {"bfloat16": 989e12, "float32": 495e12},
               "A100": {"bfloat16": 312e12, "float32": 156e12}}
+
+
+@dataclasses.dataclass
+class Work:
+  """One compiled piece of work to time: `call()` runs it once."""
+  stage: str
+  label: str
+  call: Callable[[], Any]
+  batch: int
+  flops: float | None = None
+  dtype: str = "float32"
 
 
 def timeit(fn, repeats: int) -> float:
@@ -107,7 +125,7 @@ def _suffix(args) -> str:
   return f" {args.dtype}{' remat' if args.remat else ''} f{args.downsample}"
 
 
-def bench_vqgan_ae(args) -> dict:
+def bench_vqgan_ae(args) -> list[Work]:
   from latentfm.nn.vqgan import VQGAN  # pylint: disable=import-outside-toplevel
   model = VQGAN.from_config(vqgan_config(args.size, args.dtype, args.remat,
                                          args.downsample).model)
@@ -121,12 +139,11 @@ def bench_vqgan_ae(args) -> dict:
     return jnp.mean(jnp.abs(recon - x))
 
   step, flops = compile_step(jax.grad(loss), variables["params"], x)
-  seconds = timeit(lambda: step(variables["params"], x), args.repeats)
-  return report(f"vqgan_ae fwd+bwd {args.size}^3 b{args.batch}{_suffix(args)}", seconds,
-                args.batch, flops, args.dtype)
+  return [Work("vqgan_ae", f"vqgan_ae fwd+bwd {args.size}^3 b{args.batch}{_suffix(args)}",
+               lambda: step(variables["params"], x), args.batch, flops, args.dtype)]
 
 
-def bench_vqgan(args) -> dict:
+def bench_vqgan(args) -> list[Work]:
   # pylint: disable=import-outside-toplevel
   from latentfm.nn.lpips import load_params
   from latentfm.train.vqgan_step import create_state, make_train_step
@@ -143,12 +160,11 @@ def bench_vqgan(args) -> dict:
     holder["s"], metrics = step(holder["s"], batch, lpips)
     return metrics
 
-  seconds = timeit(call, args.repeats)
-  return report(f"vqgan train step {args.size}^3 b{args.batch}{_suffix(args)}", seconds,
-                args.batch, flops, args.dtype)
+  return [Work("vqgan", f"vqgan train step {args.size}^3 b{args.batch}{_suffix(args)}", call,
+               args.batch, flops, args.dtype)]
 
 
-def bench_flow(args) -> dict:
+def bench_flow(args) -> list[Work]:
   # pylint: disable=import-outside-toplevel
   from experiments.configs.flow import get_config
   from latentfm.train.flow_step import create_state, make_train_step
@@ -165,12 +181,11 @@ def bench_flow(args) -> dict:
     holder["s"], metrics = step(holder["s"], z)
     return metrics
 
-  seconds = timeit(call, args.repeats)
-  return report(f"flow train step {latent[0]}^3x8 b{args.batch}{_suffix(args)}", seconds,
-                args.batch, flops, args.dtype)
+  return [Work("flow", f"flow train step {latent[0]}^3x8 b{args.batch}{_suffix(args)}", call,
+               args.batch, flops, args.dtype)]
 
 
-def bench_sample(args) -> list[dict]:
+def bench_sample(args) -> list[Work]:
   # pylint: disable=import-outside-toplevel
   from experiments.configs.flow import get_config as flow_config
   from latentfm.nn.unet3d import UNet3D
@@ -185,12 +200,9 @@ def bench_sample(args) -> list[dict]:
   vq_vars = jax.jit(vq.init)(jax.random.PRNGKey(2), jnp.zeros((1,) + (args.size,) * 3 + (1,)))
   decode = jax.jit(lambda v, z: vq.apply(v, z, method=vq.decode))
   velocity = velocity_from_model(unet.apply, params)
-  rows = []
-  for solver in ("euler", "tsit5"):
-    fn = lambda s=solver: decode(vq_vars, integrate(velocity, z1, solver=s, steps=50)[0])
-    label = f"sample {solver} + decode {args.size}^3 {args.dtype} f{args.downsample}"
-    rows.append(report(label, timeit(fn, args.repeats), 1))
-  return rows
+  return [Work("sample", f"sample {solver} + decode {args.size}^3 {args.dtype} f{args.downsample}",
+               lambda s=solver: decode(vq_vars, integrate(velocity, z1, solver=s, steps=50)[0]), 1)
+          for solver in ("euler", "tsit5")]
 
 
 def memory_summary() -> str:
@@ -216,26 +228,51 @@ def main() -> None:
                       help="JAX: reuse host buffers across steps as the trainers do, or not")
   parser.add_argument("--torch-host-memory", choices=("reuse", "default"), default="default",
                       help="PyTorch: the same glibc settings as JAX's reuse, or glibc's defaults")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="with --torch: alternate PyTorch and JAX this many times and print "
+                      "the median ratio with its range (machines drift between runs)")
   args = parser.parse_args()
   stages = args.stages.split(",")
   if args.host_memory == "reuse":
     host_memory.reuse_host_memory()
-  # PyTorch runs first, in a fresh process with the same environment, so that neither
-  # framework's thread pools or memory (JAX's, kept for reuse) slow the other down.
-  torch_rows = _torch_child(args) if args.torch else {}
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
-        f"host memory {args.host_memory}", flush=True)
-  mine = {}
-  for stage, bench in (("vqgan_ae", bench_vqgan_ae), ("vqgan", bench_vqgan),
-                       ("flow", bench_flow), ("sample", bench_sample)):
-    if stage in stages:
-      mine[stage] = bench(args)
+  benches = {"vqgan_ae": bench_vqgan_ae, "vqgan": bench_vqgan, "flow": bench_flow,
+             "sample": bench_sample}
+  works, mine, theirs = [], {}, {}
+  for round_ in range(args.rounds if args.torch else 1):
+    # PyTorch runs in a fresh process with the same environment, first in the first round, so
+    # that neither framework's thread pools or memory (JAX's, kept for reuse) slow the other.
+    for stage, row in (_torch_child(args) if args.torch else {}).items():
+      theirs.setdefault(stage, []).append(row)
+    if not works:
+      print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+            f"jax {jax.__version__}, host memory {args.host_memory}", flush=True)
+      works = [w for stage in benches if stage in stages for w in benches[stage](args)]
+    for w in works:
+      mine.setdefault(w.label, []).append(timeit(w.call, args.repeats))
+    if args.rounds > 1:
+      print(f"round {round_ + 1}: " + ", ".join(
+          f"{stage} {mine[_label(works, stage)][-1] / rows[-1]['seconds']:.2f}"
+          for stage, rows in theirs.items()), flush=True)
+  for w in works:
+    report(w.label, statistics.median(mine[w.label]), w.batch, w.flops, w.dtype)
   print(memory_summary(), flush=True)
-  for stage, theirs in torch_rows.items():
-    report(f"{theirs['label']} (host memory {args.torch_host_memory})", theirs["seconds"],
-           args.batch)
-    print(f"ratio JAX/PyTorch ({stage}): {mine[stage]['ms'] / 1e3 / theirs['seconds']:.2f}",
-          flush=True)
+  for stage, rows in theirs.items():
+    seconds = [row["seconds"] for row in rows]
+    report(f"{rows[0]['label']} (host memory {args.torch_host_memory})",
+           statistics.median(seconds), args.batch)
+    median, low, high = ratio_summary(mine[_label(works, stage)], seconds)
+    spread = f" (range {low:.2f}-{high:.2f} over {len(seconds)} rounds)" if len(rows) > 1 else ""
+    print(f"ratio JAX/PyTorch ({stage}): {median:.2f}{spread}", flush=True)
+
+
+def _label(works: list[Work], stage: str) -> str:
+  return next(w.label for w in works if w.stage == stage)
+
+
+def ratio_summary(mine: list[float], theirs: list[float]) -> tuple[float, float, float]:
+  """Median, lowest and highest of the per-round ratios mine[i] / theirs[i]."""
+  ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
+  return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def _torch_child(args) -> dict[str, dict]:
@@ -246,8 +283,11 @@ def _torch_child(args) -> dict[str, dict]:
              "--size", str(args.size), "--batch", str(args.batch), "--repeats",
              str(args.repeats), "--dtype", args.dtype, "--downsample", str(args.downsample),
              "--host-memory", args.torch_host_memory]
-  out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-  return {row["name"]: row for row in map(json.loads, out.splitlines()) if row}
+  out = subprocess.run(command, check=False, capture_output=True, text=True)
+  if out.returncode:
+    last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+    sys.exit(f"bench.torch_run failed (exit {out.returncode}): {last}")
+  return {row["name"]: row for row in map(json.loads, out.stdout.splitlines()) if row}
 
 
 if __name__ == "__main__":

@@ -37,3 +37,9 @@ def test_peak_flops_of_an_h200_is_the_dense_bf16_rate(monkeypatch):
   assert run.peak_flops("bfloat16") == 989e12
   row = run.report("step", 1.0, batch=1, flops=98.9e12, dtype="bfloat16")
   assert row["mfu"] == pytest.approx(0.1)
+
+
+def test_ratio_summary_pairs_the_rounds():
+  assert run.ratio_summary([1.0, 3.0, 2.0], [2.0, 2.0, 4.0]) == (0.5, 0.5, 1.5)
+  with pytest.raises(ValueError):
+    run.ratio_summary([1.0], [1.0, 2.0])
