@@ -232,6 +232,8 @@ def main() -> None:
                       help="with --torch: alternate PyTorch and JAX this many times and print "
                       "the median ratio with its range (machines drift between runs)")
   args = parser.parse_args()
+  if args.rounds < 1:
+    parser.error(f"--rounds must be at least 1, got {args.rounds}")
   stages = args.stages.split(",")
   if args.host_memory == "reuse":
     host_memory.reuse_host_memory()
