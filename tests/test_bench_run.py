@@ -1,5 +1,6 @@
-"""bench.run's FLOP count and its report line."""
+"""bench.run's FLOP count, its report line and its ratio summary."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -15,7 +16,7 @@ def test_compile_step_counts_the_flops_of_a_matrix_product():
 
 def test_compile_step_counts_a_convolution():
   x, w = jnp.ones((2, 8, 8, 8, 4)), jnp.ones((3, 3, 3, 4, 6))
-  conv = lambda a, b: run.jax.lax.conv_general_dilated(
+  conv = lambda a, b: jax.lax.conv_general_dilated(
       a, b, (1, 1, 1), "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
   _, flops = run.compile_step(conv, x, w)
   assert flops == pytest.approx(2 * 2 * 6**3 * 6 * 27 * 4, rel=0.01)
@@ -33,7 +34,7 @@ def test_report_gives_throughput_and_no_mfu_without_a_known_peak(capsys):
 def test_peak_flops_of_an_h200_is_the_dense_bf16_rate(monkeypatch):
   class Device:
     device_kind = "NVIDIA H200"
-  monkeypatch.setattr(run.jax, "devices", lambda: [Device()])
+  monkeypatch.setattr(jax, "devices", lambda: [Device()])
   assert run.peak_flops("bfloat16") == 989e12
   row = run.report("step", 1.0, batch=1, flops=98.9e12, dtype="bfloat16")
   assert row["mfu"] == pytest.approx(0.1)

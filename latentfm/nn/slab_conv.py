@@ -112,12 +112,12 @@ def _slab_dx(w: Array, g: Array) -> Array:
 
 
 def _own_buffer(x: Array) -> Array:
-  """`x`, computed into a buffer of its own: the operand of a conditional whose two branches
-  return it unchanged. XLA:CPU transposes a whole buffer with a fast copy but a slice fused into
-  the transpose element by element (one core, 10.7 MB: 2.4 against 13.9 ms), and it fuses such
-  slices even across an optimization barrier; a conditional's operand is always materialised.
-  One branch negates twice (bit-exact): JAX drops a conditional whose branches all return
-  their operand as it is, and the slice would be fused again."""
+  """`x`, computed into a buffer of its own: the operand of a conditional, which XLA always
+  materialises. XLA:CPU transposes a whole buffer with a fast copy but a slice fused into the
+  transpose element by element (one core, 10.7 MB: 2.4 against 13.9 ms), and it fuses such
+  slices even across an optimization barrier. Both branches return `x` bit for bit, one of them
+  by negating twice: JAX drops a conditional whose branches all return their operand as it is,
+  and the slice would be fused again."""
   first = x.reshape(-1)[0]
   return lax.cond(first == first, lambda v: -(-v), lambda v: v, x)  # NaN: the other branch
 
