@@ -10,7 +10,11 @@ Every figure is the median of `--repeats` timed calls after one warm-up call, sy
 - `vqgan`: the full thesis VQ-GAN train step (quantiser, both discriminators and their update,
   LPIPS on a slice);
 - `flow`: the thesis UNet train step on the matching latent (size / downsample);
-- `sample`: Euler-50 + decode and tsit5 + decode of one volume.
+- `sample`: Euler-50 + decode and tsit5 + decode of one volume;
+- `conv3`, `resblock`: the autoencoder's widest pieces alone, at full size with the decoder's
+  last width (thesis: 32 channels): a replicate-padded 3x3x3 convolution and a residual block,
+  forward + backward (input and parameter gradients) of mean |output|, to see which piece a
+  whole-model ratio comes from.
 `--dtype`/`--remat` set the models' computation dtype and rematerialisation, `--downsample`
 the VQ-GAN's factor per axis (thesis 4; 2 gives a latent twice as large per axis). Each row
 prints ms/step, volumes/s and, where XLA's cost analysis gives the FLOPs, TFLOP/s and, on a GPU
@@ -53,6 +57,10 @@ from latentfm.train.compiler import jit_train_step
 PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 495e12},
               "H200": {"bfloat16": 989e12, "float32": 495e12},
               "A100": {"bfloat16": 312e12, "float32": 156e12}}
+
+
+# The stages `bench/torch_run.py` has a PyTorch counterpart of.
+TORCH_STAGES = ("vqgan_ae", "vqgan", "flow", "conv3", "resblock")
 
 
 @dataclasses.dataclass
@@ -185,6 +193,38 @@ def bench_flow(args) -> list[Work]:
                args.batch, flops, args.dtype)]
 
 
+def piece_width() -> int:
+  """Channels of the thesis decoder's last stage, the widest at full size."""
+  from experiments.configs.vqgan import get_config  # pylint: disable=import-outside-toplevel
+  return 2 * get_config("thesis").model.n_hiddens
+
+
+def _piece(stage: str, module, args) -> list[Work]:
+  """Forward + backward of mean |module(x)| for x of `piece_width()` channels at full size.
+
+  The loss reads the output, so the forward pass stays in the program: a vjp alone would let
+  XLA drop the forward convolutions, which its backward does not need.
+  """
+  width = piece_width()
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(
+      (args.batch,) + (args.size,) * 3 + (width,)), jnp.float32)
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), x)
+  loss = lambda p, x: jnp.mean(jnp.abs(module.apply(p, x).astype(jnp.float32)))
+  step, flops = compile_step(jax.grad(loss, argnums=(0, 1)), params, x)
+  return [Work(stage, f"{stage} fwd+bwd {args.size}^3x{width} b{args.batch} {args.dtype}",
+               lambda: step(params, x), args.batch, flops, args.dtype)]
+
+
+def bench_conv3(args) -> list[Work]:
+  from latentfm.nn.layers import SamePadConv  # pylint: disable=import-outside-toplevel
+  return _piece("conv3", SamePadConv(piece_width(), 3, 1, jnp.dtype(args.dtype)), args)
+
+
+def bench_resblock(args) -> list[Work]:
+  from latentfm.nn.layers import ResBlock  # pylint: disable=import-outside-toplevel
+  return _piece("resblock", ResBlock(dtype=jnp.dtype(args.dtype)), args)
+
+
 def bench_sample(args) -> list[Work]:
   # pylint: disable=import-outside-toplevel
   from experiments.configs.flow import get_config as flow_config
@@ -238,7 +278,7 @@ def main() -> None:
   if args.host_memory == "reuse":
     host_memory.reuse_host_memory()
   benches = {"vqgan_ae": bench_vqgan_ae, "vqgan": bench_vqgan, "flow": bench_flow,
-             "sample": bench_sample}
+             "sample": bench_sample, "conv3": bench_conv3, "resblock": bench_resblock}
   works, mine, theirs = [], {}, {}
   for round_ in range(args.rounds if args.torch else 1):
     # PyTorch runs in a fresh process with the same environment, first in the first round, so
@@ -279,7 +319,7 @@ def ratio_summary(mine: list[float], theirs: list[float]) -> tuple[float, float,
 
 def _torch_child(args) -> dict[str, dict]:
   """Runs the PyTorch benchmarks in a child process; their timings by stage name."""
-  if not {"vqgan_ae", "vqgan", "flow"} & set(args.stages.split(",")):
+  if not set(TORCH_STAGES) & set(args.stages.split(",")):
     return {}
   command = [sys.executable, "-m", "bench.torch_run", "--stages", args.stages,
              "--size", str(args.size), "--batch", str(args.batch), "--repeats",

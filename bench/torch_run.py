@@ -100,6 +100,28 @@ def bench_flow(latent: int, batch: int, repeats: int, dtype: str) -> tuple[str, 
   return f"torch flow train step {latent}^3x8 b{batch} {dtype}", timeit(step, repeats)
 
 
+def bench_piece(stage: str, size: int, batch: int, repeats: int, dtype: str
+                ) -> tuple[str, float]:
+  """`bench.run`'s `conv3` / `resblock`: forward + backward of mean |output| with input and
+  parameter gradients, at the width of the thesis decoder's last stage, at full size."""
+  # pylint: disable=import-outside-toplevel
+  from bench.torch_models import ResBlock, SamePadConv3d
+  from experiments.configs.vqgan import get_config
+  width = 2 * get_config("thesis").model.n_hiddens
+  model = (SamePadConv3d(width, width, 3) if stage == "conv3" else ResBlock(width)).to(device())
+  x = torch.randn(batch, width, size, size, size, device=device(), requires_grad=True)
+
+  def step():
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    with _autocast(dtype):
+      loss = model(x).float().abs().mean()
+    loss.backward()
+    return loss.detach()
+
+  return f"torch {stage} fwd+bwd {size}^3x{width} b{batch} {dtype}", timeit(step, repeats)
+
+
 def run(stages: list[str], size: int, batch: int, repeats: int, dtype: str,
         downsample: int) -> dict[str, tuple[str, float]]:
   """(label, seconds) by stage name for the stages PyTorch has a counterpart of."""
@@ -116,6 +138,9 @@ def run(stages: list[str], size: int, batch: int, repeats: int, dtype: str,
     rows["vqgan"] = bench_vqgan(size, batch, repeats, dtype)
   if "flow" in stages:
     rows["flow"] = bench_flow(size // downsample, batch, repeats, dtype)
+  for stage in ("conv3", "resblock"):
+    if stage in stages:
+      rows[stage] = bench_piece(stage, size, batch, repeats, dtype)
   return rows
 
 

@@ -1,4 +1,6 @@
-"""bench.run's FLOP count, its report line and its ratio summary."""
+"""bench.run's FLOP count, its report line, its ratio summary and its piece stages."""
+
+import argparse
 
 import jax
 import jax.numpy as jnp
@@ -44,3 +46,16 @@ def test_ratio_summary_pairs_the_rounds():
   assert run.ratio_summary([1.0, 3.0, 2.0], [2.0, 2.0, 4.0]) == (0.5, 0.5, 1.5)
   with pytest.raises(ValueError):
     run.ratio_summary([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("stage", ["conv3", "resblock"])
+def test_piece_stages_give_input_and_parameter_gradients_at_the_decoders_last_width(stage):
+  args = argparse.Namespace(size=8, batch=1, dtype="float32", downsample=4, remat=False)
+  (work,) = {"conv3": run.bench_conv3, "resblock": run.bench_resblock}[stage](args)
+  assert work.stage == stage and work.label.startswith(f"{stage} fwd+bwd 8^3x32 b1")
+  param_grads, x_grad = work.call()
+  assert x_grad.shape == (1, 8, 8, 8, run.piece_width()) == (1, 8, 8, 8, 32)
+  assert float(jnp.abs(x_grad).max()) > 0
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(param_grads)
+             if g.ndim > 1)  # kernels and norm scales; a bias before a GroupNorm gets ~0
+  assert set(run.TORCH_STAGES) >= {stage}

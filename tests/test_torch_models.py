@@ -9,10 +9,11 @@ from latentfm.nn.unet3d import UNet3D
 
 torch = pytest.importorskip("torch", reason="the PyTorch benchmark modules need the test extra")
 # pylint: disable=wrong-import-position
-from bench.torch_models import FlowUNet3d, load_flax_unet
+from bench import torch_models
+from bench.torch_models import FlowUNet3d, load_affine, load_conv, load_flax_unet
 from bench.torch_vqgan import PatchDiscriminator, VQGANTrainStep, load_flax_discriminator
 from experiments.configs.vqgan import get_config
-from latentfm.nn import discriminators
+from latentfm.nn import discriminators, layers
 
 
 def test_thesis_unet_parameter_count():
@@ -38,6 +39,49 @@ def test_unet_matches_jax_with_ported_weights():
   theirs = theirs.numpy().transpose(0, 2, 3, 4, 1)
   assert sum(p.numel() for p in ref.parameters()) == sum(x.size for x in jax.tree.leaves(params))
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("piece", ["conv3", "resblock"])
+def test_benchmark_pieces_match_jax_with_ported_weights(piece):
+  """`bench.run`'s conv3 / resblock stages time the same function in both frameworks: the
+  loss mean |y| and its gradients for the input and every parameter."""
+  c, rng = 8, np.random.default_rng(0)
+  x = rng.standard_normal((2, 8, 8, 8, c)).astype(np.float32)
+  model = layers.SamePadConv(c, 3) if piece == "conv3" else layers.ResBlock()
+  params = jax.tree.map(lambda p: rng.normal(0, 0.3, p.shape).astype(np.float32),
+                        model.init(jax.random.key(0), x)["params"])
+  loss = lambda p, x: jnp.mean(jnp.abs(model.apply({"params": p}, x)))
+  value, (g_params, g_x) = jax.value_and_grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+
+  if piece == "conv3":
+    ref = torch_models.SamePadConv3d(c, c, 3)
+    load_conv(ref.conv, params)
+    pairs = [(ref.conv, g_params)]
+  else:
+    ref = torch_models.ResBlock(c)
+    for name in ("norm1", "norm2"):
+      load_affine(getattr(ref, name), params[name])
+    for name in ("conv1", "conv2"):
+      load_conv(getattr(ref, name).conv, params[name])
+    pairs = [(getattr(ref, n), g_params[n]) for n in ("norm1", "norm2")]
+    pairs += [(getattr(ref, n).conv, g_params[n]) for n in ("conv1", "conv2")]
+  tx = torch.from_numpy(np.moveaxis(x, -1, 1).copy()).requires_grad_(True)
+  t_value = ref(tx).abs().mean()
+  t_value.backward()
+  def close(ours, theirs, scale=None):  # scale: a bias after its module's weight gradient
+    scale = np.abs(theirs).max() if scale is None else scale
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4 * scale)
+
+  close(value, t_value.item())
+  close(g_x, np.moveaxis(tx.grad.numpy(), 1, -1))
+  for module, grads in pairs:
+    weight = module.weight.grad.numpy()
+    if weight.ndim > 1:  # torch (out, in, *k) -> flax (*k, in, out)
+      weight = np.moveaxis(weight, (0, 1), (-1, -2))
+    close(grads["kernel" if weight.ndim > 1 else "scale"], weight)
+    # conv1's bias feeds a GroupNorm: its true gradient is 0, both give rounding noise.
+    close(grads["bias"], module.bias.grad.numpy(), scale=np.abs(weight).max())
 
 
 @pytest.fixture
