@@ -199,13 +199,15 @@ def piece_width() -> int:
   return 2 * get_config("thesis").model.n_hiddens
 
 
-def _piece(stage: str, module, args) -> list[Work]:
-  """Forward + backward of mean |module(x)| for x of `piece_width()` channels at full size.
+def _piece(stage: str, make_module: Callable[[int], Any], args) -> list[Work]:
+  """Forward + backward of mean |module(x)| for x of `piece_width()` channels at full size,
+  the module made by `make_module(width)`.
 
   The loss reads the output, so the forward pass stays in the program: a vjp alone would let
   XLA drop the forward convolutions, which its backward does not need.
   """
   width = piece_width()
+  module = make_module(width)
   x = jnp.asarray(np.random.default_rng(0).standard_normal(
       (args.batch,) + (args.size,) * 3 + (width,)), jnp.float32)
   params = jax.jit(module.init)(jax.random.PRNGKey(0), x)
@@ -217,12 +219,12 @@ def _piece(stage: str, module, args) -> list[Work]:
 
 def bench_conv3(args) -> list[Work]:
   from latentfm.nn.layers import SamePadConv  # pylint: disable=import-outside-toplevel
-  return _piece("conv3", SamePadConv(piece_width(), 3, 1, jnp.dtype(args.dtype)), args)
+  return _piece("conv3", lambda width: SamePadConv(width, 3, 1, jnp.dtype(args.dtype)), args)
 
 
 def bench_resblock(args) -> list[Work]:
   from latentfm.nn.layers import ResBlock  # pylint: disable=import-outside-toplevel
-  return _piece("resblock", ResBlock(dtype=jnp.dtype(args.dtype)), args)
+  return _piece("resblock", lambda width: ResBlock(dtype=jnp.dtype(args.dtype)), args)
 
 
 def bench_sample(args) -> list[Work]:
