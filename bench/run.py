@@ -17,10 +17,13 @@ Every figure is the median of `--repeats` timed calls after one warm-up call, sy
   whole-model ratio comes from.
 `--dtype`/`--remat` set the models' computation dtype and rematerialisation, `--downsample`
 the VQ-GAN's factor per axis (thesis 4; 2 gives a latent twice as large per axis). Each row
-prints ms/step, volumes/s and, where XLA's cost analysis gives the FLOPs, TFLOP/s and, on a GPU
-of known peak, MFU (bfloat16 against the dense bf16 tensor-core peak, float32 against the TF32
-one, which XLA and cuDNN use for float32 convolutions by default). Peak device memory is
-printed on accelerators, peak host memory always.
+prints ms/step, volumes/s and, where XLA's cost analysis gives the model's FLOPs (counted with
+plain `lax` convolutions, whichever formulation runs), TFLOP/s and, on a GPU of known peak,
+MFU (bfloat16 against the dense bf16 tensor-core peak, float32 against the TF32 one, which XLA
+and cuDNN use for float32 convolutions by default). A CPU has no known peak: there the rows
+give their share of the rate of a 2048³ matrix product measured in the same process
+(`cpu_matmul_rate`). PyTorch's rows use the same FLOPs. Peak device memory is printed on
+accelerators, peak host memory always.
 
 `--torch` first times the same work in PyTorch (`bench/torch_run.py`; CUDA when available) in a
 fresh child process with the same environment, then prints the JAX/PyTorch ratios. With
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 import dataclasses
+import functools
 import json
 import resource
 import statistics
@@ -50,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import timing
+from latentfm.nn.layers import conv_impl
 from latentfm.train import host_memory
 from latentfm.train.compiler import jit_train_step
 
@@ -81,22 +86,34 @@ def timeit(fn, repeats: int) -> float:
 
 def compile_step(fn, *args, donate_state: bool = False):
   """`(compiled, flops)`: `fn` compiled for `args` as the trainers compile it (donating the
-  train state, the first argument, when `donate_state`), and its FLOPs from XLA's cost
-  analysis of the lowered program (None where XLA gives none). The compiled program's own
-  analysis would not do: XLA:GPU does not count the convolutions it hands to cuDNN (on an
-  H200 it gave 1/40 of the flow step's FLOPs). Prints the compile time."""
+  train state, the first argument, when `donate_state`), and its model FLOPs: XLA's cost
+  analysis of `fn` lowered with every convolution as one `lax` convolution (None where XLA
+  gives none). So the count is the model's own arithmetic, the same whichever formulation runs
+  (the CPU's slab and sub-pixel ones do a few percent more) and the same work PyTorch does. The
+  compiled program's own analysis would not do: XLA:GPU does not count the convolutions it
+  hands to cuDNN (on an H200 it gave 1/40 of the flow step's FLOPs). Prints the compile time."""
   jit_kwargs = {"donate_argnums": 0} if donate_state else {}
   start = time.perf_counter()
-  lowered = jit_train_step(fn, **jit_kwargs).lower(*args)
-  compiled = lowered.compile()
+  compiled = jit_train_step(fn, **jit_kwargs).lower(*args).compile()
   print(f"  (compiled in {time.perf_counter() - start:.1f} s)", flush=True)
   try:
-    cost = lowered.cost_analysis()
+    with conv_impl("lax"):  # a fresh function, so that no trace of the other formulation is reused
+      cost = jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0)) or None
   except Exception:  # pylint: disable=broad-except
     flops = None
   return compiled, flops
+
+
+@functools.cache
+def cpu_matmul_rate(dtype: str, n: int = 2048) -> float:
+  """FLOP/s of an n x n x n matrix product in `dtype` (float32 sums) on this machine's CPU,
+  median of 5 after a warm-up: the ceiling that CPU rows are put against, as no peak is known
+  for a CPU (a virtual one least of all)."""
+  a = jnp.ones((n, n), dtype)
+  product = jit_train_step(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  return 2 * n**3 / timeit(lambda: product(a, a), 5)
 
 
 def peak_flops(dtype: str) -> float | None:
@@ -115,6 +132,9 @@ def report(name: str, seconds: float, batch: int, flops: float | None = None,
     if peak:
       row["mfu"] = flops / seconds / peak
       text += f"  MFU {100 * row['mfu']:.1f}%"
+    elif jax.default_backend() == "cpu":
+      row["of_matmul_rate"] = flops / seconds / cpu_matmul_rate(dtype)
+      text += f"  {100 * row['of_matmul_rate']:.0f}% of the matmul rate"
   print(text, flush=True)
   return row
 
@@ -297,13 +317,17 @@ def main() -> None:
       print(f"round {round_ + 1}: " + ", ".join(
           f"{stage} {mine[_label(works, stage)][-1] / rows[-1]['seconds']:.2f}"
           for stage, rows in theirs.items()), flush=True)
+  if jax.default_backend() == "cpu" and any(w.flops for w in works):
+    print(f"CPU matmul rate, 2048^3 {args.dtype}: "
+          f"{cpu_matmul_rate(args.dtype) / 1e9:.0f} GFLOP/s", flush=True)
   for w in works:
     report(w.label, statistics.median(mine[w.label]), w.batch, w.flops, w.dtype)
   print(memory_summary(), flush=True)
   for stage, rows in theirs.items():
     seconds = [row["seconds"] for row in rows]
+    work = next(w for w in works if w.stage == stage)
     report(f"{rows[0]['label']} (host memory {args.torch_host_memory})",
-           statistics.median(seconds), args.batch)
+           statistics.median(seconds), args.batch, work.flops, work.dtype)
     median, low, high = ratio_summary(mine[_label(works, stage)], seconds)
     spread = f" (range {low:.2f}-{high:.2f} over {len(seconds)} rounds)" if len(rows) > 1 else ""
     print(f"ratio JAX/PyTorch ({stage}): {median:.2f}{spread}", flush=True)

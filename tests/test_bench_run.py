@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from bench import run
+from latentfm.nn import layers
 
 
 def test_compile_step_counts_the_flops_of_a_matrix_product():
@@ -24,13 +25,36 @@ def test_compile_step_counts_a_convolution():
   assert flops == pytest.approx(2 * 2 * 6**3 * 6 * 27 * 4, rel=0.01)
 
 
-def test_report_gives_throughput_and_no_mfu_without_a_known_peak(capsys):
+def test_compile_step_counts_the_models_flops_whichever_formulation_runs():
+  """A stride-2 convolution runs as space-to-depth and a stride-1 convolution over a zero-padded
+  kernel on the CPU, which does more arithmetic; the count is that of the plain convolution."""
+  x, w = jnp.ones((1, 9, 9, 9, 4)), jnp.ones((4, 4, 4, 4, 6))
+  conv = lambda a, b: layers.conv(a, b, (2, 2, 2), ((0, 0),) * 3)
+  plain = 2 * 3**3 * 4**3 * 4 * 6
+  with layers.conv_impl("fast"):
+    fast = jax.jit(conv).lower(x, w).cost_analysis()["flops"]
+    compiled, flops = run.compile_step(conv, x, w)
+    assert layers.get_conv_impl() == "fast"
+  assert fast > 1.2 * plain  # the fast formulation's own count
+  assert flops == pytest.approx(plain, rel=0.01)
+  assert compiled(x, w).shape == (1, 3, 3, 3, 6)
+
+
+def test_report_puts_a_cpu_row_against_the_matmul_rate(monkeypatch, capsys):
+  monkeypatch.setattr(run, "cpu_matmul_rate", lambda dtype: 8e12)
   row = run.report("step", 0.5, batch=4, flops=2e12)
   assert row["ms"] == pytest.approx(500.0)
   assert row["volumes_per_s"] == pytest.approx(8.0)
   assert row["tflops_per_s"] == pytest.approx(4.0)
   assert "mfu" not in row  # the CPU has no entry in PEAK_FLOPS
-  assert "4.000 TFLOP/s" in capsys.readouterr().out
+  assert row["of_matmul_rate"] == pytest.approx(0.5)
+  assert "4.000 TFLOP/s  50% of the matmul rate" in capsys.readouterr().out
+
+
+def test_cpu_matmul_rate_times_a_matrix_product(monkeypatch):
+  assert run.cpu_matmul_rate("float32", 128) > 1e6  # measured: at least a MFLOP/s
+  monkeypatch.setattr(run, "timeit", lambda fn, repeats: 0.25 if fn().shape == (64, 64) else 0)
+  assert run.cpu_matmul_rate.__wrapped__("float32", 64) == pytest.approx(2 * 64**3 / 0.25)
 
 
 def test_peak_flops_of_an_h200_is_the_dense_bf16_rate(monkeypatch):
