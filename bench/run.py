@@ -315,7 +315,7 @@ def main() -> None:
       mine.setdefault(w.label, []).append(timeit(w.call, args.repeats))
     if args.rounds > 1:
       print(f"round {round_ + 1}: " + ", ".join(
-          f"{stage} {mine[_label(works, stage)][-1] / rows[-1]['seconds']:.2f}"
+          f"{stage} {mine[_work(works, stage).label][-1] / rows[-1]['seconds']:.2f}"
           for stage, rows in theirs.items()), flush=True)
   if jax.default_backend() == "cpu" and any(w.flops for w in works):
     print(f"CPU matmul rate, 2048^3 {args.dtype}: "
@@ -325,16 +325,17 @@ def main() -> None:
   print(memory_summary(), flush=True)
   for stage, rows in theirs.items():
     seconds = [row["seconds"] for row in rows]
-    work = next(w for w in works if w.stage == stage)
+    work = _work(works, stage)
     report(f"{rows[0]['label']} (host memory {args.torch_host_memory})",
            statistics.median(seconds), args.batch, work.flops, work.dtype)
-    median, low, high = ratio_summary(mine[_label(works, stage)], seconds)
+    median, low, high = ratio_summary(mine[work.label], seconds)
     spread = f" (range {low:.2f}-{high:.2f} over {len(seconds)} rounds)" if len(rows) > 1 else ""
     print(f"ratio JAX/PyTorch ({stage}): {median:.2f}{spread}", flush=True)
 
 
-def _label(works: list[Work], stage: str) -> str:
-  return next(w.label for w in works if w.stage == stage)
+def _work(works: list[Work], stage: str) -> Work:
+  """The (first) work of `stage`: the one its PyTorch counterpart is compared with."""
+  return next(w for w in works if w.stage == stage)
 
 
 def ratio_summary(mine: list[float], theirs: list[float]) -> tuple[float, float, float]:
