@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import timing
-from latentfm.nn.layers import conv_impl
+from latentfm.nn.layers import conv_impl, get_conv_impl
 from latentfm.train import host_memory
 from latentfm.train.compiler import jit_train_step
 
@@ -94,11 +94,14 @@ def compile_step(fn, *args, donate_state: bool = False):
   hands to cuDNN (on an H200 it gave 1/40 of the flow step's FLOPs). Prints the compile time."""
   jit_kwargs = {"donate_argnums": 0} if donate_state else {}
   start = time.perf_counter()
-  compiled = jit_train_step(fn, **jit_kwargs).lower(*args).compile()
+  lowered = jit_train_step(fn, **jit_kwargs).lower(*args)
+  compiled = lowered.compile()
   print(f"  (compiled in {time.perf_counter() - start:.1f} s)", flush=True)
   try:
-    with conv_impl("lax"):  # a fresh function, so that no trace of the other formulation is reused
-      cost = jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis()
+    if get_conv_impl() != "lax":  # accelerators run "lax" already: no second trace there
+      with conv_impl("lax"):  # a fresh function: no trace of the other formulation is reused
+        lowered = jax.jit(lambda *a: fn(*a)).lower(*args)
+    cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0)) or None
   except Exception:  # pylint: disable=broad-except
