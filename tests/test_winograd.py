@@ -1,0 +1,84 @@
+"""Winograd F(4, 3) depth tiles: the transforms, and the slab convolutions that use them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from latentfm.nn import slab_conv, winograd
+
+RTOL = 1e-5
+
+
+def _normal(shape, seed=0):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _assert_close(actual, desired, rtol=RTOL):
+  """Elementwise rtol plus an atol of rtol x the largest magnitude (float32 sums)."""
+  desired = np.asarray(desired)
+  np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * np.abs(desired).max())
+
+
+def test_transforms_compute_a_three_tap_correlation():
+  """Products as plain multiplications: A^T[(G w) * (B^T x)] is y[d] = sum_a x[d + a] w[a]."""
+  q = 3
+  x, w = _normal((2, 4 * q + 2, 5), 1), _normal((3, 5), 2)
+  products = [t * v for t, v in zip(winograd.input_tiles(jnp.asarray(x)),
+                                     winograd.kernel_points(jnp.asarray(w)))]
+  direct = sum(x[:, a:a + 4 * q] * w[a] for a in range(3))
+  _assert_close(winograd.outputs(products), direct)
+
+
+def test_tiles_needed_and_partial_tiles_rejected():
+  assert [winograd.tiles_needed(n) for n in (1, 4, 5, 64, 66)] == [1, 1, 2, 16, 17]
+  with pytest.raises(ValueError, match="not 4 \\* q \\+ 2"):
+    winograd.input_tiles(jnp.zeros((1, 9, 2)))
+
+
+def _grads(f, x, w, ct):
+  return jax.jit(jax.value_and_grad(lambda x, w: jnp.vdot(f(x, w), ct), (0, 1)))(x, w)
+
+
+def _convolutions(f, *args) -> int:
+  return str(jax.make_jaxpr(f)(*args)).count("conv_general_dilated")
+
+
+@pytest.mark.parametrize("depth,ci,co", [(8, 8, 12), (13, 9, 8), (10, 12, 8)])
+def test_winograd_slab_conv_matches_lax(depth, ci, co):
+  """Output, input and kernel gradients, also where the slices are not whole tiles."""
+  x, w = _normal((2, depth + 2, 6, 7, ci), 5), _normal((3, 3, 2, ci, co), 6)
+  ct = _normal((2, depth, 4, 6, co), 7)
+  assert _convolutions(slab_conv._slab_fwd, x, w) == winograd.POINTS  # the Winograd path
+  (y, grads), (y_ref, grads_ref) = (_grads(f, x, w, ct)
+                                    for f in (slab_conv._slab_conv, slab_conv.lax_valid))
+  _assert_close(y, y_ref)
+  for grad, ref in zip(grads, grads_ref):
+    _assert_close(grad, ref)
+
+
+def test_winograd_rounding_stays_at_float32_scale():
+  """Against a float64 reference: the error is a few 1e-6 of the output's scale."""
+  x, w = _normal((1, 14, 6, 6, 16), 8), _normal((3, 3, 3, 16, 16), 9)
+  x64, w64 = x.astype(np.float64), w.astype(np.float64)
+  exact = sum(np.einsum("bdhwi,io->bdhwo", x64[:, a:a + 12, i:i + 4, j:j + 4], w64[a, i, j])
+              for a in range(3) for i in range(3) for j in range(3))
+  error = np.abs(np.asarray(jax.jit(slab_conv._slab_fwd)(x, w)) - exact).max()
+  assert error < 1e-5 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("case", ["few slices", "few channels", "bfloat16", "two taps"])
+def test_winograd_only_where_it_pays(case):
+  """Direct slabs (one 2D convolution) for few slices or channels, bfloat16 and 2-tap depths."""
+  depth, ci, kd, dtype = 8, 8, 3, jnp.float32
+  if case == "few slices":
+    depth = 6
+  elif case == "few channels":
+    ci = 4
+  elif case == "bfloat16":
+    dtype = jnp.bfloat16
+  else:
+    kd = 2
+  x = jnp.asarray(_normal((1, depth + kd - 1, 5, 5, ci), 10), dtype)
+  w = jnp.asarray(_normal((kd, 3, 3, ci, 8), 11), dtype)
+  assert _convolutions(slab_conv._slab_fwd, x, w) == 1
