@@ -5,8 +5,8 @@ and 3D convolutions slowly. `conv_valid` computes a stride-1 VALID convolution o
 axes with 2D convolutions over (H, W), the depth handled by folding its taps into channels or
 by Winograd tiles (`winograd.py`), and a custom VJP whose input and kernel gradients are 2D
 convolutions too (reverse mode only: use `lax_valid`, i.e. the "lax" formulation of
-`latentfm.nn.layers`, for `jax.jvp`). The kernel gradients run fastest with XLA's own convolutions rather than YNNPACK's (see
-`latentfm.train.compiler`).
+`latentfm.nn.layers`, for `jax.jvp`). The kernel gradients run fastest with XLA's own
+convolutions rather than YNNPACK's (see `latentfm.train.compiler`).
 """
 
 import jax
