@@ -20,20 +20,31 @@ def _assert_close(actual, desired, rtol=RTOL):
   np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * np.abs(desired).max())
 
 
-def test_transforms_compute_a_three_tap_correlation():
+@pytest.mark.parametrize("m,r", [(4, 3), (2, 3), (3, 2), (3, 4), (2, 2), (4, 2)])
+def test_transforms_compute_a_correlation(m, r):
   """Products as plain multiplications: A^T[(G w) * (B^T x)] is y[d] = sum_a x[d + a] w[a]."""
   q = 3
-  x, w = _normal((2, 4 * q + 2, 5), 1), _normal((3, 5), 2)
-  products = [t * v for t, v in zip(winograd.input_tiles(jnp.asarray(x)),
-                                     winograd.kernel_points(jnp.asarray(w)))]
-  direct = sum(x[:, a:a + 4 * q] * w[a] for a in range(3))
-  _assert_close(winograd.outputs(products), direct)
+  x, w = _normal((2, m * q + r - 1, 5), 1), _normal((r, 5), 2)
+  products = [t * v for t, v in zip(winograd.input_tiles(jnp.asarray(x), m, r),
+                                     winograd.kernel_points(jnp.asarray(w), m))]
+  direct = sum(x[:, a:a + m * q] * w[a] for a in range(r))
+  _assert_close(winograd.outputs(products, m, r), direct)
+
+
+def test_f43_matrices_are_lavins():
+  """The Toom-Cook construction gives the published F(4, 3) input transform."""
+  bt = winograd.matrices(4, 3)[0]
+  np.testing.assert_array_equal(bt, [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0],
+                                     [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+                                     [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]])
 
 
 def test_tiles_needed_and_partial_tiles_rejected():
-  assert [winograd.tiles_needed(n) for n in (1, 4, 5, 64, 66)] == [1, 1, 2, 16, 17]
+  assert [winograd.tiles_needed(n, 4) for n in (1, 4, 5, 64, 66)] == [1, 1, 2, 16, 17]
   with pytest.raises(ValueError, match="not 4 \\* q \\+ 2"):
-    winograd.input_tiles(jnp.zeros((1, 9, 2)))
+    winograd.input_tiles(jnp.zeros((1, 9, 2)), 4, 3)
+  with pytest.raises(ValueError, match="needs 9 finite points"):
+    winograd.matrices(6, 5)
 
 
 def _grads(f, x, w, ct):
@@ -44,12 +55,15 @@ def _convolutions(f, *args) -> int:
   return str(jax.make_jaxpr(f)(*args)).count("conv_general_dilated")
 
 
-@pytest.mark.parametrize("depth,ci,co", [(8, 8, 12), (13, 9, 8), (10, 12, 8)])
-def test_winograd_slab_conv_matches_lax(depth, ci, co):
+@pytest.mark.parametrize("depth,kd,ci,co,convs", [
+    (8, 3, 8, 12, 6), (13, 3, 9, 8, 6), (10, 3, 12, 8, 6),  # F(4, 3)
+    (7, 2, 8, 12, 4), (9, 2, 8, 8, 4),  # F(3, 2)
+    (6, 4, 9, 8, 6), (8, 4, 8, 10, 6)])  # F(3, 4)
+def test_winograd_slab_conv_matches_lax(depth, kd, ci, co, convs):
   """Output, input and kernel gradients, also where the slices are not whole tiles."""
-  x, w = _normal((2, depth + 2, 6, 7, ci), 5), _normal((3, 3, 2, ci, co), 6)
+  x, w = _normal((2, depth + kd - 1, 6, 7, ci), 5), _normal((kd, 3, 2, ci, co), 6)
   ct = _normal((2, depth, 4, 6, co), 7)
-  assert _convolutions(slab_conv._slab_fwd, x, w) == winograd.POINTS  # the Winograd path
+  assert _convolutions(slab_conv._slab_fwd, x, w) == convs  # one per Winograd point
   (y, grads), (y_ref, grads_ref) = (_grads(f, x, w, ct)
                                     for f in (slab_conv._slab_conv, slab_conv.lax_valid))
   _assert_close(y, y_ref)
@@ -67,18 +81,22 @@ def test_winograd_rounding_stays_at_float32_scale():
   assert error < 1e-5 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("case", ["few slices", "few channels", "bfloat16", "two taps"])
+@pytest.mark.parametrize("case", ["few slices", "few channels", "bfloat16", "two taps, shrinking",
+                                  "five taps"])
 def test_winograd_only_where_it_pays(case):
-  """Direct slabs (one 2D convolution) for few slices or channels, bfloat16 and 2-tap depths."""
-  depth, ci, kd, dtype = 8, 8, 3, jnp.float32
+  """Direct slabs (one 2D convolution) for few slices or channels, bfloat16, 2-tap kernels that
+  shrink the channels and depths without a tiling."""
+  depth, ci, co, kd, dtype = 8, 8, 8, 3, jnp.float32
   if case == "few slices":
-    depth = 6
+    depth = 5
   elif case == "few channels":
     ci = 4
   elif case == "bfloat16":
     dtype = jnp.bfloat16
+  elif case == "five taps":
+    kd = 5
   else:
-    kd = 2
+    kd, ci = 2, 16
   x = jnp.asarray(_normal((1, depth + kd - 1, 5, 5, ci), 10), dtype)
-  w = jnp.asarray(_normal((kd, 3, 3, ci, 8), 11), dtype)
+  w = jnp.asarray(_normal((kd, 3, 3, ci, co), 11), dtype)
   assert _convolutions(slab_conv._slab_fwd, x, w) == 1

@@ -38,19 +38,23 @@ def lax_valid(x: Array, kernel: Array) -> Array:
 # The weight-gradient convs slow down when their contraction grows, hence chunks of about
 # _CHUNK_DW pixels per depth slice range.
 _CHUNK_DW = 16384
-# The forward and input gradient of 3-tap depth kernels on float32 volumes with at least this
-# many output slices and channels on both sides run as Winograd F(4, 3) tiles along the depth
-# (`winograd.py`): 6 instead of 12 2D convs per 4 slices (64³ x 32, batch 2, fwd+bwd: 361
-# against 458 ms). Fewer slices or channels measured level or slower. The kernel gradient stays
-# direct: as fast in the whole autoencoder, and its rounding error (7.6e-6 rms of the scale at
-# 64³ x 32 as Winograd) 3x smaller.
-_WINOGRAD_MIN_SLICES = 8
+# The forward and input gradient of depth kernels with kd taps (a key below) on float32 volumes
+# with at least this many output slices and channels on both sides run as Winograd F(m, kd)
+# tiles along the depth (`winograd.py`), m = _WINOGRAD_TILE[kd]; 2-tap kernels only where the
+# channels do not shrink. Batch 2, fwd+bwd, direct against Winograd (bench/RESULTS.md): 3x3x3
+# at 64³ x 32 458 -> 361 ms; the 2x2x2 sub-pixel kernel of the 32³ -> 64³ upsampling 433 -> 266;
+# the discriminator's 4x4x4 at 10³ x 256 -> 512 950 -> 455. Fewer slices, fewer channels, and
+# 2-tap kernels that shrink the channels (32³ x 128 -> 32: 78 -> 84) measured level or slower.
+# The kernel gradient stays direct: as fast in the whole autoencoder, and its rounding error
+# (7.6e-6 rms of the scale at 64³ x 32 as Winograd) 3x smaller.
+_WINOGRAD_TILE = {2: 3, 3: 4, 4: 3}
+_WINOGRAD_MIN_SLICES = 6
 _WINOGRAD_MIN_CHANNELS = 8
 
 
 def _winograd_applies(n: int, kd: int, ci: int, co: int, dtype) -> bool:
-  return (kd == winograd.TAPS and n >= _WINOGRAD_MIN_SLICES and dtype == jnp.float32
-          and min(ci, co) >= _WINOGRAD_MIN_CHANNELS)
+  return (kd in _WINOGRAD_TILE and n >= _WINOGRAD_MIN_SLICES and dtype == jnp.float32
+          and min(ci, co) >= _WINOGRAD_MIN_CHANNELS and (kd != 2 or ci <= co))
 
 
 def _conv2d(x: Array, w: Array, pad) -> Array:
@@ -71,14 +75,15 @@ def _depth_taps_on_input(x: Array, kd: int, n: int) -> Array:
 
 
 def _winograd_correlate(x: Array, w: Array, pad) -> Array:
-  """`y[d] = sum_a conv2d(x[d + a], w[a], pad)` for the D - 2 output slices of a 3-tap depth
-  kernel, as 2D convs of Winograd F(4, 3) depth tiles (the input zero-padded to whole tiles)."""
-  b, n = x.shape[0], x.shape[1] - winograd.TAPS + 1
-  q = winograd.tiles_needed(n)
-  tiles = winograd.input_tiles(_pad_depth(x, 0, winograd.TILE * q - n))
+  """`y[d] = sum_a conv2d(x[d + a], w[a], pad)` for the D - kd + 1 output slices of a kd-tap
+  depth kernel, as 2D convs of Winograd depth tiles (the input zero-padded to whole tiles)."""
+  r = w.shape[0]
+  m, b, n = _WINOGRAD_TILE[r], x.shape[0], x.shape[1] - r + 1
+  q = winograd.tiles_needed(n, m)
+  tiles = winograd.input_tiles(_pad_depth(x, 0, m * q - n), m, r)
   products = [_conv2d(t.reshape(b * q, *t.shape[2:]), v, pad)
-              for t, v in zip(tiles, winograd.kernel_points(w))]
-  return winograd.outputs([p.reshape(b, q, *p.shape[1:]) for p in products])[:, :n]
+              for t, v in zip(tiles, winograd.kernel_points(w, m))]
+  return winograd.outputs([p.reshape(b, q, *p.shape[1:]) for p in products], m, r)[:, :n]
 
 
 def _slab_fwd(x: Array, w: Array) -> Array:

@@ -1,15 +1,17 @@
-"""Winograd's minimal filtering F(4, 3) along one axis (axis 1 of the arrays).
+"""Winograd's minimal filtering F(m, r) along one axis (axis 1 of the arrays).
 
-A 3-tap correlation `y[d] = sum_a x[d + a] w[a]` gives 4 outputs per tile of 6 inputs with 6
-products instead of 12, `y = A^T [(G w) * (B^T x)]` per tile (Lavin & Gray, "Fast Algorithms
-for Convolutional Neural Networks", 2016). Here a "product" is any bilinear map applied slice
-by slice: `slab_conv` makes it a 2D convolution over (H, W), so that a 3x3x3 convolution and
-its input gradient run half of the 2D convolutions of the direct form. The function is the
-same; float32 rounding differs from a direct sum by about 1e-6 of the output's scale (see
-`tests/test_winograd.py`).
+An r-tap correlation `y[d] = sum_a x[d + a] w[a]` gives m outputs per tile of m + r - 1 inputs
+with m + r - 1 products instead of m * r, `y = A^T [(G w) * (B^T x)]` per tile (Lavin & Gray,
+"Fast Algorithms for Convolutional Neural Networks", 2016; the matrices come from Toom-Cook
+interpolation at the points 0, 1, -1, 2, -2, ... and infinity). Here a "product" is any
+bilinear map applied slice by slice: `slab_conv` makes it a 2D convolution over (H, W), so that
+a 3D convolution and its input gradient run a fraction of the 2D convolutions of the direct
+form (F(4, 3): half). The function is the same; float32 rounding differs from a direct sum by
+about 1e-6 of the output's scale (see `tests/test_winograd.py`).
 """
 
 from collections.abc import Sequence
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,27 +19,28 @@ import numpy as np
 
 Array = jax.Array
 
-TILE = 4  # outputs per tile
-TAPS = 3  # kernel taps
-POINTS = TILE + TAPS - 1  # products per tile
+_POINTS = (0, 1, -1, 2, -2, 0.5, -0.5)
 
-# Interpolation points 0, 1, -1, 2, -2 and infinity.
-_BT = np.array([[4, 0, -5, 0, 1, 0],
-                [0, -4, -4, 1, 1, 0],
-                [0, 4, -4, -1, 1, 0],
-                [0, -2, -1, 2, 1, 0],
-                [0, 2, -1, -2, 1, 0],
-                [0, 4, 0, -5, 0, 1]], np.float64)
-_G = np.array([[1 / 4, 0, 0],
-               [-1 / 6, -1 / 6, -1 / 6],
-               [-1 / 6, 1 / 6, -1 / 6],
-               [1 / 24, 1 / 12, 1 / 6],
-               [1 / 24, -1 / 12, 1 / 6],
-               [0, 0, 1]], np.float64)
-_AT = np.array([[1, 1, 1, 1, 1, 0],
-                [0, 1, -1, 2, -2, 0],
-                [0, 1, 1, 4, 4, 0],
-                [0, 1, -1, 8, -8, 1]], np.float64)
+
+@functools.cache
+def matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(B^T, G, A^T) of F(m, r): shapes (n, n), (n, r) and (m, n) with n = m + r - 1 points."""
+  n = m + r - 1
+  if not (m >= 1 and r >= 1 and n - 1 <= len(_POINTS)):
+    raise ValueError(f"F({m}, {r}) needs {n - 1} finite points; {len(_POINTS)} are defined")
+  points = _POINTS[:n - 1]
+  at, g = np.zeros((m, n)), np.zeros((n, r))
+  for k, p in enumerate(points):
+    at[:, k] = [p**i for i in range(m)]
+    g[k] = [p**a / np.prod([p - q for q in points if q != p]) for a in range(r)]
+  at[m - 1, n - 1] = g[n - 1, r - 1] = 1  # the point at infinity
+  # B^T solves sum_k A^T[j, k] G[k, a] B^T[k, t] = [t == j + a] for all j, a, t.
+  system = np.einsum("jk,ka->jak", at, g).reshape(m * r, n)
+  target = np.array([[float(t == j + a) for t in range(n)] for j in range(m) for a in range(r)])
+  bt = np.linalg.lstsq(system, target, rcond=None)[0]
+  if not np.allclose(system @ bt, target, atol=1e-9):
+    raise ValueError(f"no Winograd F({m}, {r}) for the points {points}")
+  return np.where(np.abs(bt - np.round(bt)) < 1e-9, np.round(bt), bt), g, at
 
 
 def _combine(coefficients: Sequence[float], arrays: Sequence[Array]) -> Array:
@@ -51,26 +54,26 @@ def _combine(coefficients: Sequence[float], arrays: Sequence[Array]) -> Array:
   return total
 
 
-def tiles_needed(n: int) -> int:
-  """Tiles for `n` outputs; the input then needs TILE * tiles + TAPS - 1 slices."""
-  return -(-n // TILE)
+def tiles_needed(n: int, m: int) -> int:
+  """Tiles of m outputs for `n` outputs; the input then needs m * tiles + r - 1 slices."""
+  return -(-n // m)
 
 
-def input_tiles(x: Array) -> list[Array]:
-  """B^T x: (B, TILE * q + 2, ...) -> POINTS arrays (B, q, ...)."""
-  q = (x.shape[1] - TAPS + 1) // TILE
-  if x.shape[1] != TILE * q + TAPS - 1:
-    raise ValueError(f"axis 1 has {x.shape[1]} slices, not {TILE} * q + {TAPS - 1}")
-  slices = [x[:, i:i + TILE * (q - 1) + 1:TILE] for i in range(POINTS)]
-  return [_combine(row, slices) for row in _BT]
+def input_tiles(x: Array, m: int, r: int) -> list[Array]:
+  """B^T x: (B, m * q + r - 1, ...) -> m + r - 1 arrays (B, q, ...)."""
+  q = (x.shape[1] - r + 1) // m
+  if q < 1 or x.shape[1] != m * q + r - 1:
+    raise ValueError(f"axis 1 has {x.shape[1]} slices, not {m} * q + {r - 1}")
+  slices = [x[:, i:i + m * (q - 1) + 1:m] for i in range(m + r - 1)]
+  return [_combine(row, slices) for row in matrices(m, r)[0]]
 
 
-def kernel_points(w: Array) -> list[Array]:
-  """G w: (TAPS, ...) -> POINTS arrays (...)."""
-  return [_combine(row, list(w)) for row in _G]
+def kernel_points(w: Array, m: int) -> list[Array]:
+  """G w: (r, ...) -> m + r - 1 arrays (...)."""
+  return [_combine(row, list(w)) for row in matrices(m, w.shape[0])[1]]
 
 
-def outputs(products: Sequence[Array]) -> Array:
-  """A^T m, tiles interleaved: POINTS arrays (B, q, ...) -> (B, TILE * q, ...)."""
-  out = jnp.stack([_combine(row, products) for row in _AT], axis=2)
+def outputs(products: Sequence[Array], m: int, r: int) -> Array:
+  """A^T p, tiles interleaved: m + r - 1 arrays (B, q, ...) -> (B, m * q, ...)."""
+  out = jnp.stack([_combine(row, products) for row in matrices(m, r)[2]], axis=2)
   return out.reshape(out.shape[0], -1, *out.shape[3:])
