@@ -53,6 +53,7 @@ _WINOGRAD_MIN_CHANNELS = 8
 
 
 def _winograd_applies(n: int, kd: int, ci: int, co: int, dtype) -> bool:
+  """Whether a kd-tap depth kernel over n output slices, ci -> co channels, runs as tiles."""
   return (kd in _WINOGRAD_TILE and n >= _WINOGRAD_MIN_SLICES and dtype == jnp.float32
           and min(ci, co) >= _WINOGRAD_MIN_CHANNELS and (kd != 2 or ci <= co))
 
