@@ -6,10 +6,7 @@ import numpy as np
 import pytest
 
 from latentfm.nn import edge_pad as ep
-
-
-def _normal(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+from testing_arrays import normal as _normal
 
 
 @pytest.mark.parametrize("shape, widths", [

@@ -9,18 +9,7 @@ import pytest
 
 from latentfm.nn import layers, slab_conv
 from latentfm.train.compiler import jit_train_step
-
-RTOL = 1e-5
-
-
-def _normal(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
-def _assert_close(actual, desired, rtol=RTOL):
-  """Elementwise rtol plus an atol of rtol x the largest magnitude (float32 sums)."""
-  desired = np.asarray(desired)
-  np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * np.abs(desired).max())
+from testing_arrays import assert_close as _assert_close, normal as _normal
 
 
 MODULE_CASES = [

@@ -8,10 +8,7 @@ import numpy as np
 import pytest
 
 from latentfm import flow
-
-
-def _normal(shape, seed=0, loc=0.0, scale=1.0):
-  return jnp.asarray(np.random.default_rng(seed).normal(loc, scale, shape), jnp.float32)
+from testing_arrays import normal as _normal
 
 
 def test_interpolation_endpoints_and_per_example_time():

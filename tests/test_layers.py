@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 
 from latentfm.nn import layers
-
-
-def _normal(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+from testing_arrays import normal as _normal
 
 
 def _init_apply(module, x, seed=0):

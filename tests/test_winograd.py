@@ -1,4 +1,4 @@
-"""Winograd F(4, 3) depth tiles: the transforms, and the slab convolutions that use them."""
+"""Winograd F(m, r) depth tiles: the transforms, and the slab convolutions that use them."""
 
 import jax
 import jax.numpy as jnp
@@ -6,19 +6,7 @@ import numpy as np
 import pytest
 
 from latentfm.nn import slab_conv, winograd
-
-RTOL = 1e-5
-
-
-def _normal(shape, seed=0):
-  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def _assert_close(actual, desired, rtol=RTOL):
-  """Elementwise rtol plus an atol of rtol x the largest magnitude (float32 sums)."""
-  desired = np.asarray(desired)
-  np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * np.abs(desired).max())
-
+from testing_arrays import assert_close as _assert_close, normal as _normal
 
 @pytest.mark.parametrize("m,r", [(4, 3), (2, 3), (3, 2), (3, 4), (2, 2), (4, 2)])
 def test_transforms_compute_a_correlation(m, r):
@@ -74,7 +62,7 @@ def test_winograd_slab_conv_matches_lax(depth, kd, ci, co, convs):
 def test_winograd_rounding_stays_at_float32_scale():
   """Against a float64 reference: the error is a few 1e-6 of the output's scale."""
   x, w = _normal((1, 14, 6, 6, 16), 8), _normal((3, 3, 3, 16, 16), 9)
-  x64, w64 = x.astype(np.float64), w.astype(np.float64)
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
   exact = sum(np.einsum("bdhwi,io->bdhwo", x64[:, a:a + 12, i:i + 4, j:j + 4], w64[a, i, j])
               for a in range(3) for i in range(3) for j in range(3))
   error = np.abs(np.asarray(jax.jit(slab_conv._slab_fwd)(x, w)) - exact).max()

@@ -1,0 +1,16 @@
+"""Array helpers shared by the numerical tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def normal(shape, seed: int = 0, loc: float = 0.0, scale: float = 1.0) -> jax.Array:
+  """Seeded float32 normal draws."""
+  return jnp.asarray(np.random.default_rng(seed).normal(loc, scale, shape), jnp.float32)
+
+
+def assert_close(actual, desired, rtol: float = 1e-5) -> None:
+  """Elementwise rtol plus an atol of rtol x the largest magnitude (float32 sums)."""
+  desired = np.asarray(desired)
+  np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * np.abs(desired).max())
