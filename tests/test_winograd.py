@@ -8,6 +8,7 @@ import pytest
 from latentfm.nn import slab_conv, winograd
 from testing_arrays import assert_close as _assert_close, normal as _normal
 
+
 @pytest.mark.parametrize("m,r", [(4, 3), (2, 3), (3, 2), (3, 4), (2, 2), (4, 2)])
 def test_transforms_compute_a_correlation(m, r):
   """Products as plain multiplications: A^T[(G w) * (B^T x)] is y[d] = sum_a x[d + a] w[a]."""
@@ -69,22 +70,15 @@ def test_winograd_rounding_stays_at_float32_scale():
   assert error < 1e-5 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("case", ["few slices", "few channels", "bfloat16", "two taps, shrinking",
-                                  "five taps"])
-def test_winograd_only_where_it_pays(case):
+@pytest.mark.parametrize("depth,kd,ci,co,dtype", [
+    (5, 3, 8, 8, jnp.float32),  # few slices
+    (8, 3, 4, 8, jnp.float32),  # few channels
+    (8, 3, 8, 8, jnp.bfloat16),
+    (8, 2, 16, 8, jnp.float32),  # two taps, shrinking
+    (8, 5, 8, 8, jnp.float32)])  # five taps: no tiling
+def test_winograd_only_where_it_pays(depth, kd, ci, co, dtype):
   """Direct slabs (one 2D convolution) for few slices or channels, bfloat16, 2-tap kernels that
   shrink the channels and depths without a tiling."""
-  depth, ci, co, kd, dtype = 8, 8, 8, 3, jnp.float32
-  if case == "few slices":
-    depth = 5
-  elif case == "few channels":
-    ci = 4
-  elif case == "bfloat16":
-    dtype = jnp.bfloat16
-  elif case == "five taps":
-    kd = 5
-  else:
-    kd, ci = 2, 16
   x = jnp.asarray(_normal((1, depth + kd - 1, 5, 5, ci), 10), dtype)
   w = jnp.asarray(_normal((kd, 3, 3, ci, co), 11), dtype)
   assert _convolutions(slab_conv._slab_fwd, x, w) == 1
