@@ -32,6 +32,10 @@ MODULE_CASES = [
     ("zero k4 s2 p2 2D even", layers.ZeroPadConv(5, 4, 2, 2), (2, 8, 8, 3)),
     ("zero k4 s2 p2 2D odd", layers.ZeroPadConv(5, 4, 2, 2), (2, 9, 7, 3)),
     ("zero k4 s1 p2 2D", layers.ZeroPadConv(5, 4, 1, 2), (2, 6, 7, 3)),
+    ("same k3 s1 3D to one channel", layers.SamePadConv(1, 3, 1), (2, 6, 7, 5, 3)),
+    ("zero k4 s1 p2 3D to one channel", layers.ZeroPadConv(1, 4, 1, 2), (2, 5, 6, 5, 3)),
+    ("zero k4 s2 p2 3D to one channel", layers.ZeroPadConv(1, 4, 2, 2), (1, 7, 9, 5, 3)),
+    ("transpose k4 s2 3D to one channel", layers.SamePadConvTranspose(1, 4, 2), (1, 3, 5, 3, 3)),
 ]
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from latentfm.nn import winograd
+from latentfm.nn import tap_products, winograd
 
 Array = jax.Array
 
@@ -201,10 +201,14 @@ _slab_conv.defvjp(lambda x, w: (_slab_conv(x, w), (x, w)), _slab_conv_bwd)
 
 
 def conv_valid(x: Array, kernel: Array) -> Array:
-  """Stride-1 VALID conv of the "fast" path; 1-3 spatial axes run as slabs (2D: one slab)."""
+  """Stride-1 VALID conv of the "fast" path; 1-3 spatial axes run as slabs (2D: one slab),
+  one output channel as `tap_products` (64³ x 32 -> 1, batch 2, fwd+bwd: 150 -> 45 ms; with
+  two output channels slower, 157 -> 169 ms)."""
   nd = x.ndim - 2
   if nd > 3 or all(k == 1 for k in kernel.shape[:nd]):
     return lax_valid(x, kernel)
+  if kernel.shape[-1] == 1:
+    return tap_products.conv_valid(x, kernel)
   lift = (1,) * (3 - nd)
   y = _slab_conv(x.reshape(x.shape[0], *lift, *x.shape[1:]),
                  kernel.reshape(*lift, *kernel.shape))

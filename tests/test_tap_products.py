@@ -1,0 +1,45 @@
+"""One-output-channel convolutions as matrix products over the taps, against `lax`."""
+
+import jax
+import pytest
+
+from latentfm.nn import slab_conv, tap_products
+from testing_arrays import assert_close, normal
+
+
+CASES = [
+    # input shape (B, *spatial, ci), kernel spatial shape, output channels
+    ((2, 7, 6, 5, 4), (3, 3, 3), 1),  # the decoder's image output
+    ((2, 8, 7, 6, 6), (4, 4, 4), 1),  # the 3D discriminator's logits
+    ((1, 6, 3, 5, 3), (2, 3, 1), 1),  # uneven kernel
+    ((3, 9, 8, 5), (4, 4), 1),  # the 2D discriminator's logits
+    ((2, 9, 5), (3,), 1),
+    ((2, 6, 5, 4, 3), (3, 2, 3), 3),  # any output width computes the same function
+]
+
+
+@pytest.mark.parametrize("shape,kernel_shape,co", CASES, ids=[str(c) for c in CASES])
+def test_value_and_gradients_match_lax(shape, kernel_shape, co):
+  x, w = normal(shape, 0), normal(kernel_shape + (shape[-1], co), 1)
+  ct = normal(slab_conv.lax_valid(x, w).shape, 2)
+
+  def value_and_grads(conv):
+    return jax.value_and_grad(lambda x, w: (conv(x, w) * ct).sum(), (0, 1))(x, w)
+
+  y, y_ref = tap_products.conv_valid(x, w), slab_conv.lax_valid(x, w)
+  assert y.shape == y_ref.shape
+  assert_close(y, y_ref)
+  (_, (dx, dw)), (_, (dx_ref, dw_ref)) = map(value_and_grads, (tap_products.conv_valid,
+                                                               slab_conv.lax_valid))
+  assert dx.shape == x.shape and dw.shape == w.shape
+  assert_close(dx, dx_ref)
+  assert_close(dw, dw_ref)
+
+
+@pytest.mark.parametrize("co,uses_taps", [(1, True), (2, False)])
+def test_fast_path_takes_tap_products_for_one_output_channel(co, uses_taps):
+  """One output channel: matrix products only; two: the slab convolutions (slower as taps)."""
+  jaxpr = str(jax.make_jaxpr(slab_conv.conv_valid)(normal((1, 6, 6, 6, 4)),
+                                                    normal((3, 3, 3, 4, co))))
+  assert ("conv_general_dilated" not in jaxpr) == uses_taps
+  assert ("dot_general" in jaxpr) == uses_taps
