@@ -151,12 +151,40 @@ def test_kernel_gradient_chunks_get_buffers_of_their_own(monkeypatch):
 
 
 def test_stride1_slab_gradients_match_lax_on_tiny_volumes():
-  """2x2x2 outputs: the input gradient pads by 2 >= 2, the case padded before the conv."""
+  """2x2x2 outputs: the input gradient's 3-tap kernel is longer than the outputs it pads, the
+  case padded before the conv."""
   x, w = _normal((2, 4, 4, 4, 6), 7), _normal((3, 3, 3, 6, 4), 8)
   ct = _normal((2, 2, 2, 2, 4), 9)
   _assert_stride1_grads_match(x, w, ct)
   jaxpr = str(jax.make_jaxpr(jax.grad(_stride1_loss(ct, "fast")))(x, w))
   assert "optimization_barrier" in jaxpr
+
+
+@pytest.mark.parametrize("kernel,size,pads,slow", [
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), True),  # LPIPS' last VGG block on 32² slices
+    ((3, 3), (2, 2), ((0, 0), (0, 0)), False),  # nothing to fold into the conv
+    ((3, 3), (3, 3), ((1, 1), (1, 1)), False),
+    ((4, 4), (3, 8), ((1, 0), (0, 0)), True),
+    ((4, 4), (8, 3), ((1, 1), (0, 0)), False),  # the axis the kernel outgrows is not padded
+])
+def test_padded_conv_is_slow_where_the_kernel_outgrows_a_padded_axis(kernel, size, pads, slow):
+  assert slab_conv.padded_conv_is_slow(kernel, size, pads) == slow
+
+
+@pytest.mark.parametrize("size,barrier", [(2, True), (8, False)])
+def test_same_conv_of_a_tiny_input_keeps_its_padding_apart(size, barrier):
+  """A zero-padded 3x3 conv of 2x2 inputs pads first, behind a barrier (not of 8x8 ones); the
+  value and both gradients match lax either way."""
+  x, w = _normal((2, size, size, 6), 11), _normal((3, 3, 6, 4), 12)
+  ct = _normal((2, size, size, 4), 13)
+
+  def loss(impl):
+    return lambda x, w: (layers.conv(x, w, (1, 1), ((1, 1), (1, 1)), impl=impl) * ct).sum()
+
+  outs = {impl: jax.value_and_grad(loss(impl), (0, 1))(x, w) for impl in ("fast", "lax")}
+  for fast, ref in zip(jax.tree.leaves(outs["fast"]), jax.tree.leaves(outs["lax"])):
+    _assert_close(fast, ref)
+  assert ("optimization_barrier" in str(jax.make_jaxpr(loss("fast"))(x, w))) == barrier
 
 
 def test_zero_pad_pads_and_crops_the_spatial_axes():

@@ -29,7 +29,7 @@ from jax import lax
 import numpy as np
 
 from latentfm.nn.edge_pad import edge_pad as fast_edge_pad
-from latentfm.nn.slab_conv import conv_valid, dimension_numbers, zero_pad
+from latentfm.nn.slab_conv import conv_valid, dimension_numbers, padded_conv_is_slow, zero_pad
 
 Array = jax.Array
 IntOrSeq = int | Sequence[int]
@@ -130,10 +130,11 @@ def _strided_conv_fast(x: Array, kernel: Array, strides: Sequence[int],
   """
   nd, ks = x.ndim - 2, kernel.shape[:x.ndim - 2]
   kb = [-(-k // s) for k, s in zip(ks, strides)]
+  slow = padded_conv_is_slow(ks, x.shape[1:-1], padding)
   x = zero_pad(x, [(lo, ((n + lo + hi - k) // s + b) * s - n - lo)
                     for n, k, s, b, (lo, hi) in zip(x.shape[1:-1], ks, strides, kb, padding)])
-  if all(s == 1 for s in strides):
-    return conv_valid(x, kernel)
+  if all(s == 1 for s in strides):  # a barrier keeps XLA from folding a slow padding back in
+    return conv_valid(lax.optimization_barrier(x) if slow else x, kernel)
   kernel = jnp.pad(kernel, [(0, b * s - k) for k, s, b in zip(ks, strides, kb)] + [(0, 0)] * 2)
   cin, cout = kernel.shape[-2:]
   kernel = kernel.reshape(*[d for pair in zip(kb, strides) for d in pair], cin, cout)

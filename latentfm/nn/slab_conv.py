@@ -58,14 +58,20 @@ def _winograd_applies(n: int, kd: int, ci: int, co: int, dtype) -> bool:
           and min(ci, co) >= _WINOGRAD_MIN_CHANNELS and (kd != 2 or ci <= co))
 
 
+def padded_conv_is_slow(kernel_shape, input_shape, pads) -> bool:
+  """Whether XLA:CPU runs a convolution with zero padding `pads` ((lo, hi) per spatial axis)
+  many times slower than a VALID one on the padded input: where the kernel is longer than the
+  unpadded input along a padded axis. 4 x 256 channels, 3x3 kernel on 2x2 padded by 1: 3.6
+  against 0.13 ms; 4x4 kernel on 3x3 padded by 1: 11.5 against 0.5 ms; 5x5 on 4x4 padded by 2:
+  69 against 1.6 ms (bench/RESULTS.md). Kernels no longer than the input were level."""
+  return any(k > n and (lo or hi) for k, n, (lo, hi) in zip(kernel_shape, input_shape, pads))
+
+
 def _conv2d(x: Array, w: Array, pad) -> Array:
-  """2D conv, zero padding `pad`. Where a padding reaches the input's extent (a 2x2 input
-  padded by 2), XLA:CPU's padded convolution runs 10-16x slower than a VALID one on the padded
-  input (measured), so the input is padded first, behind a barrier that keeps XLA from folding
-  the pad back into the convolution."""
-  if any(p >= size for pair, size in zip(pad, x.shape[1:3]) for p in pair):
-    x = lax.optimization_barrier(jnp.pad(x, ((0, 0), *pad, (0, 0))))
-    pad = "VALID"
+  """2D conv, zero padding `pad`. Where the padded conv would be slow, the input is padded
+  first, behind a barrier that keeps XLA from folding the pad back into the convolution."""
+  if padded_conv_is_slow(w.shape[:2], x.shape[1:3], pad):
+    x, pad = lax.optimization_barrier(jnp.pad(x, ((0, 0), *pad, (0, 0)))), "VALID"
   return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
