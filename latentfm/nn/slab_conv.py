@@ -9,6 +9,8 @@ convolutions too (reverse mode only: use `lax_valid`, i.e. the "lax" formulation
 convolutions rather than YNNPACK's (see `latentfm.train.compiler`).
 """
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -58,7 +60,8 @@ def _winograd_applies(n: int, kd: int, ci: int, co: int, dtype) -> bool:
           and min(ci, co) >= _WINOGRAD_MIN_CHANNELS and (kd != 2 or ci <= co))
 
 
-def padded_conv_is_slow(kernel_shape, input_shape, pads) -> bool:
+def padded_conv_is_slow(kernel_shape: Sequence[int], input_shape: Sequence[int],
+                        pads: Sequence[tuple[int, int]]) -> bool:
   """Whether XLA:CPU runs a convolution with zero padding `pads` ((lo, hi) per spatial axis)
   many times slower than a VALID one on the padded input: where the kernel is longer than the
   unpadded input along a padded axis. 4 x 256 channels, 3x3 kernel on 2x2 padded by 1: 3.6

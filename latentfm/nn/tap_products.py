@@ -10,9 +10,8 @@ rounding):
 Batch 2, 2 CPU cores, against `slab_conv` (bench/RESULTS.md): the thesis decoder's 3x3x3
 32 -> 1 output layer at 64³ 150 -> 45 ms forward + backward (forward alone 54 -> 17 ms); the
 3D discriminator's 4x4x4 512 -> 1 logits on 13³ 17 -> 5 ms, the 2D one's on 4 slices of 35²
-37 -> 3 ms.
-With two output channels the taps were slower (157 -> 169 ms at 64³). Reverse mode only, like
-`slab_conv`.
+37 -> 3 ms. With two output channels the taps were slower (157 -> 169 ms at 64³). Reverse mode
+only, like `slab_conv`.
 """
 
 import itertools
@@ -29,7 +28,8 @@ def _taps(kernel_shape) -> list[tuple[int, ...]]:
 
 
 def _window(offset, size) -> tuple[slice, ...]:
-  """The slices of the batch, spatial and trailing axes that start at `offset`."""
+  """Index of the spatial window of `size` at `offset`: all of the batch, the trailing axes
+  left whole."""
   return (slice(None), *(slice(o, o + s) for o, s in zip(offset, size)))
 
 
@@ -58,7 +58,8 @@ def _cotangent_rows(g: Array, kernel_shape) -> Array:
 @jax.custom_vjp
 def conv_valid(x: Array, kernel: Array) -> Array:
   """Stride-1 VALID convolution of channels-last `x` (B, *spatial, ci) with `kernel`
-  (*k, ci, co), for any number of spatial axes; meant for co of 1 or 2."""
+  (*k, ci, co), for any number of spatial axes. Any co gives the same function; only co = 1
+  runs faster than the slab convolutions."""
   return _forward(x, kernel)
 
 
