@@ -1,6 +1,7 @@
 """One-output-channel convolutions as matrix products over the taps, against `lax`."""
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from latentfm.nn import slab_conv, tap_products
@@ -43,3 +44,23 @@ def test_fast_path_takes_tap_products_for_one_output_channel(co, uses_taps):
                                                     normal((3, 3, 3, 4, co))))
   assert ("conv_general_dilated" not in jaxpr) == uses_taps
   assert ("dot_general" in jaxpr) == uses_taps
+
+
+def test_bfloat16_is_as_accurate_as_lax():
+  """The tap sums run in float32: bfloat16 values and gradients are no further from the float32
+  result than `lax`'s own bfloat16 convolution (summing the 27 taps in bfloat16 was 2.7x)."""
+  x, w = normal((2, 10, 10, 10, 32), 3), normal((3, 3, 3, 32, 1), 4) / 30
+  ct = normal((2, 8, 8, 8, 1), 5)
+
+  def value_and_grads(conv, dtype):
+    f = lambda x, w: (conv(x, w) * ct.astype(dtype)).sum().astype(jnp.float32)
+    y = conv(x.astype(dtype), w.astype(dtype))
+    return (y, *jax.grad(f, (0, 1))(x.astype(dtype), w.astype(dtype)))
+
+  reference = value_and_grads(slab_conv.lax_valid, jnp.float32)
+  error = lambda outs: [float(jnp.abs(a.astype(jnp.float32) - b).max() / jnp.abs(b).max())
+                        for a, b in zip(outs, reference)]
+  taps = value_and_grads(tap_products.conv_valid, jnp.bfloat16)
+  assert all(a.dtype == jnp.bfloat16 for a in taps)
+  for e_taps, e_lax in zip(error(taps), error(value_and_grads(slab_conv.lax_valid, jnp.bfloat16))):
+    assert e_taps <= 1.25 * e_lax + 1e-6

@@ -39,8 +39,9 @@ def _forward(x: Array, w: Array) -> Array:
   out = tuple(s - k + 1 for s, k in zip(x.shape[1:-1], kernel_shape))
   taps = _taps(kernel_shape)
   w_cols = w.reshape(len(taps), ci, co).transpose(1, 0, 2).reshape(ci, len(taps) * co)
-  z = jnp.dot(x, w_cols).reshape(*x.shape[:-1], len(taps), co)
-  return sum(z[_window(t, out)][..., i, :] for i, t in enumerate(taps))
+  z = jnp.dot(x, w_cols, preferred_element_type=jnp.float32)  # sums in float32 for any dtype
+  z = z.reshape(*x.shape[:-1], len(taps), co)
+  return sum(z[_window(t, out)][..., i, :] for i, t in enumerate(taps)).astype(x.dtype)
 
 
 def _cotangent_rows(g: Array, kernel_shape) -> Array:
@@ -69,8 +70,10 @@ def _conv_valid_bwd(res, g):
   ci = x.shape[-1]
   rows = _cotangent_rows(g, w.shape[:nd])  # (taps * co, B * prod(in))
   w_rows = jnp.moveaxis(w, -1, nd).reshape(rows.shape[0], ci)  # (taps * co, ci)
-  dx = jax.lax.dot_general(rows, w_rows, (((0,), (0,)), ((), ()))).reshape(x.shape)
-  dw = jnp.dot(rows, x.reshape(-1, ci)).reshape(*w.shape[:nd], w.shape[-1], ci)
+  dx = jax.lax.dot_general(rows, w_rows.astype(rows.dtype), (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32).reshape(x.shape)
+  dw = jnp.dot(rows, x.reshape(-1, ci).astype(rows.dtype), preferred_element_type=jnp.float32)
+  dw = dw.reshape(*w.shape[:nd], w.shape[-1], ci)
   return dx.astype(x.dtype), jnp.moveaxis(dw, -1, nd).astype(w.dtype)
 
 
