@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from latentfm.nn import slab_conv, tap_products
-from testing_arrays import assert_close, normal
+from testing_arrays import assert_close, normal, value_and_grads
 
 
 CASES = [
@@ -23,15 +23,11 @@ CASES = [
 def test_value_and_gradients_match_lax(shape, kernel_shape, co):
   x, w = normal(shape, 0), normal(kernel_shape + (shape[-1], co), 1)
   ct = normal(slab_conv.lax_valid(x, w).shape, 2)
-
-  def value_and_grads(conv):
-    return jax.value_and_grad(lambda x, w: (conv(x, w) * ct).sum(), (0, 1))(x, w)
-
   y, y_ref = tap_products.conv_valid(x, w), slab_conv.lax_valid(x, w)
   assert y.shape == y_ref.shape
   assert_close(y, y_ref)
-  (_, (dx, dw)), (_, (dx_ref, dw_ref)) = map(value_and_grads, (tap_products.conv_valid,
-                                                               slab_conv.lax_valid))
+  (_, (dx, dw)), (_, (dx_ref, dw_ref)) = (value_and_grads(f, x, w, ct)
+                                          for f in (tap_products.conv_valid, slab_conv.lax_valid))
   assert dx.shape == x.shape and dw.shape == w.shape
   assert_close(dx, dx_ref)
   assert_close(dw, dw_ref)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from latentfm.nn import slab_conv, winograd
-from testing_arrays import assert_close as _assert_close, normal as _normal
+from testing_arrays import assert_close as _assert_close, normal as _normal, value_and_grads
 
 
 @pytest.mark.parametrize("m,r", [(4, 3), (2, 3), (3, 2), (3, 4), (2, 2), (4, 2)])
@@ -36,10 +36,6 @@ def test_tiles_needed_and_partial_tiles_rejected():
     winograd.matrices(6, 5)
 
 
-def _grads(f, x, w, ct):
-  return jax.jit(jax.value_and_grad(lambda x, w: jnp.vdot(f(x, w), ct), (0, 1)))(x, w)
-
-
 def _convolutions(f, *args) -> int:
   return str(jax.make_jaxpr(f)(*args)).count("conv_general_dilated")
 
@@ -53,7 +49,7 @@ def test_winograd_slab_conv_matches_lax(depth, kd, ci, co, convs):
   x, w = _normal((2, depth + kd - 1, 6, 7, ci), 5), _normal((kd, 3, 2, ci, co), 6)
   ct = _normal((2, depth, 4, 6, co), 7)
   assert _convolutions(slab_conv._slab_fwd, x, w) == convs  # one per Winograd point
-  (y, grads), (y_ref, grads_ref) = (_grads(f, x, w, ct)
+  (y, grads), (y_ref, grads_ref) = (value_and_grads(f, x, w, ct)
                                     for f in (slab_conv._slab_conv, slab_conv.lax_valid))
   _assert_close(y, y_ref)
   for grad, ref in zip(grads, grads_ref):

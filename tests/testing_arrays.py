@@ -14,3 +14,8 @@ def assert_close(actual, desired, rtol: float = 1e-5) -> None:
   """Elementwise rtol plus an atol of rtol x the largest magnitude (float32 sums)."""
   desired = np.asarray(desired)
   np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * np.abs(desired).max())
+
+
+def value_and_grads(f, x, w, ct):
+  """`<f(x, w), ct>` and its gradients with respect to `x` and `w`, jitted."""
+  return jax.jit(jax.value_and_grad(lambda x, w: jnp.vdot(f(x, w), ct), (0, 1)))(x, w)

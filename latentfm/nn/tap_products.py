@@ -70,9 +70,9 @@ def _conv_valid_bwd(res, g):
   ci = x.shape[-1]
   rows = _cotangent_rows(g, w.shape[:nd])  # (taps * co, B * prod(in))
   w_rows = jnp.moveaxis(w, -1, nd).reshape(rows.shape[0], ci)  # (taps * co, ci)
-  dx = jax.lax.dot_general(rows, w_rows.astype(rows.dtype), (((0,), (0,)), ((), ())),
+  dx = jax.lax.dot_general(rows, w_rows, (((0,), (0,)), ((), ())),
                            preferred_element_type=jnp.float32).reshape(x.shape)
-  dw = jnp.dot(rows, x.reshape(-1, ci).astype(rows.dtype), preferred_element_type=jnp.float32)
+  dw = jnp.dot(rows, x.reshape(-1, ci), preferred_element_type=jnp.float32)
   dw = dw.reshape(*w.shape[:nd], w.shape[-1], ci)
   return dx.astype(x.dtype), jnp.moveaxis(dw, -1, nd).astype(w.dtype)
 
