@@ -1,7 +1,7 @@
 r"""Benchmarks, in one process: train steps of both stages, sampling, and PyTorch references.
 
   python -m bench.run --size 32 --batch 2 [--stages vqgan_ae,vqgan,flow,sample] [--torch]
-      [--dtype bfloat16] [--remat] [--downsample 2]
+      [--dtype bfloat16] [--remat] [--recompute-norms] [--downsample 2]
 
 Every figure is the median of `--repeats` timed calls after one warm-up call, synchronised
 (`block_until_ready`). Stages:
@@ -15,7 +15,8 @@ Every figure is the median of `--repeats` timed calls after one warm-up call, sy
   last width (thesis: 32 channels): a replicate-padded 3x3x3 convolution and a residual block,
   forward + backward (input and parameter gradients) of mean |output|, to see which piece a
   whole-model ratio comes from.
-`--dtype`/`--remat` set the models' computation dtype and rematerialisation, `--downsample`
+`--dtype`/`--remat`/`--recompute-norms` set the models' computation dtype and
+rematerialisation (whole residual blocks, or the GroupNorm + SiLU intermediates), `--downsample`
 the VQ-GAN's factor per axis (thesis 4; 2 gives a latent twice as large per axis). Each row
 prints ms/step, volumes/s and, where XLA's cost analysis gives the model's FLOPs (counted with
 plain `lax` convolutions, whichever formulation runs), TFLOP/s and, on a GPU of known peak,
@@ -142,24 +143,27 @@ def report(name: str, seconds: float, batch: int, flops: float | None = None,
   return row
 
 
-def vqgan_config(size: int, dtype: str, remat: bool, downsample: int):
+def vqgan_config(size: int, dtype: str, remat: bool, downsample: int,
+                 recompute_norms: bool = False):
   from experiments.configs.vqgan import get_config  # pylint: disable=import-outside-toplevel
   config = get_config("thesis")
   config.data.shape = (size,) * 3
   config.optim.accumulate = 1
   config.model.dtype, config.model.remat = dtype, remat
+  config.model.recompute_norms = recompute_norms
   config.model.downsample = (downsample,) * 3
   return config
 
 
 def _suffix(args) -> str:
-  return f" {args.dtype}{' remat' if args.remat else ''} f{args.downsample}"
+  light = " recompute-norms" if args.recompute_norms else ""
+  return f" {args.dtype}{' remat' if args.remat else ''}{light} f{args.downsample}"
 
 
 def bench_vqgan_ae(args) -> list[Work]:
   from latentfm.nn.vqgan import VQGAN  # pylint: disable=import-outside-toplevel
-  model = VQGAN.from_config(vqgan_config(args.size, args.dtype, args.remat,
-                                         args.downsample).model)
+  model = VQGAN.from_config(vqgan_config(args.size, args.dtype, args.remat, args.downsample,
+                                         args.recompute_norms).model)
   shape = (args.batch,) + (args.size,) * 3 + (1,)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape), jnp.float32)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
@@ -178,7 +182,7 @@ def bench_vqgan(args) -> list[Work]:
   # pylint: disable=import-outside-toplevel
   from latentfm.nn.lpips import load_params
   from latentfm.train.vqgan_step import create_state, make_train_step
-  config = vqgan_config(args.size, args.dtype, args.remat, args.downsample)
+  config = vqgan_config(args.size, args.dtype, args.remat, args.downsample, args.recompute_norms)
   state = create_state(jax.random.PRNGKey(0), config)
   lpips = load_params()
   batch = {"image": jnp.asarray(np.random.default_rng(0).random(
@@ -201,6 +205,7 @@ def bench_flow(args) -> list[Work]:
   from latentfm.train.flow_step import create_state, make_train_step
   config = get_config("thesis")
   config.model.dtype, config.model.remat = args.dtype, args.remat
+  config.model.recompute_norms = args.recompute_norms
   latent = (args.size // args.downsample,) * 3 + (8,)
   state = create_state(jax.random.PRNGKey(0), config, latent)
   z = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((args.batch,) + latent),
@@ -247,7 +252,8 @@ def bench_conv3(args) -> list[Work]:
 
 def bench_resblock(args) -> list[Work]:
   from latentfm.nn.layers import ResBlock  # pylint: disable=import-outside-toplevel
-  return _piece("resblock", lambda width: ResBlock(dtype=jnp.dtype(args.dtype)), args)
+  return _piece("resblock", lambda width: ResBlock(dtype=jnp.dtype(args.dtype),
+                                                   recompute_norms=args.recompute_norms), args)
 
 
 def bench_sample(args) -> list[Work]:
@@ -288,6 +294,8 @@ def main() -> None:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="computation dtype of the models (parameters stay float32)")
   parser.add_argument("--remat", action="store_true", help="recompute residual blocks")
+  parser.add_argument("--recompute-norms", action="store_true",
+                      help="recompute GroupNorm + SiLU intermediates in the backward pass")
   parser.add_argument("--downsample", type=int, default=4, help="VQ-GAN factor per axis")
   parser.add_argument("--host-memory", choices=("reuse", "default"), default="reuse",
                       help="JAX: reuse host buffers across steps as the trainers do, or not")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.flow import get_config
-from latentfm.nn import layers
+from latentfm.nn import group_norm, layers
 from latentfm.nn.unet3d import UNet3D, count_params
 
 THESIS_PARAMS = 37_910_568  # channels 80, mults (1, 2, 2, 2), 2 res blocks, attention (2, 3)
@@ -99,17 +99,19 @@ def test_thesis_parameter_count():
 
 
 def _frozen_group_stats(next_fun, args, kwargs, context):
-  """GroupNorm whose statistics carry no derivative (same value, purely local tangent)."""
-  if not (isinstance(context.module, nn.GroupNorm) and context.method_name == "__call__"):
+  """GroupNorm (+ SiLU) whose statistics carry no derivative (same value, purely local tangent)."""
+  if not (isinstance(context.module, group_norm.GroupNorm) and context.method_name == "__call__"):
     return next_fun(*args, **kwargs)
   (x,) = args
-  gn = context.module
-  x0 = jax.lax.stop_gradient(x)
-  g = gn.num_groups
-  grouped = x0.reshape(x.shape[0], -1, g, x.shape[-1] // g)
-  std = jnp.sqrt(grouped.var(axis=(1, 3)) + gn.epsilon)  # (B, G)
-  std = jnp.repeat(std, x.shape[-1] // g, axis=-1).reshape(x.shape[0], *(1,) * (x.ndim - 2), -1)
-  return next_fun(x0) + (x - x0) * gn.variables["params"]["scale"] / std
+  gn, g = context.module, context.module.num_groups
+  grouped = jax.lax.stop_gradient(x).reshape(x.shape[0], -1, g, x.shape[-1] // g)
+  per_channel = lambda v: jnp.repeat(v, x.shape[-1] // g, axis=-1).reshape(
+      x.shape[0], *(1,) * (x.ndim - 2), -1)
+  mean = per_channel(grouped.mean(axis=(1, 3)))
+  std = per_channel(jnp.sqrt(grouped.var(axis=(1, 3)) + gn.epsilon))  # (B, G) -> per channel
+  params = gn.variables["params"]
+  y = (x - mean) / std * params["scale"] + params["bias"]
+  return nn.silu(y) if gn.silu else y
 
 
 @pytest.mark.parametrize("attention", [False, True])
@@ -178,9 +180,10 @@ def reference():
   return model, params, z, _loss_and_grads(model, params, z)
 
 
-def test_remat_keeps_layout_and_gradients(reference):
+@pytest.mark.parametrize("option", ["remat", "recompute_norms"])
+def test_remat_keeps_layout_and_gradients(reference, option):
   model, params, z, (l0, g0) = reference
-  remat = model.clone(remat=True)
+  remat = model.clone(**{option: True})
   shapes = jax.eval_shape(remat.init, jax.random.key(0), z, jnp.zeros(1))["params"]
   assert jax.tree.structure(shapes) == jax.tree.structure(params)  # same checkpoint layout
   l1, g1 = _loss_and_grads(remat, params, z)

@@ -135,9 +135,10 @@ def _l1_and_grads(model, params, codebook, x):
   return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
 
-def test_remat_keeps_layout_and_gradients(tiny):
+@pytest.mark.parametrize("option", ["remat", "recompute_norms"])
+def test_remat_keeps_layout_and_gradients(tiny, option):
   model, variables, x = tiny
-  remat = model.clone(remat=True)
+  remat = model.clone(**{option: True})
   shapes = jax.eval_shape(remat.init, jax.random.key(0), x)
   assert jax.tree.structure(shapes) == jax.tree.structure(variables)  # same checkpoints
   (l0, _), g0 = _l1_and_grads(model, variables["params"], variables["codebook"], x)

@@ -34,6 +34,9 @@ def _base() -> ml_collections.ConfigDict:
   c.model.time_scale = 1000.0
   c.model.dtype = "float32"  # "bfloat16": mixed precision (parameters, Adam and EMA in float32)
   c.model.remat = False  # recompute residual blocks in backward (less memory, ~1.3x compute)
+  # Recompute only the GroupNorm + SiLU intermediates (16³x8, batch 2, CPU: 506 -> 456 MB
+  # temporary memory, ~6% slower).
+  c.model.recompute_norms = False
 
   c.flow = ml_collections.ConfigDict()
   c.flow.loss = "hybrid"  # "l2" | "l1" | "hybrid" (0.9 L1 + 0.1 L2)

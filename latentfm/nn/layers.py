@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from latentfm.nn import group_norm
 from latentfm.nn.edge_pad import edge_pad as fast_edge_pad
 from latentfm.nn.slab_conv import conv_valid, dimension_numbers, padded_conv_is_slow, zero_pad
 
@@ -295,21 +296,24 @@ class ZeroPadConv(nn.Module):
 
 
 def GroupNorm(channels: int, max_groups: int = 32, name: str | None = None,
-              dtype: Any = None) -> nn.GroupNorm:
-  """GroupNorm with min(max_groups, channels) groups and epsilon 1e-6 (reference `Normalize`)."""
-  return nn.GroupNorm(num_groups=min(max_groups, channels), epsilon=1e-6, name=name, dtype=dtype)
+              dtype: Any = None, silu: bool = False,
+              recompute: bool = False) -> group_norm.GroupNorm:
+  """GroupNorm with min(max_groups, channels) groups and epsilon 1e-6 (reference `Normalize`),
+  followed by SiLU if `silu`; `recompute`: see `group_norm.GroupNorm`."""
+  return group_norm.GroupNorm(min(max_groups, channels), 1e-6, silu, dtype, recompute, name=name)
 
 
 class ResBlock(nn.Module):
   """GN -> SiLU -> conv3 -> GN -> SiLU -> conv3, plus identity (channels preserved)."""
   norm_groups: int = 32
   dtype: Any = None  # computation dtype; parameters stay float32
+  recompute_norms: bool = False  # GroupNorm + SiLU keep only their input for the backward pass
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    c = x.shape[-1]
-    h = nn.silu(GroupNorm(c, self.norm_groups, "norm1", self.dtype)(x))
+    c, light = x.shape[-1], self.recompute_norms
+    h = GroupNorm(c, self.norm_groups, "norm1", self.dtype, silu=True, recompute=light)(x)
     h = SamePadConv(c, 3, 1, self.dtype, name="conv1")(h)
-    h = nn.silu(GroupNorm(c, self.norm_groups, "norm2", self.dtype)(h))
+    h = GroupNorm(c, self.norm_groups, "norm2", self.dtype, silu=True, recompute=light)(h)
     h = SamePadConv(c, 3, 1, self.dtype, name="conv2")(h)
     return x.astype(h.dtype) + h

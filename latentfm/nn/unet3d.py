@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from latentfm.nn import layers
+from latentfm.nn import group_norm, layers
 
 Array = jax.Array
 
@@ -42,16 +42,17 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Arra
   return emb
 
 
-def _norm(channels: int, max_groups: int, name: str | None = None,
-          dtype: Any = jnp.float32) -> nn.GroupNorm:
-  """GroupNorm with the most groups (<= `max_groups`, dividing `channels`) of >= 4 channels.
+def _norm(channels: int, max_groups: int, name: str | None = None, dtype: Any = jnp.float32,
+          silu: bool = False, recompute: bool = False) -> group_norm.GroupNorm:
+  """GroupNorm with the most groups (<= `max_groups`, dividing `channels`) of >= 4 channels,
+  followed by SiLU if `silu`; `recompute`: see `group_norm.GroupNorm`.
 
   A group of one channel would subtract the per-channel time projection of a residual block
   entirely, leaving the network blind to t.
   """
   g = math.gcd(channels, max_groups)
   groups = max([d for d in range(1, g + 1) if g % d == 0 and channels // d >= 4], default=1)
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, name=name, dtype=dtype)
+  return group_norm.GroupNorm(groups, 1e-6, silu, dtype, recompute, name=name)
 
 
 def conv_init(key: Array, shape: Sequence[int], dtype=jnp.float32) -> Array:
@@ -79,14 +80,16 @@ class ResBlock(nn.Module):
   dropout: float = 0.0
   norm_groups: int = 32
   dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+  recompute_norms: bool = False  # GroupNorm + SiLU keep only their input for the backward pass
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, train: bool) -> Array:
-    h = nn.silu(_norm(x.shape[-1], self.norm_groups, "norm1", self.dtype)(x))
+    light = self.recompute_norms
+    h = _norm(x.shape[-1], self.norm_groups, "norm1", self.dtype, True, light)(x)
     h = _conv(self.features, "conv1", dtype=self.dtype)(h)
     h = h + nn.Dense(self.features, name="time_proj", dtype=self.dtype)(
         nn.silu(temb))[:, None, None, None, :]
-    h = nn.silu(_norm(self.features, self.norm_groups, "norm2", self.dtype)(h))
+    h = _norm(self.features, self.norm_groups, "norm2", self.dtype, True, light)(h)
     if train and self.dropout > 0.0:
       # Inverted dropout drawn flat: XLA:CPU compiles rank-5 random draws slowly.
       keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, (h.size,))
@@ -102,13 +105,15 @@ class AttentionBlock(nn.Module):
   num_heads: int = 4
   norm_groups: int = 32
   dtype: Any = jnp.float32
+  recompute_norms: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, *spatial, c = x.shape
     if c % self.num_heads:
       raise ValueError(f"{c} channels do not split into {self.num_heads} heads")
-    h = _norm(c, self.norm_groups, "norm", self.dtype)(x).reshape(b, -1, c)
+    h = _norm(c, self.norm_groups, "norm", self.dtype, recompute=self.recompute_norms)(x)
+    h = h.reshape(b, -1, c)
     qkv = nn.Dense(3 * c, name="qkv", dtype=self.dtype)(h)
     qkv = qkv.reshape(b, h.shape[1], 3, self.num_heads, -1)
     h = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
@@ -151,9 +156,11 @@ class UNet3D(nn.Module):
   # which costs adaptive ODE solvers steps; smaller values give a smoother field.
   time_scale: float = 1000.0
   # Mixed precision and memory: computation dtype ("bfloat16" on accelerators; parameters and
-  # optimizer state stay float32) and rematerialisation of every residual block in backward.
+  # optimizer state stay float32), rematerialisation of every residual block in backward, or
+  # of the GroupNorm + SiLU intermediates only (`group_norm.py`).
   dtype: str = "float32"
   remat: bool = False
+  recompute_norms: bool = False
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "UNet3D":
@@ -164,7 +171,8 @@ class UNet3D(nn.Module):
         num_res_blocks=m.num_res_blocks, attention_levels=tuple(m.attention_levels),
         num_heads=m.num_heads, dropout=m.dropout, time_embed_dim=m.time_embed_dim,
         norm_groups=m.norm_groups, time_scale=m.get("time_scale", 1000.0),
-        dtype=m.get("dtype", "float32"), remat=m.get("remat", False))
+        dtype=m.get("dtype", "float32"), remat=m.get("remat", False),
+        recompute_norms=m.get("recompute_norms", False))
 
   @nn.compact
   def __call__(self, z: Array, t: Array, train: bool = False) -> Array:
@@ -183,9 +191,10 @@ class UNet3D(nn.Module):
     # Explicit names keep the parameter layout (checkpoints) the same with and without remat.
     block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     count = itertools.count()
-    res = lambda f: block(f, self.dropout, self.norm_groups, dtype,
+    light = self.recompute_norms
+    res = lambda f: block(f, self.dropout, self.norm_groups, dtype, light,
                           name=f"ResBlock_{next(count)}")
-    attn = lambda: AttentionBlock(self.num_heads, self.norm_groups, dtype)
+    attn = lambda: AttentionBlock(self.num_heads, self.norm_groups, dtype, light)
     attn_levels = set(self.attention_levels)
 
     h = _conv(self.channels, "stem", dtype=dtype)(z)
@@ -214,7 +223,7 @@ class UNet3D(nn.Module):
       if level > 0:
         h = Upsample(dtype)(h)
 
-    h = nn.silu(_norm(h.shape[-1], self.norm_groups, "out_norm", dtype)(h))
+    h = _norm(h.shape[-1], self.norm_groups, "out_norm", dtype, True, light)(h)
     out = _conv(z.shape[-1], "out", kernel_init=nn.initializers.zeros, dtype=dtype)(h)
     return out.astype(z.dtype)
 

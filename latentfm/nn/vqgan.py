@@ -66,6 +66,7 @@ class Encoder(nn.Module):
   norm_groups: int = 32
   dtype: Any = None  # computation dtype; parameters stay float32
   remat: bool = False
+  recompute_norms: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -73,9 +74,9 @@ class Encoder(nn.Module):
     h = SamePadConv(self.n_hiddens, 3, 1, self.dtype, name="conv_in")(x)
     for i, s in enumerate(stage_strides(self.downsample)):
       h = SamePadConv(self.n_hiddens * 2**(i + 1), 4, s, self.dtype, name=f"down_{i}")(h)
-      h = block(self.norm_groups, self.dtype, name=f"res_{i}")(h)
-    h = GroupNorm(h.shape[-1], self.norm_groups, "norm_out", self.dtype)(h)
-    return nn.silu(h)
+      h = block(self.norm_groups, self.dtype, self.recompute_norms, name=f"res_{i}")(h)
+    return GroupNorm(h.shape[-1], self.norm_groups, "norm_out", self.dtype, silu=True,
+                     recompute=self.recompute_norms)(h)
 
 
 class Decoder(nn.Module):
@@ -86,17 +87,19 @@ class Decoder(nn.Module):
   norm_groups: int = 32
   dtype: Any = None  # computation dtype; parameters stay float32
   remat: bool = False
+  recompute_norms: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     block = _res_block(self.remat)
-    h = nn.silu(GroupNorm(x.shape[-1], self.norm_groups, "norm_in", self.dtype)(x))
+    h = GroupNorm(x.shape[-1], self.norm_groups, "norm_in", self.dtype, silu=True,
+                  recompute=self.recompute_norms)(x)
     strides = stage_strides(self.upsample)
     for i, s in enumerate(strides):
       h = SamePadConvTranspose(self.n_hiddens * 2**(len(strides) - i), 4, s, self.dtype,
                                name=f"up_{i}")(h)
-      h = block(self.norm_groups, self.dtype, name=f"res_{i}_0")(h)
-      h = block(self.norm_groups, self.dtype, name=f"res_{i}_1")(h)
+      h = block(self.norm_groups, self.dtype, self.recompute_norms, name=f"res_{i}_0")(h)
+      h = block(self.norm_groups, self.dtype, self.recompute_norms, name=f"res_{i}_1")(h)
     return SamePadConv(self.image_channels, 3, 1, self.dtype, name="conv_out")(h)
 
 
@@ -106,7 +109,8 @@ class VQGAN(nn.Module):
   Inputs are (B, D, H, W, image_channels) in [-1, 1]; latents are (B, D/f, H/f, W/f, embedding_dim).
   `dtype` "bfloat16" computes the encoder and decoder in bfloat16 (parameters, the quantiser, the
   latents and the reconstruction stay float32); `remat` recomputes every residual block in the
-  backward pass instead of storing its activations. Neither changes the parameter layout.
+  backward pass instead of storing its activations; `recompute_norms` only the GroupNorm + SiLU
+  intermediates (`group_norm.py`). None changes the parameter layout.
   """
   image_channels: int = 1
   n_hiddens: int = 16
@@ -118,6 +122,7 @@ class VQGAN(nn.Module):
   restart_dead_codes: bool = True
   dtype: str = "float32"
   remat: bool = False
+  recompute_norms: bool = False
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> "VQGAN":
@@ -127,15 +132,16 @@ class VQGAN(nn.Module):
         downsample=tuple(model.downsample), embedding_dim=model.embedding_dim,
         n_codes=model.n_codes, norm_groups=model.norm_groups,
         codebook_decay=model.codebook_decay, restart_dead_codes=model.restart_dead_codes,
-        dtype=model.get("dtype", "float32"), remat=model.get("remat", False))
+        dtype=model.get("dtype", "float32"), remat=model.get("remat", False),
+        recompute_norms=model.get("recompute_norms", False))
 
   def setup(self):
     stages = len(stage_strides(self.downsample))
     dtype = jnp.dtype(self.dtype)
     self.encoder = Encoder(self.n_hiddens, tuple(self.downsample), self.norm_groups, dtype,
-                           self.remat)
+                           self.remat, self.recompute_norms)
     self.decoder = Decoder(self.n_hiddens, tuple(self.downsample), self.image_channels,
-                           self.norm_groups, dtype, self.remat)
+                           self.norm_groups, dtype, self.remat, self.recompute_norms)
     self.pre_vq_conv = SamePadConv(self.embedding_dim, 1, 1, dtype)
     self.post_vq_conv = SamePadConv(self.n_hiddens * 2**stages, 1, 1, dtype)
     self.quantizer = VectorQuantizer(self.n_codes, self.embedding_dim, self.codebook_decay,
