@@ -1,14 +1,16 @@
-"""GroupNorm, optionally fused with the SiLU after it, with a gradient that keeps only its input.
+"""GroupNorm fused with the SiLU after it, optionally with a gradient that keeps only its input.
 
 The same function as `flax.linen.GroupNorm` (statistics in float32 at least, variance as
 E[x^2] - E[x]^2 clipped at zero, then `(x - mean) * (rsqrt(var + eps) * scale) + bias`) with the
 same parameters (`scale`, `bias`), so checkpoints are interchangeable. Differentiated by XLA, a
 GroupNorm + SiLU keeps the centred input and the SiLU's sigmoid for the backward pass: two more
-activation-sized buffers per norm. The custom VJP here keeps only the input and the per-group
-statistics and recomputes the rest inside the backward pass, which needs just two per-channel
-sums (they give the parameter gradients and the input gradient's group means at once). The
-thesis autoencoder's forward + backward at 64³, batch 2, needs a third less temporary memory
-(`bench/RESULTS.md`). Reverse mode only, like the "fast" convolutions (`jax.jvp` raises).
+activation-sized buffers per norm. The custom VJP of `group_norm` (`GroupNorm(recompute=True)`,
+the models' `recompute_norms`) keeps only the input and the per-group statistics and recomputes
+the rest inside the backward pass, which needs just two per-channel sums (they give the
+parameter gradients and the input gradient's group means at once). The thesis autoencoder's
+forward + backward at 64³, batch 2, then needs a third less temporary memory, and on the CPU
+about 7% more time (`bench/RESULTS.md`). Reverse mode only (`jax.jvp` raises), like the "fast"
+convolutions.
 """
 
 import functools
