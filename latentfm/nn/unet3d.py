@@ -85,11 +85,11 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, temb: Array, train: bool) -> Array:
     light = self.recompute_norms
-    h = _norm(x.shape[-1], self.norm_groups, "norm1", self.dtype, True, light)(x)
+    h = _norm(x.shape[-1], self.norm_groups, "norm1", self.dtype, silu=True, recompute=light)(x)
     h = _conv(self.features, "conv1", dtype=self.dtype)(h)
     h = h + nn.Dense(self.features, name="time_proj", dtype=self.dtype)(
         nn.silu(temb))[:, None, None, None, :]
-    h = _norm(self.features, self.norm_groups, "norm2", self.dtype, True, light)(h)
+    h = _norm(self.features, self.norm_groups, "norm2", self.dtype, silu=True, recompute=light)(h)
     if train and self.dropout > 0.0:
       # Inverted dropout drawn flat: XLA:CPU compiles rank-5 random draws slowly.
       keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, (h.size,))
@@ -223,7 +223,7 @@ class UNet3D(nn.Module):
       if level > 0:
         h = Upsample(dtype)(h)
 
-    h = _norm(h.shape[-1], self.norm_groups, "out_norm", dtype, True, light)(h)
+    h = _norm(h.shape[-1], self.norm_groups, "out_norm", dtype, silu=True, recompute=light)(h)
     out = _conv(z.shape[-1], "out", kernel_init=nn.initializers.zeros, dtype=dtype)(h)
     return out.astype(z.dtype)
 
