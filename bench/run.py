@@ -143,16 +143,20 @@ def report(name: str, seconds: float, batch: int, flops: float | None = None,
   return row
 
 
-def vqgan_config(size: int, dtype: str, remat: bool, downsample: int,
-                 recompute_norms: bool = False):
+def vqgan_config(size: int, downsample: int):
+  """The thesis VQ-GAN config at `size`³ with `downsample` per axis, one batch per step."""
   from experiments.configs.vqgan import get_config  # pylint: disable=import-outside-toplevel
   config = get_config("thesis")
   config.data.shape = (size,) * 3
   config.optim.accumulate = 1
-  config.model.dtype, config.model.remat = dtype, remat
-  config.model.recompute_norms = recompute_norms
   config.model.downsample = (downsample,) * 3
   return config
+
+
+def _model_options(model, args: argparse.Namespace):
+  """`--dtype`, `--remat` and `--recompute-norms` on a config's `model` section (both stages)."""
+  model.dtype, model.remat, model.recompute_norms = args.dtype, args.remat, args.recompute_norms
+  return model
 
 
 def _suffix(args) -> str:
@@ -162,8 +166,8 @@ def _suffix(args) -> str:
 
 def bench_vqgan_ae(args) -> list[Work]:
   from latentfm.nn.vqgan import VQGAN  # pylint: disable=import-outside-toplevel
-  model = VQGAN.from_config(vqgan_config(args.size, args.dtype, args.remat, args.downsample,
-                                         args.recompute_norms).model)
+  config = vqgan_config(args.size, args.downsample)
+  model = VQGAN.from_config(_model_options(config.model, args))
   shape = (args.batch,) + (args.size,) * 3 + (1,)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape), jnp.float32)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
@@ -182,7 +186,8 @@ def bench_vqgan(args) -> list[Work]:
   # pylint: disable=import-outside-toplevel
   from latentfm.nn.lpips import load_params
   from latentfm.train.vqgan_step import create_state, make_train_step
-  config = vqgan_config(args.size, args.dtype, args.remat, args.downsample, args.recompute_norms)
+  config = vqgan_config(args.size, args.downsample)
+  _model_options(config.model, args)
   state = create_state(jax.random.PRNGKey(0), config)
   lpips = load_params()
   batch = {"image": jnp.asarray(np.random.default_rng(0).random(
@@ -204,8 +209,7 @@ def bench_flow(args) -> list[Work]:
   from experiments.configs.flow import get_config
   from latentfm.train.flow_step import create_state, make_train_step
   config = get_config("thesis")
-  config.model.dtype, config.model.remat = args.dtype, args.remat
-  config.model.recompute_norms = args.recompute_norms
+  _model_options(config.model, args)
   latent = (args.size // args.downsample,) * 3 + (8,)
   state = create_state(jax.random.PRNGKey(0), config, latent)
   z = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((args.batch,) + latent),
@@ -265,7 +269,9 @@ def bench_sample(args) -> list[Work]:
   flow = flow_config("thesis")
   flow.model.dtype = args.dtype
   unet = UNet3D.from_config(flow.model)
-  vq = VQGAN.from_config(vqgan_config(args.size, args.dtype, False, args.downsample).model)
+  vq_config = vqgan_config(args.size, args.downsample)
+  vq_config.model.dtype = args.dtype
+  vq = VQGAN.from_config(vq_config.model)
   z1 = jax.random.normal(jax.random.PRNGKey(0), (1,) + (args.size // args.downsample,) * 3 + (8,))
   params = jax.jit(lambda k: unet.init(k, z1, jnp.zeros((1,))))(jax.random.PRNGKey(1))["params"]
   vq_vars = jax.jit(vq.init)(jax.random.PRNGKey(2), jnp.zeros((1,) + (args.size,) * 3 + (1,)))

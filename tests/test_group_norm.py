@@ -10,15 +10,16 @@ import pytest
 
 from latentfm.nn import layers
 from latentfm.nn.group_norm import GroupNorm
+from testing_arrays import max_relative_error, normal
 
 
-def _inputs(shape, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(0.7, 2.0, shape), jnp.float32)
+def _inputs(shape):
+  """An input off zero mean and unit scale, varied parameters, and a cotangent."""
+  rng = np.random.default_rng(2)
   c = shape[-1]
   params = {"params": {"scale": jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32),
                        "bias": jnp.asarray(rng.uniform(-1, 1, c), jnp.float32)}}
-  return x, params, jnp.asarray(rng.normal(size=shape), jnp.float32)
+  return normal(shape, 0, 0.7, 2.0), params, normal(shape, 1)
 
 
 def _flax(groups, silu, dtype=None):
@@ -36,11 +37,6 @@ def _value_and_grads(fn, params, x, cotangent):
   return y, dp["params"]["scale"], dp["params"]["bias"], dx
 
 
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.abs(a - b).max() / np.abs(b).max()
-
-
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("shape,groups,silu", [
     ((2, 6, 5, 4, 32), 32, True), ((2, 6, 5, 4, 64), 32, True), ((2, 4, 4, 4, 16), 4, False),
@@ -52,7 +48,7 @@ def test_value_and_gradients_match_flax(shape, groups, silu, recompute):
   got = jax.jit(lambda p, x: _value_and_grads(ours, p, x, cotangent))(params, x)
   for name, a, b in zip(("value", "scale grad", "bias grad", "input grad"), got, ref):
     assert a.shape == b.shape and a.dtype == b.dtype, name
-    assert _rel(a, b) < 2e-6, (name, _rel(a, b))
+    assert max_relative_error(a, b) < 2e-6, (name, max_relative_error(a, b))
 
 
 def test_same_parameters_as_flax():
@@ -72,7 +68,8 @@ def test_bfloat16_as_accurate_as_flax():
   got = _value_and_grads(_ours(8, True, jnp.bfloat16), params, x.astype(jnp.bfloat16), cotangent)
   assert got[0].dtype == ref[0].dtype == jnp.bfloat16
   for name, a, b, e in zip(("value", "scale grad", "bias grad", "input grad"), got, ref, exact):
-    assert _rel(a, e) <= 1.01 * _rel(b, e) + 1e-6, (name, _rel(a, e), _rel(b, e))
+    ours, flax_error = max_relative_error(a, e), max_relative_error(b, e)
+    assert ours <= 1.01 * flax_error + 1e-6, (name, ours, flax_error)
 
 
 def test_backward_keeps_less_memory():

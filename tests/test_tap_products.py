@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from latentfm.nn import slab_conv, tap_products
-from testing_arrays import assert_close, normal, value_and_grads
+from testing_arrays import assert_close, max_relative_error, normal, value_and_grads
 
 
 CASES = [
@@ -54,7 +54,7 @@ def test_bfloat16_is_as_accurate_as_lax():
     return (y, *jax.grad(f, (0, 1))(x.astype(dtype), w.astype(dtype)))
 
   reference = value_and_grads(slab_conv.lax_valid, jnp.float32)
-  error = lambda outs: [float(jnp.abs(a.astype(jnp.float32) - b).max() / jnp.abs(b).max())
+  error = lambda outs: [max_relative_error(a.astype(jnp.float32), b)
                         for a, b in zip(outs, reference)]
   taps = value_and_grads(tap_products.conv_valid, jnp.bfloat16)
   assert all(a.dtype == jnp.bfloat16 for a in taps)

@@ -16,6 +16,12 @@ def assert_close(actual, desired, rtol: float = 1e-5) -> None:
   np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * np.abs(desired).max())
 
 
+def max_relative_error(actual, reference) -> float:
+  """Largest |actual - reference| relative to the reference's largest magnitude (float64)."""
+  actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+  return float(np.abs(actual - reference).max() / np.abs(reference).max())
+
+
 def value_and_grads(f, x, w, ct):
   """`<f(x, w), ct>` and its gradients with respect to `x` and `w`, jitted."""
   return jax.jit(jax.value_and_grad(lambda x, w: jnp.vdot(f(x, w), ct), (0, 1)))(x, w)

@@ -13,7 +13,6 @@ about 7% more time (`bench/RESULTS.md`). Reverse mode only (`jax.jvp` raises), l
 convolutions.
 """
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -43,13 +42,18 @@ def _normalize(x: Array, mean: Array, rstd: Array, scale: Array, bias: Array) ->
   return (x - mean) * (rstd * scale) + bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def group_norm(x: Array, scale: Array, bias: Array, groups: int, epsilon: float,
-               silu: bool = False, dtype: Any = None) -> Array:
+               silu: bool = False, dtype: Any = None, recompute: bool = False) -> Array:
   """GroupNorm of channels-last `x` (B, ..., C) with `groups` groups, then SiLU if `silu`.
 
   The result has `dtype`, or by default the promotion of `x`'s and the parameters' dtypes.
+  `recompute` differentiates it by the custom VJP below; otherwise XLA differentiates it.
   """
+  fn = _recomputing if recompute else _value
+  return fn(x, scale, bias, groups, epsilon, silu, dtype)
+
+
+def _value(x, scale, bias, groups, epsilon, silu, dtype):
   return _forward(x, scale, bias, groups, epsilon, silu, dtype)[0]
 
 
@@ -84,21 +88,15 @@ def _backward(groups, epsilon, silu, dtype, res, g):
           sum_g.sum(axis=0).astype(bias.dtype))
 
 
-group_norm.defvjp(_forward, _backward)
-
-
-def _differentiated_by_xla(x: Array, scale: Array, bias: Array, groups: int, epsilon: float,
-                           silu: bool = False, dtype: Any = None) -> Array:
-  """`group_norm` without the custom VJP: XLA keeps what its own backward pass needs."""
-  return _forward(x, scale, bias, groups, epsilon, silu, dtype)[0]
+_recomputing = jax.custom_vjp(_value, nondiff_argnums=(3, 4, 5, 6))
+_recomputing.defvjp(_forward, _backward)
 
 
 class GroupNorm(nn.Module):
   """`flax.linen.GroupNorm` over channels-last inputs (same parameters), SiLU after if `silu`.
 
   `dtype` is the computation dtype of the result; statistics are float32, parameters float32.
-  `recompute` selects the custom VJP of `group_norm` (less memory, see the module docstring);
-  otherwise XLA differentiates the same function.
+  `recompute`: see `group_norm` (less memory, see the module docstring).
   """
   num_groups: int
   epsilon: float = 1e-6
@@ -113,5 +111,5 @@ class GroupNorm(nn.Module):
       raise ValueError(f"{c} channels do not split into {self.num_groups} groups")
     scale = self.param("scale", nn.initializers.ones, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
-    fn = group_norm if self.recompute else _differentiated_by_xla
-    return fn(x, scale, bias, self.num_groups, self.epsilon, self.silu, self.dtype)
+    return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.silu, self.dtype,
+                      self.recompute)
