@@ -5,7 +5,7 @@ XLA:CPU (jaxlib 0.10.2) compiles `pad(x * 2 - 1)` of a one-channel volume with p
 3D discriminator's first layer on a real batch, into a kernel that loads vector lanes past the
 end of `x`; the VQ-GAN train step then crashed whenever the batch buffer ended next to an
 unmapped page. `latentfm.nn.vqgan.to_model_range` avoids that kernel. The bug needs LLVM's
-optimisations, so the children run at XLA's default optimisation level, not the suite's -O0.
+optimisations, so the children compile with XLA's defaults, not the suite's fast-compile flags.
 """
 
 import ctypes
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE_XLA_FLAGS
 from latentfm.nn.vqgan import from_model_range, to_model_range
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,9 +72,10 @@ else:
 
 
 def run_child(what: str, side: str, size: int) -> subprocess.CompletedProcess:
+  # The suite's fast-compile settings (conftest) change the generated code: the child gets XLA's
+  # default emitters and optimisation level (3), the code users run.
   flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if "xla_backend_optimization_level" not in f)
-  # conftest adds -O0 unless a level is given: give XLA's default (3).
+                   if not any(name in f for name in FAST_COMPILE_XLA_FLAGS))
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
              XLA_FLAGS=(flags + " --xla_backend_optimization_level=3").strip())
   code = CHILD.format(tests=os.path.join(ROOT, "tests"))
