@@ -153,10 +153,9 @@ def vqgan_config(size: int, downsample: int):
   return config
 
 
-def _model_options(model, args: argparse.Namespace):
+def _model_options(model, args: argparse.Namespace) -> None:
   """`--dtype`, `--remat` and `--recompute-norms` on a config's `model` section (both stages)."""
   model.dtype, model.remat, model.recompute_norms = args.dtype, args.remat, args.recompute_norms
-  return model
 
 
 def _suffix(args) -> str:
@@ -167,7 +166,8 @@ def _suffix(args) -> str:
 def bench_vqgan_ae(args) -> list[Work]:
   from latentfm.nn.vqgan import VQGAN  # pylint: disable=import-outside-toplevel
   config = vqgan_config(args.size, args.downsample)
-  model = VQGAN.from_config(_model_options(config.model, args))
+  _model_options(config.model, args)
+  model = VQGAN.from_config(config.model)
   shape = (args.batch,) + (args.size,) * 3 + (1,)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape), jnp.float32)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)

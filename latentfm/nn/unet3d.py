@@ -52,7 +52,7 @@ def _norm(channels: int, max_groups: int, name: str | None = None, dtype: Any = 
   """
   g = math.gcd(channels, max_groups)
   groups = max([d for d in range(1, g + 1) if g % d == 0 and channels // d >= 4], default=1)
-  return group_norm.GroupNorm(groups, 1e-6, silu, dtype, recompute, name=name)
+  return layers.GroupNorm(channels, groups, name, dtype, silu, recompute)
 
 
 def conv_init(key: Array, shape: Sequence[int], dtype=jnp.float32) -> Array:
