@@ -20,6 +20,9 @@ THESIS = {"mse": 3.18e-2, "nmse": 1.825, "psnr": 21.00, "ssim": 0.7364, "ms_ssim
 IMAGE_METRICS: dict[str, Callable] = {"mse": image.mse, "nmse": image.nmse, "psnr": image.psnr,
                                       "ssim": image.ssim, "ms_ssim": image.ms_ssim}
 HIGHER_IS_BETTER = {"psnr", "ssim", "ms_ssim"}
+# Set statistics are biased upwards by the duplicates of resampling with replacement.
+SET_BRACKETS = ("Brackets here: the middle 95% of the statistic over resampled sets. Duplicate "
+                "draws raise these statistics, so a bracket can lie above its value.")
 
 
 def _summary(values: np.ndarray, seed: int = 0) -> dict:
@@ -116,8 +119,8 @@ def to_markdown(report: dict) -> str:
     lines.append(f"| {k}{' ↑' if k in HIGHER_IS_BETTER else ' ↓'} | {_fmt(t['model'][k])} | "
                  f"{_fmt(t['floor'][k])} | {_fmt(t['thesis'].get(k))} |")
   d = report["distribution"]
-  lines += ["", "## Distribution (lower is better)", "", "| metric | model | floor |",
-            "|---|---|---|"]
+  lines += ["", "## Distribution (lower is better)", "", SET_BRACKETS, "",
+            "| metric | model | floor |", "|---|---|---|"]
   lines += [f"| {k} | {_fmt(d['model'][k])} | {_fmt(d['floor'][k])} |" for k in d["model"]]
   v = report["diversity"]
   m = report["memorisation"]
