@@ -41,6 +41,13 @@ def blob_volume(shape=(12, 14, 10), seed=0) -> np.ndarray:
 
 
 @pytest.fixture
+def slab_input_gradient(monkeypatch):
+  """The slab convolutions' own input gradient for every cotangent: tiny test shapes would
+  otherwise all take `tap_products.input_gradient`."""
+  monkeypatch.setattr("latentfm.nn.slab_conv._TAPS_MIN_FULL_RATIO", float("inf"))
+
+
+@pytest.fixture
 def volume_dir(tmp_path):
   """A directory of 5 small NIfTI volumes with 2 mm spacing."""
   d = tmp_path / "scans"

@@ -1,6 +1,7 @@
 """The "fast" convolution formulations against plain `lax.conv_general_dilated` ("lax")."""
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -119,9 +120,13 @@ def _assert_stride1_grads_match(x, w, ct):
     _assert_close(fast, ref)
 
 
+@pytest.mark.parametrize("slab_dx", [False, True])
 @pytest.mark.parametrize("chunk", [None, 24, 60])
-def test_stride1_slab_gradients_match_lax(monkeypatch, chunk):
-  """Also with tiny chunks, so that the dW convs run in pieces (one slice; 3 + a remainder)."""
+def test_stride1_slab_gradients_match_lax(monkeypatch, chunk, slab_dx):
+  """Also with tiny chunks, so that the dW convs run in pieces (one slice; 3 + a remainder),
+  and with the input gradient as taps (the default at this size) or as slab convolutions."""
+  if slab_dx:
+    monkeypatch.setattr(slab_conv, "_TAPS_MIN_FULL_RATIO", float("inf"))
   if chunk is not None:
     monkeypatch.setattr(slab_conv, "_CHUNK_DW", chunk)
   x, w = _normal((2, 6, 5, 7, 3), 1), _normal((3, 2, 3, 3, 4), 2)
@@ -130,7 +135,7 @@ def test_stride1_slab_gradients_match_lax(monkeypatch, chunk):
 
 
 @pytest.mark.parametrize("ci,co", [(3, 3), (4, 2)])
-def test_stride1_slab_gradients_match_lax_deep(ci, co):
+def test_stride1_slab_gradients_match_lax_deep(slab_input_gradient, ci, co):
   """Depth 36 (34 output slices): the input gradient's cotangent-padding path."""
   x, w = _normal((1, 36, 4, 5, ci), 4), _normal((3, 3, 2, ci, co), 5)
   ct = _normal((1, 34, 2, 4, co), 6)
@@ -150,7 +155,7 @@ def test_kernel_gradient_chunks_get_buffers_of_their_own(monkeypatch):
                                   np.asarray(y).view(np.uint32))
 
 
-def test_stride1_slab_gradients_match_lax_on_tiny_volumes():
+def test_stride1_slab_gradients_match_lax_on_tiny_volumes(slab_input_gradient):
   """2x2x2 outputs: the input gradient's 3-tap kernel is longer than the outputs it pads, the
   case padded before the conv."""
   x, w = _normal((2, 4, 4, 4, 6), 7), _normal((3, 3, 3, 6, 4), 8)
@@ -158,6 +163,26 @@ def test_stride1_slab_gradients_match_lax_on_tiny_volumes():
   _assert_stride1_grads_match(x, w, ct)
   jaxpr = str(jax.make_jaxpr(jax.grad(_stride1_loss(ct, "fast")))(x, w))
   assert "optimization_barrier" in jaxpr
+
+
+@pytest.mark.parametrize("cotangent,kernel,taps", [
+    ((2, 6, 6, 6, 512), (4, 4, 4, 256, 512), True),  # the 3D discriminator's conv_3 at 32³
+    ((2, 10, 10, 10, 512), (4, 4, 4, 256, 512), True),  # ... at 64³
+    ((2, 8, 8, 8, 128), (3, 3, 3, 128, 128), True),  # full output 1.95x the cotangent
+    ((2, 13, 13, 13, 256), (4, 4, 4, 128, 256), False),  # 1.73x: measured slower as taps
+    ((2, 16, 16, 16, 128), (3, 3, 3, 128, 128), False),
+    ((2, 64, 64, 64, 32), (3, 3, 3, 32, 32), False),
+    ((8, 10, 10, 10, 512), (4, 4, 4, 256, 512), False),  # tap columns over 256 MiB
+    ((4, 1, 6, 6, 512), (1, 4, 4, 256, 512), True),  # 2D, lifted: 2.25x
+])
+def test_input_gradient_as_taps_where_the_full_correlation_is_mostly_border(cotangent, kernel,
+                                                                            taps):
+  assert slab_conv._input_gradient_by_taps(cotangent, kernel, 4) == taps
+  if math.prod(cotangent) < 2e5:
+    g, w = _normal(cotangent[:1] + cotangent[1:-1] + (8,)), _normal(kernel[:3] + (4, 8))
+    jaxpr = str(jax.make_jaxpr(slab_conv._slab_dx)(w, g))
+    assert ("conv_general_dilated" not in jaxpr) == slab_conv._input_gradient_by_taps(
+        g.shape, w.shape, 4)
 
 
 @pytest.mark.parametrize("kernel,size,pads,slow", [

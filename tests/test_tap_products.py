@@ -60,3 +60,19 @@ def test_bfloat16_is_as_accurate_as_lax():
   assert all(a.dtype == jnp.bfloat16 for a in taps)
   for e_taps, e_lax in zip(error(taps), error(value_and_grads(slab_conv.lax_valid, jnp.bfloat16))):
     assert e_taps <= 1.25 * e_lax + 1e-6
+
+
+@pytest.mark.parametrize("shape,kernel_shape,co", [
+    ((2, 6, 6, 6, 5), (4, 4, 4), 7),  # a discriminator layer on few positions
+    ((1, 5, 7, 4, 3), (3, 2, 3), 4),  # uneven kernel and sizes
+    ((3, 6, 6, 5), (4, 4), 6),  # 2D
+    ((2, 9, 4), (3,), 2),  # 1D
+])
+def test_input_gradient_matches_lax(shape, kernel_shape, co):
+  x, w = normal(shape, 12), normal(kernel_shape + (shape[-1], co), 13)
+  ct = normal(slab_conv.lax_valid(x, w).shape, 14)
+  dx_ref = jax.vjp(lambda v: slab_conv.lax_valid(v, w), x)[1](ct)[0]
+  dx = jax.jit(tap_products.input_gradient)(ct, w)
+  assert dx.shape == x.shape and dx.dtype == jnp.float32
+  assert_close(dx, dx_ref)
+  assert tap_products.input_gradient(ct.astype(jnp.bfloat16), w).dtype == jnp.bfloat16

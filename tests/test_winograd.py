@@ -44,7 +44,7 @@ def _convolutions(f, *args) -> int:
     (8, 3, 8, 12, 6), (13, 3, 9, 8, 6), (10, 3, 12, 8, 6),  # F(4, 3)
     (7, 2, 8, 12, 4), (9, 2, 8, 8, 4),  # F(3, 2)
     (6, 4, 9, 8, 6), (8, 4, 8, 10, 6)])  # F(3, 4)
-def test_winograd_slab_conv_matches_lax(depth, kd, ci, co, convs):
+def test_winograd_slab_conv_matches_lax(slab_input_gradient, depth, kd, ci, co, convs):
   """Output, input and kernel gradients, also where the slices are not whole tiles."""
   x, w = _normal((2, depth + kd - 1, 6, 7, ci), 5), _normal((kd, 3, 2, ci, co), 6)
   ct = _normal((2, depth, 4, 6, co), 7)

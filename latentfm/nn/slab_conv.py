@@ -4,12 +4,14 @@ XLA:CPU runs 2D convolutions several times faster than 3D ones and differentiate
 and 3D convolutions slowly. `conv_valid` computes a stride-1 VALID convolution of 1-3 spatial
 axes with 2D convolutions over (H, W), the depth handled by folding its taps into channels or
 by Winograd tiles (`winograd.py`), and a custom VJP whose input and kernel gradients are 2D
-convolutions too (reverse mode only: use `lax_valid`, i.e. the "lax" formulation of
-`latentfm.nn.layers`, for `jax.jvp`). The kernel gradients run fastest with XLA's own
+convolutions too, except the input gradients of small cotangents (matrix products over the taps,
+`tap_products`). Reverse mode only: use `lax_valid`, i.e. the "lax" formulation of
+`latentfm.nn.layers`, for `jax.jvp`. The kernel gradients run fastest with XLA's own
 convolutions rather than YNNPACK's (see `latentfm.train.compiler`).
 """
 
 from collections.abc import Sequence
+import math
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,27 @@ _CHUNK_DW = 16384
 _WINOGRAD_TILE = {2: 3, 3: 4, 4: 3}
 _WINOGRAD_MIN_SLICES = 6
 _WINOGRAD_MIN_CHANNELS = 8
+
+
+# The input gradient is a full correlation of the cotangent, padded by k - 1 on each side. Where
+# that gives at least _TAPS_MIN_FULL_RATIO times as many outputs as the cotangent has positions,
+# most of its products meet the zero border, and `tap_products.input_gradient`, which skips them,
+# is faster if its tap columns (cotangent positions x taps x input channels) fit in
+# _TAPS_MAX_BYTES. Batch 2, against the slab form (bench/RESULTS.md): the 3D discriminator's 4x4x4
+# 256 -> 512 on 6³ outputs 74 -> 26 ms, on 10³ 148 -> 98; 3x3x3 256 -> 256 on 8³ 16.6 -> 11.0.
+# Ratios of 1.73 (4x4x4 on 13³: 52 -> 59) and 1.42 (3x3x3 on 16³: 15 -> 23) were slower.
+# Whole train steps (2 cores): the VQ-GAN's at 32³ 615 -> 554 ms, at 64³ 3,283 -> 3,203; the flow
+# UNet's on the 8³ and 16³ latents 188 -> 174 and 630 -> 610.
+_TAPS_MIN_FULL_RATIO = 1.9
+_TAPS_MAX_BYTES = 1 << 28
+
+
+def _input_gradient_by_taps(g_shape: Sequence[int], w_shape: Sequence[int], itemsize: int) -> bool:
+  """Whether `_slab_dx` of a (B, *n, co) cotangent and (*k, ci, co) kernel runs as taps."""
+  n, k = g_shape[1:-1], w_shape[:-2]
+  ratio = math.prod((m + t - 1) / m for m, t in zip(n, k))
+  tap_columns = math.prod(g_shape[:-1]) * math.prod(k) * w_shape[-2] * max(itemsize, 4)
+  return ratio >= _TAPS_MIN_FULL_RATIO and tap_columns <= _TAPS_MAX_BYTES
 
 
 def _winograd_applies(n: int, kd: int, ci: int, co: int, dtype) -> bool:
@@ -131,10 +154,13 @@ def _pad_depth(x: Array, lo: int, hi: int) -> Array:
 
 
 def _slab_dx(w: Array, g: Array) -> Array:
-  """Input gradient: full 2D conv of `g` with the flipped kernel, depth taps as in `_slab_fwd`.
+  """Input gradient: full 2D conv of `g` with the flipped kernel, depth taps as in `_slab_fwd`
+  (small cotangents: `tap_products.input_gradient`).
 
   Input slice d receives tap a from cotangent slice d - a.
   """
+  if _input_gradient_by_taps(g.shape, w.shape, g.dtype.itemsize):
+    return tap_products.input_gradient(g, w)
   kd, kh, kw, ci, co = w.shape
   b, n = g.shape[:2]
   w = w[:, ::-1, ::-1]

@@ -12,6 +12,11 @@ Batch 2, 2 CPU cores, against `slab_conv` (bench/RESULTS.md): the thesis decoder
 3D discriminator's 4x4x4 512 -> 1 logits on 13³ 17 -> 5 ms, the 2D one's on 4 slices of 35²
 37 -> 3 ms. With two output channels the taps were slower (157 -> 169 ms at 64³). Reverse mode
 only, like `slab_conv`.
+
+`input_gradient` is the input gradient of any stride-1 VALID convolution the same way:
+`Z = g @ W^T`, one column per (tap, input channel), then `dx[p] = sum_t Z[p - t, t]`. It does
+only the products the gradient needs, where a full correlation of the cotangent also multiplies
+its zero border; `slab_conv` uses it where that border is most of the work.
 """
 
 import itertools
@@ -54,6 +59,21 @@ def _cotangent_rows(g: Array, kernel_shape) -> Array:
                                                   size))]
                     for t in _taps(kernel_shape)])  # (taps, co, B, *in)
   return rows.reshape(rows.shape[0] * rows.shape[1], -1)
+
+
+def input_gradient(g: Array, w: Array) -> Array:
+  """Input gradient of a stride-1 VALID convolution with kernel `w` (*k, ci, co) for the
+  cotangent `g` (B, *out, co): (B, *(out + k - 1), ci), summed in float32 for any dtype."""
+  nd = g.ndim - 2
+  kernel_shape, (ci, co) = w.shape[:nd], w.shape[nd:]
+  taps = _taps(kernel_shape)
+  w_cols = jnp.moveaxis(w, -1, 0).reshape(co, len(taps) * ci)
+  z = jnp.dot(g, w_cols, preferred_element_type=jnp.float32)
+  z = z.reshape(*g.shape[:-1], len(taps), ci)
+  dx = sum(jnp.pad(z[..., i, :], ((0, 0), *[(o, k - 1 - o) for o, k in zip(t, kernel_shape)],
+                                  (0, 0)))
+           for i, t in enumerate(taps))
+  return dx.astype(g.dtype)
 
 
 @jax.custom_vjp
