@@ -78,3 +78,35 @@ def test_winograd_only_where_it_pays(depth, kd, ci, co, dtype):
   x = jnp.asarray(_normal((1, depth + kd - 1, 5, 5, ci), 10), dtype)
   w = jnp.asarray(_normal((kd, 3, 3, ci, co), 11), dtype)
   assert _convolutions(slab_conv._slab_fwd, x, w) == 1
+
+
+@pytest.mark.parametrize("r,t", [(3, 4), (4, 3)])
+def test_kernel_gradient_transforms_compute_the_tap_sums(r, t):
+  """Products summed over the batch and tiles: A^T[sum (G g) * (B^T x)] is the r sums
+  dw[a] = sum_d x[d + a] g[d]."""
+  q = 3
+  x, g = _normal((2, t * q + r - 1, 5), 3), _normal((2, t * q, 5), 4)
+  u, v = winograd.kernel_gradient_tiles(x, g, r, t)
+  products = [(a * b).sum(axis=(0, 1)) for a, b in zip(u, v)]
+  direct = jnp.stack([(x[:, a:a + t * q] * g).sum(axis=(0, 1)) for a in range(r)])
+  _assert_close(winograd.kernel_gradient_outputs(products, r, t), direct)
+  with pytest.raises(ValueError, match="not 4 \\* q"):
+    winograd.kernel_gradient_tiles(x[:, 1:], g, r, 4)
+
+
+@pytest.mark.parametrize("depth,kd,ci,co,tiled", [
+    (7, 3, 64, 72, True),  # F(3, 4), a partial last tile
+    (6, 4, 64, 64, True),  # F(4, 3)
+    (8, 3, 32, 64, False),  # too few channels: direct
+    (8, 2, 64, 64, False),  # two taps: direct
+    (5, 3, 64, 64, False)])  # few slices: direct
+def test_winograd_kernel_gradient_matches_lax(depth, kd, ci, co, tiled):
+  x, w = _normal((1, depth + kd - 1, 4, 5, ci), 12), _normal((kd, 3, 2, ci, co), 13) / 10
+  ct = _normal((1, depth, 2, 4, co), 14)
+  assert slab_conv._winograd_dw_applies(depth, kd, ci, co, jnp.float32) == tiled
+  assert not slab_conv._winograd_dw_applies(depth, kd, ci, co, jnp.bfloat16)
+  (_, (_, dw)), (_, (_, dw_ref)) = (value_and_grads(f, x, w, ct)
+                                    for f in (slab_conv._slab_conv, slab_conv.lax_valid))
+  _assert_close(dw, dw_ref)
+  if kd in slab_conv._WINOGRAD_DW_TILE:  # the tiles give the same values where not chosen too
+    _assert_close(slab_conv._winograd_dw(x, ct, kd), dw_ref)

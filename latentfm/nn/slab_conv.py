@@ -49,11 +49,18 @@ _CHUNK_DW = 16384
 # at 64³ x 32 458 -> 361 ms; the 2x2x2 sub-pixel kernel of the 32³ -> 64³ upsampling 433 -> 266;
 # the discriminator's 4x4x4 at 10³ x 256 -> 512 950 -> 455. Fewer slices, fewer channels, and
 # 2-tap kernels that shrink the channels (32³ x 128 -> 32: 78 -> 84) measured level or slower.
-# The kernel gradient stays direct: as fast in the whole autoencoder, and its rounding error
-# (7.6e-6 rms of the scale at 64³ x 32 as Winograd) 3x smaller.
+# The kernel gradient runs as Winograd F(kd, t) tiles of t cotangent slices (t =
+# _WINOGRAD_DW_TILE[kd]) where both sides have at least _WINOGRAD_DW_MIN_CHANNELS channels:
+# 3x3x3 on 16³ x 240 62.9 -> 35.3 ms, on 32³ x 64 40.3 -> 26.8; the discriminator's 4x4x4 256 ->
+# 512 on 10³ 93.4 -> 61.9. With 32 channels it was slower (64³: 88.7 -> 152.2; 32³: 12.1 ->
+# 12.8), and 2-tap kernels level (33³ x 64 -> 256: 51.8 -> 52.3).
+# Whole steps (2 cores): the flow UNet's on the 16³ latent 608 -> 558 ms, the 64³ autoencoder's
+# forward + backward 1,903 -> 1,835, the VQ-GAN's at 32³ 540 -> 505.
 _WINOGRAD_TILE = {2: 3, 3: 4, 4: 3}
 _WINOGRAD_MIN_SLICES = 6
 _WINOGRAD_MIN_CHANNELS = 8
+_WINOGRAD_DW_TILE = {3: 4, 4: 3}
+_WINOGRAD_DW_MIN_CHANNELS = 64
 
 
 # The input gradient is a full correlation of the cotangent, padded by k - 1 on each side. Where
@@ -81,6 +88,12 @@ def _winograd_applies(n: int, kd: int, ci: int, co: int, dtype) -> bool:
   """Whether a kd-tap depth kernel over n output slices, ci -> co channels, runs as tiles."""
   return (kd in _WINOGRAD_TILE and n >= _WINOGRAD_MIN_SLICES and dtype == jnp.float32
           and min(ci, co) >= _WINOGRAD_MIN_CHANNELS and (kd != 2 or ci <= co))
+
+
+def _winograd_dw_applies(n: int, kd: int, ci: int, co: int, dtype) -> bool:
+  """Whether the kernel gradient of a kd-tap depth kernel over n output slices runs as tiles."""
+  return (kd in _WINOGRAD_DW_TILE and n >= _WINOGRAD_MIN_SLICES and dtype == jnp.float32
+          and min(ci, co) >= _WINOGRAD_DW_MIN_CHANNELS)
 
 
 def padded_conv_is_slow(kernel_shape: Sequence[int], input_shape: Sequence[int],
@@ -219,6 +232,24 @@ def _slab_dw(x: Array, g: Array, kd: int) -> Array:
   return total.reshape(kd, kw, ci, kh, co).transpose(0, 3, 1, 2, 4)
 
 
+def _winograd_dw(x: Array, g: Array, kd: int) -> Array:
+  """Kernel gradient as `_slab_dw` of Winograd depth tiles: one 2D kernel gradient per point."""
+  t, (b, n) = _WINOGRAD_DW_TILE[kd], g.shape[:2]
+  q = winograd.tiles_needed(n, t)
+  g, x = _pad_depth(g, 0, q * t - n), _pad_depth(x, 0, q * t - n)
+  flat = lambda a: a.reshape(b * q, 1, *a.shape[2:])
+  products = [_slab_dw(flat(u), flat(v), 1)[0]
+              for u, v in zip(*winograd.kernel_gradient_tiles(x, g, kd, t))]
+  return winograd.kernel_gradient_outputs(products, kd, t)
+
+
+def _kernel_gradient(x: Array, g: Array, kd: int) -> Array:
+  """Kernel gradient of `_slab_conv`: Winograd tiles where they pay, otherwise direct."""
+  if _winograd_dw_applies(g.shape[1], kd, x.shape[-1], g.shape[-1], g.dtype):
+    return _winograd_dw(x, g, kd)
+  return _slab_dw(x, g, kd)
+
+
 @jax.custom_vjp
 def _slab_conv(x: Array, w: Array) -> Array:
   """3D VALID conv as 2D slab convs, with the slab VJP below."""
@@ -229,7 +260,7 @@ def _slab_conv_bwd(res, g):
   # Also for the transposed convs' sub-pixel kernels (8x the outputs), whose 3D kernel gradient
   # was slower: the 64³ 64 -> 32 upsampling layer's fwd+bwd took 402 ms with it, 216 ms without.
   x, w = res
-  return _slab_dx(w, g).astype(x.dtype), _slab_dw(x, g, w.shape[0]).astype(w.dtype)
+  return _slab_dx(w, g).astype(x.dtype), _kernel_gradient(x, g, w.shape[0]).astype(w.dtype)
 
 
 _slab_conv.defvjp(lambda x, w: (_slab_conv(x, w), (x, w)), _slab_conv_bwd)

@@ -4,10 +4,11 @@ An r-tap correlation `y[d] = sum_a x[d + a] w[a]` gives m outputs per tile of m 
 with m + r - 1 products instead of m * r, `y = A^T [(G w) * (B^T x)]` per tile (Lavin & Gray,
 "Fast Algorithms for Convolutional Neural Networks", 2016; the matrices come from Toom-Cook
 interpolation at the points 0, 1, -1, 2, -2, ... and infinity). Here a "product" is any
-bilinear map applied slice by slice: `slab_conv` makes it a 2D convolution over (H, W), so that
-a 3D convolution and its input gradient run a fraction of the 2D convolutions of the direct
-form (F(4, 3): half). The function is the same; float32 rounding differs from a direct sum by
-about 1e-6 of the output's scale (see `tests/test_winograd.py`).
+bilinear map applied slice by slice: `slab_conv` makes it a 2D convolution over (H, W), or a 2D
+kernel gradient, so that a 3D convolution and its input and kernel gradients run a fraction of
+the 2D convolutions of the direct form (F(4, 3): half). The function is the same; float32
+rounding differs from a direct sum by about 1e-6 of the output's scale (see
+`tests/test_winograd.py`).
 """
 
 from collections.abc import Sequence
@@ -77,3 +78,25 @@ def outputs(products: Sequence[Array], m: int, r: int) -> Array:
   """A^T p, tiles interleaved: m + r - 1 arrays (B, q, ...) -> (B, m * q, ...)."""
   out = jnp.stack([_combine(row, products) for row in matrices(m, r)[2]], axis=2)
   return out.reshape(out.shape[0], -1, *out.shape[3:])
+
+
+def kernel_gradient_tiles(x: Array, g: Array, r: int, t: int) -> tuple[list[Array], list[Array]]:
+  """F(r, t) for the r sums `dw[a] = sum_d x[d + a] * g[d]` (a kernel gradient along axis 1).
+
+  The cotangent `g` (B, t * q, ...), in q tiles of t slices, is the filter and the input `x`
+  (B, t * q + r - 1, ...) the signal. Returns (B^T x, G g): t + r - 1 arrays (B, q, ...) each;
+  `kernel_gradient_outputs` of their products, each summed over the batch and tiles, is dw.
+  """
+  q = g.shape[1] // t
+  if q < 1 or g.shape[1] != t * q or x.shape[1] != t * q + r - 1:
+    raise ValueError(f"{g.shape[1]} cotangent and {x.shape[1]} input slices are not {t} * q "
+                     f"and {t} * q + {r - 1}")
+  bt, gm, _ = matrices(r, t)
+  xs = [x[:, i:i + t * (q - 1) + 1:t] for i in range(t + r - 1)]
+  gs = [g[:, i::t] for i in range(t)]
+  return [_combine(row, xs) for row in bt], [_combine(row, gs) for row in gm]
+
+
+def kernel_gradient_outputs(products: Sequence[Array], r: int, t: int) -> Array:
+  """A^T p of F(r, t): t + r - 1 arrays (...) -> (r, ...)."""
+  return jnp.stack([_combine(row, products) for row in matrices(r, t)[2]])
