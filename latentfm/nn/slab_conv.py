@@ -91,9 +91,10 @@ def _winograd_applies(n: int, kd: int, ci: int, co: int, dtype) -> bool:
 
 
 def _winograd_dw_applies(n: int, kd: int, ci: int, co: int, dtype) -> bool:
-  """Whether the kernel gradient of a kd-tap depth kernel over n output slices runs as tiles."""
-  return (kd in _WINOGRAD_DW_TILE and n >= _WINOGRAD_MIN_SLICES and dtype == jnp.float32
-          and min(ci, co) >= _WINOGRAD_DW_MIN_CHANNELS)
+  """Whether the kernel gradient of a kd-tap depth kernel over n output slices runs as tiles:
+  where the forward pass does, for the kernels and channel counts listed above."""
+  return (kd in _WINOGRAD_DW_TILE and min(ci, co) >= _WINOGRAD_DW_MIN_CHANNELS
+          and _winograd_applies(n, kd, ci, co, dtype))
 
 
 def padded_conv_is_slow(kernel_shape: Sequence[int], input_shape: Sequence[int],

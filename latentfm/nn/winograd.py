@@ -60,13 +60,17 @@ def tiles_needed(n: int, m: int) -> int:
   return -(-n // m)
 
 
+def _tile_slices(x: Array, step: int, count: int, q: int) -> list[Array]:
+  """Slice i of each of q tiles starting every `step` slices, i < count: arrays (B, q, ...)."""
+  return [x[:, i:i + step * (q - 1) + 1:step] for i in range(count)]
+
+
 def input_tiles(x: Array, m: int, r: int) -> list[Array]:
   """B^T x: (B, m * q + r - 1, ...) -> m + r - 1 arrays (B, q, ...)."""
   q = (x.shape[1] - r + 1) // m
   if q < 1 or x.shape[1] != m * q + r - 1:
     raise ValueError(f"axis 1 has {x.shape[1]} slices, not {m} * q + {r - 1}")
-  slices = [x[:, i:i + m * (q - 1) + 1:m] for i in range(m + r - 1)]
-  return [_combine(row, slices) for row in matrices(m, r)[0]]
+  return [_combine(row, _tile_slices(x, m, m + r - 1, q)) for row in matrices(m, r)[0]]
 
 
 def kernel_points(w: Array, m: int) -> list[Array]:
@@ -92,8 +96,7 @@ def kernel_gradient_tiles(x: Array, g: Array, r: int, t: int) -> tuple[list[Arra
     raise ValueError(f"{g.shape[1]} cotangent and {x.shape[1]} input slices are not {t} * q "
                      f"and {t} * q + {r - 1}")
   bt, gm, _ = matrices(r, t)
-  xs = [x[:, i:i + t * (q - 1) + 1:t] for i in range(t + r - 1)]
-  gs = [g[:, i::t] for i in range(t)]
+  xs, gs = _tile_slices(x, t, t + r - 1, q), _tile_slices(g, t, t, q)
   return [_combine(row, xs) for row in bt], [_combine(row, gs) for row in gm]
 
 
