@@ -78,10 +78,12 @@ def test_module_outputs_and_gradients_match_lax(module_results, index):
 
 
 def test_conv_functions_match_lax_on_a_sweep():
-  """Kernel, stride, padding (crop) and size combinations over 1-3 spatial axes."""
+  """Values and gradients over kernel, stride, padding (also uneven and wider than the kernel;
+  crops for the transposed conv) and size combinations on 1-3 spatial axes."""
   rng = np.random.default_rng(0)
   configs, xs, ws = [], [], []
-  for nd, k, s, p, n in itertools.product((1, 2, 3), (2, 3, 5), (1, 2, 3), (0, 2), (5, 6)):
+  for nd, k, s, p, n in itertools.product((1, 2, 3), (2, 3, 5), (1, 2, 3),
+                                          ((0, 0), (2, 2), (1, 3), (6, 1)), (5, 6)):
     if nd == 3 and (k, n) != (3, 5):
       continue
     configs.append((nd, k, (s,) * nd if nd < 3 else (s, 1, 2), p))
@@ -89,10 +91,21 @@ def test_conv_functions_match_lax_on_a_sweep():
     ws.append(jnp.asarray(rng.normal(size=(k,) * nd + (2, 3)), jnp.float32))
 
   def run(impl):
+    # The reference pads first: XLA:CPU's own gradient of a convolution padded wider than its
+    # kernel came out NaN or 1e25 (a negative padding in its transposed convolution).
+    def both(x, w, nd, k, st, p):
+      conv = (layers.conv(x, w, st, (p,) * nd, impl=impl) if impl == "fast" else
+              layers.conv(slab_conv.zero_pad(x, (p,) * nd), w, st, ((0, 0),) * nd, impl=impl))
+      return conv, layers.conv_transpose(x, w, st, (min(p[0], k - 1),) * nd, impl=impl)
+
     def f(xs, ws):
-      return [(layers.conv(x, w, st, ((p, p),) * nd, impl=impl),
-               layers.conv_transpose(x, w, st, (min(p, k - 1),) * nd, impl=impl))
-              for (nd, k, st, p), x, w in zip(configs, xs, ws)]
+      out = []
+      for (nd, k, st, p), x, w in zip(configs, xs, ws):
+        ys = both(x, w, nd, k, st, p)
+        cts = [jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)) for y in ys]
+        loss = lambda x, w: sum(jnp.vdot(y, c) for y, c in zip(both(x, w, nd, k, st, p), cts))
+        out.append((*ys, *jax.grad(loss, (0, 1))(x, w)))
+      return out
     return jax.jit(f)(xs, ws)
 
   for config, fast, ref in zip(configs, run("fast"), run("lax")):
@@ -163,6 +176,53 @@ def test_stride1_slab_gradients_match_lax_on_tiny_volumes(slab_input_gradient):
   _assert_stride1_grads_match(x, w, ct)
   jaxpr = str(jax.make_jaxpr(jax.grad(_stride1_loss(ct, "fast")))(x, w))
   assert "optimization_barrier" in jaxpr
+
+
+@pytest.mark.parametrize("shape,kernel,pads", [
+    ((2, 8, 6, 7, 8), (3, 3, 3, 8, 12), ((1, 1), (1, 1), (1, 1))),  # dx as Winograd tiles
+    ((2, 5, 5, 5, 12), (4, 4, 4, 12, 8), ((2, 2), (2, 2), (2, 2))),  # few slices: depth as input
+    ((1, 7, 4, 5, 3), (2, 3, 2, 3, 4), ((0, 3), (2, 0), (1, 1))),  # uneven, 2 depth taps
+    ((1, 4, 5, 6, 3), (3, 2, 3, 3, 4), ((4, 0), (0, 0), (3, 1))),  # wider than the kernel: crops
+    ((2, 1, 6, 7, 4), (1, 4, 3, 4, 5), ((0, 0), (2, 2), (1, 0))),  # 2D, lifted
+    ((1, 5, 5, 5, 6), (4, 4, 4, 6, 1), ((2, 2), (2, 2), (2, 2))),  # one output channel
+    ((1, 3, 3, 3, 4), (1, 1, 1, 4, 5), ((1, 1), (1, 1), (1, 1))),  # 1x1x1
+])
+def test_conv_padded_matches_lax_of_the_padded_input(shape, kernel, pads):
+  """Value and gradients of `conv_padded` against `lax` on the zero-padded input."""
+  x, w = _normal(shape, 1), _normal(kernel, 2)
+  reference = lambda x, w: slab_conv.lax_valid(slab_conv.zero_pad(x, pads), w)
+  ct = _normal(jax.eval_shape(reference, x, w).shape, 3)
+  padded = lambda x, w: slab_conv.conv_padded(x, w, pads)
+  (y, grads), (y_ref, grads_ref) = (value_and_grads(f, x, w, ct) for f in (padded, reference))
+  _assert_close(y, y_ref)
+  for grad, ref in zip(grads, grads_ref):
+    _assert_close(grad, ref)
+  with pytest.raises(ValueError, match="zero padding >= 0"):
+    slab_conv.conv_padded(x, w, ((0, -1),) + pads[1:])
+
+
+def test_conv_padded_input_gradient_skips_the_padding():
+  """The discriminator's 4x4x4 layer on 5³ inputs padded by 2: the input gradient of the
+  unpadded input does about half the products of a full correlation of the cotangent."""
+  x, w, pads = _normal((2, 5, 5, 5, 16), 1), _normal((4, 4, 4, 16, 32), 2), ((2, 2),) * 3
+  ct = _normal((2, 6, 6, 6, 32), 3)
+  def input_gradient_flops(conv):
+    grad = jax.jit(jax.grad(lambda x: jnp.vdot(conv(x), ct)))
+    return grad.lower(x).cost_analysis()["flops"]
+  skipping = input_gradient_flops(lambda x: slab_conv.conv_padded(x, w, pads))
+  full = input_gradient_flops(lambda x: slab_conv.conv_valid(slab_conv.zero_pad(x, pads), w))
+  assert skipping < 0.6 * full, (skipping, full)
+
+
+def test_few_output_slices_take_the_depth_taps_as_input_channels():
+  """Under _WINOGRAD_MIN_SLICES output slices the forward is one 2D conv over kd x ci input
+  channels, even where the channels shrink; with more slices the taps become output channels."""
+  for depth, channels in [(5, 4 * 12), (12, 12)]:
+    x, w = _normal((1, depth + 3, 6, 6, 12), 1), _normal((4, 3, 3, 12, 8), 2)
+    jaxpr = jax.make_jaxpr(slab_conv._slab_fwd)(jnp.asarray(x, jnp.bfloat16),
+                                                jnp.asarray(w, jnp.bfloat16))
+    convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    assert [c.invars[1].aval.shape[2] for c in convs] == [channels]
 
 
 @pytest.mark.parametrize("cotangent,kernel,taps", [

@@ -50,7 +50,7 @@ def test_winograd_slab_conv_matches_lax(slab_input_gradient, depth, kd, ci, co, 
   ct = _normal((2, depth, 4, 6, co), 7)
   assert _convolutions(slab_conv._slab_fwd, x, w) == convs  # one per Winograd point
   (y, grads), (y_ref, grads_ref) = (value_and_grads(f, x, w, ct)
-                                    for f in (slab_conv._slab_conv, slab_conv.lax_valid))
+                                    for f in (slab_conv.conv_valid, slab_conv.lax_valid))
   _assert_close(y, y_ref)
   for grad, ref in zip(grads, grads_ref):
     _assert_close(grad, ref)
@@ -106,7 +106,7 @@ def test_winograd_kernel_gradient_matches_lax(depth, kd, ci, co, tiled):
   assert slab_conv._winograd_dw_applies(depth, kd, ci, co, jnp.float32) == tiled
   assert not slab_conv._winograd_dw_applies(depth, kd, ci, co, jnp.bfloat16)
   (_, (_, dw)), (_, (_, dw_ref)) = (value_and_grads(f, x, w, ct)
-                                    for f in (slab_conv._slab_conv, slab_conv.lax_valid))
+                                    for f in (slab_conv.conv_valid, slab_conv.lax_valid))
   _assert_close(dw, dw_ref)
   if kd in slab_conv._WINOGRAD_DW_TILE:  # the tiles give the same values where not chosen too
     _assert_close(slab_conv._winograd_dw(x, ct, kd), dw_ref)

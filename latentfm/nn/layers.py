@@ -30,7 +30,7 @@ import numpy as np
 
 from latentfm.nn import group_norm
 from latentfm.nn.edge_pad import edge_pad as fast_edge_pad
-from latentfm.nn.slab_conv import conv_valid, dimension_numbers, padded_conv_is_slow, zero_pad
+from latentfm.nn.slab_conv import conv_padded, dimension_numbers, zero_pad
 
 Array = jax.Array
 IntOrSeq = int | Sequence[int]
@@ -127,21 +127,24 @@ def _strided_conv_fast(x: Array, kernel: Array, strides: Sequence[int],
 
   Output m reads padded inputs s*m + t, t < k. With the kernel zero-padded to kb*s taps
   (kb = ceil(k/s)) and t = s*j + r, that is block m + j, phase r. Inputs past the last block a
-  tap reaches are cropped; missing ones are zeros, which only meet zero taps.
+  tap reaches are cropped; missing ones are zeros, which only meet zero taps. Blocks of padding
+  alone go to `conv_padded`, which skips their gradient.
   """
   nd, ks = x.ndim - 2, kernel.shape[:x.ndim - 2]
   kb = [-(-k // s) for k, s in zip(ks, strides)]
-  slow = padded_conv_is_slow(ks, x.shape[1:-1], padding)
-  x = zero_pad(x, [(lo, ((n + lo + hi - k) // s + b) * s - n - lo)
-                    for n, k, s, b, (lo, hi) in zip(x.shape[1:-1], ks, strides, kb, padding)])
-  if all(s == 1 for s in strides):  # a barrier keeps XLA from folding a slow padding back in
-    return conv_valid(lax.optimization_barrier(x) if slow else x, kernel)
+  pads = [(lo, ((n + lo + hi - k) // s + b) * s - n - lo)
+          for n, k, s, b, (lo, hi) in zip(x.shape[1:-1], ks, strides, kb, padding)]
+  zero_blocks = tuple((lo // s, max(hi, 0) // s) for (lo, hi), s in zip(pads, strides))
+  x = zero_pad(x, [(lo - s * zl, hi - s * zh)
+                    for (lo, hi), s, (zl, zh) in zip(pads, strides, zero_blocks)])
+  if all(s == 1 for s in strides):
+    return conv_padded(x, kernel, zero_blocks)
   kernel = jnp.pad(kernel, [(0, b * s - k) for k, s, b in zip(ks, strides, kb)] + [(0, 0)] * 2)
   cin, cout = kernel.shape[-2:]
   kernel = kernel.reshape(*[d for pair in zip(kb, strides) for d in pair], cin, cout)
   kernel = kernel.transpose(*range(0, 2 * nd, 2), *range(1, 2 * nd, 2), 2 * nd, 2 * nd + 1)
-  return conv_valid(space_to_depth(x, strides),
-                     kernel.reshape(*kb, math.prod(strides) * cin, cout))
+  return conv_padded(space_to_depth(x, strides),
+                     kernel.reshape(*kb, math.prod(strides) * cin, cout), zero_blocks)
 
 
 def _subpixel_plan(k: int, s: int, c: int) -> tuple[int, int, np.ndarray]:
@@ -178,7 +181,9 @@ def _conv_transpose_fast(x: Array, kernel: Array, strides: Sequence[int],
   cin, cout = kernel.shape[-2:]
   kernel = kernel.transpose(*range(0, 2 * nd, 2), 2 * nd, *range(1, 2 * nd, 2), 2 * nd + 1)
   kernel = kernel.reshape(*kernel.shape[:nd], cin, math.prod(strides) * cout)
-  y = depth_to_space(conv_valid(zero_pad(x, pads), kernel), strides)
+  grown = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
+  x = zero_pad(x, [(min(lo, 0), min(hi, 0)) for lo, hi in pads])  # the crops
+  y = depth_to_space(conv_padded(x, kernel, grown), strides)
   return y[(slice(None), *crops, slice(None))]
 
 

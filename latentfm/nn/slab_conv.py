@@ -1,16 +1,18 @@
 """Stride-1 VALID convolutions for XLA:CPU: 3D as 2D convolutions over depth slabs.
 
 XLA:CPU runs 2D convolutions several times faster than 3D ones and differentiates strided
-and 3D convolutions slowly. `conv_valid` computes a stride-1 VALID convolution of 1-3 spatial
-axes with 2D convolutions over (H, W), the depth handled by folding its taps into channels or
-by Winograd tiles (`winograd.py`), and a custom VJP whose input and kernel gradients are 2D
-convolutions too, except the input gradients of small cotangents (matrix products over the taps,
-`tap_products`). Reverse mode only: use `lax_valid`, i.e. the "lax" formulation of
+and 3D convolutions slowly. `conv_padded` computes a stride-1 convolution of 1-3 spatial axes,
+VALID over its input zero-padded, with 2D convolutions over (H, W), the depth handled by folding
+its taps into channels or by Winograd tiles (`winograd.py`), and a custom VJP whose input and
+kernel gradients are 2D convolutions too, except the input gradients of small unpadded
+cotangents (matrix products over the taps, `tap_products`). The input gradient leaves out the
+padding: a VALID correlation of the cotangent, not a full one cropped afterwards. Reverse mode only: use `lax_valid`, i.e. the "lax" formulation of
 `latentfm.nn.layers`, for `jax.jvp`. The kernel gradients run fastest with XLA's own
 convolutions rather than YNNPACK's (see `latentfm.train.compiler`).
 """
 
 from collections.abc import Sequence
+import functools
 import math
 
 import jax
@@ -63,7 +65,8 @@ _WINOGRAD_DW_TILE = {3: 4, 4: 3}
 _WINOGRAD_DW_MIN_CHANNELS = 64
 
 
-# The input gradient is a full correlation of the cotangent, padded by k - 1 on each side. Where
+# Without padding, the input gradient is a full correlation of the cotangent, padded by k - 1 on
+# each side (with padding, `_slab_dx` crops the cotangent's padding instead). Where
 # that gives at least _TAPS_MIN_FULL_RATIO times as many outputs as the cotangent has positions,
 # most of its products meet the zero border, and `tap_products.input_gradient`, which skips them,
 # is faster if its tap columns (cotangent positions x taps x input channels) fit in
@@ -136,21 +139,25 @@ def _winograd_correlate(x: Array, w: Array, pad) -> Array:
 def _slab_fwd(x: Array, w: Array) -> Array:
   """2D convs over (H, W), depth by Winograd tiles or folded into the narrower channel side.
 
-  Few input channels: the kd depth neighbours become input channels (one 2D conv). Otherwise
-  the taps become output channels and a shifted sum adds them up.
+  Few input channels or few output slices: the kd depth neighbours become input channels (one
+  2D conv). Otherwise the taps become output channels and a shifted sum adds them up; with
+  under _WINOGRAD_MIN_SLICES output slices that computes too many slices that are not needed
+  (batch 2, 3x3x3 480 -> 480 on 4³ outputs: 9.6 against 7.9 ms; 4x4x4 512 -> 256 on 5³: 18.4
+  against 14.8 ms).
   """
   kd, kh, kw, ci, co = w.shape
   (b, d), n = x.shape[:2], x.shape[1] - kd + 1
   if _winograd_applies(n, kd, ci, co, x.dtype):
     return _winograd_correlate(x, w, ((0, 0), (0, 0)))
-  if ci < co:
+  depth_as_input = ci < co or n < _WINOGRAD_MIN_SLICES
+  if depth_as_input:
     x2, w2 = _depth_taps_on_input(x, kd, n), w.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kd * ci, co)
   else:
     x2, w2 = x.reshape(b * d, *x.shape[2:]), w.transpose(1, 2, 3, 0, 4).reshape(kh, kw, ci, kd * co)
   # A VALID conv. Padding W by kw and cropping the extra columns, once faster on XLA:CPU, now
   # measures slower: the flow train step at 16³x8 took 1,733 against 1,517 ms.
   z = _conv2d(x2, w2, ((0, 0), (0, 0)))
-  if ci < co:
+  if depth_as_input:
     return z.reshape(b, n, *z.shape[1:])
   z = z.reshape(b, d, *z.shape[1:3], kd, co)
   return sum(z[:, a:a + n, :, :, a] for a in range(1, kd)) + z[:, :n, :, :, 0]
@@ -167,12 +174,30 @@ def _pad_depth(x: Array, lo: int, hi: int) -> Array:
   return zero_pad(x, ((lo, hi), (0, 0), (0, 0)))
 
 
-def _slab_dx(w: Array, g: Array) -> Array:
-  """Input gradient: full 2D conv of `g` with the flipped kernel, depth taps as in `_slab_fwd`
-  (small cotangents: `tap_products.input_gradient`).
+def _pad_for_conv(x: Array, kernel_shape: Sequence[int], pads) -> Array:
+  """`zero_pad(x, pads)` for a VALID conv with `kernel_shape`, behind a barrier where XLA would
+  fold the padding into the convolution and run it slowly (`padded_conv_is_slow`)."""
+  padded = zero_pad(x, pads)
+  grown = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
+  slow = padded_conv_is_slow(kernel_shape, x.shape[1:-1], grown)
+  return lax.optimization_barrier(padded) if slow else padded
 
-  Input slice d receives tap a from cotangent slice d - a.
+
+def _slab_dx(w: Array, g: Array, pads=((0, 0),) * 3) -> Array:
+  """Input gradient of the input zero-padded by `pads`, without its padding.
+
+  Padded: a VALID correlation of the cotangent, zero-padded by k - 1 - pad (a negative width
+  crops), with the flipped kernel, as `_slab_fwd`. This skips the gradient of the padding, which
+  a full correlation computes and discards (batch 2, the 3D discriminator's 4x4x4 256 -> 512 on
+  5³ inputs: 19.8 -> 14.7 ms, on 9³ 84.1 -> 28.0; 3x3x3 240 -> 240 on 16³ 44.5 -> 30.4).
+  Unpadded: a full 2D conv of `g` with the flipped kernel, depth taps as in `_slab_fwd`
+  (small cotangents: `tap_products.input_gradient`); input slice d receives tap a from
+  cotangent slice d - a.
   """
+  if any(lo or hi for lo, hi in pads):
+    k = w.shape[:3]
+    g = _pad_for_conv(g, k, [(t - 1 - lo, t - 1 - hi) for t, (lo, hi) in zip(k, pads)])
+    return _slab_fwd(g, w[::-1, ::-1, ::-1].swapaxes(3, 4))
   if _input_gradient_by_taps(g.shape, w.shape, g.dtype.itemsize):
     return tap_products.input_gradient(g, w)
   kd, kh, kw, ci, co = w.shape
@@ -251,32 +276,42 @@ def _kernel_gradient(x: Array, g: Array, kd: int) -> Array:
   return _slab_dw(x, g, kd)
 
 
-@jax.custom_vjp
-def _slab_conv(x: Array, w: Array) -> Array:
-  """3D VALID conv as 2D slab convs, with the slab VJP below."""
-  return _slab_fwd(x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _slab_conv(x: Array, w: Array, pads) -> Array:
+  """3D VALID conv of `x` zero-padded by `pads` as 2D slab convs, with the slab VJP below."""
+  return _slab_fwd(_pad_for_conv(x, w.shape[:3], pads), w)
 
 
-def _slab_conv_bwd(res, g):
+def _slab_conv_bwd(pads, res, g):
   # Also for the transposed convs' sub-pixel kernels (8x the outputs), whose 3D kernel gradient
   # was slower: the 64³ 64 -> 32 upsampling layer's fwd+bwd took 402 ms with it, 216 ms without.
   x, w = res
-  return _slab_dx(w, g).astype(x.dtype), _kernel_gradient(x, g, w.shape[0]).astype(w.dtype)
+  dw = _kernel_gradient(zero_pad(x, pads), g, w.shape[0])
+  return _slab_dx(w, g, pads).astype(x.dtype), dw.astype(w.dtype)
 
 
-_slab_conv.defvjp(lambda x, w: (_slab_conv(x, w), (x, w)), _slab_conv_bwd)
+_slab_conv.defvjp(lambda x, w, pads: (_slab_conv(x, w, pads), (x, w)), _slab_conv_bwd)
+
+
+def conv_padded(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> Array:
+  """`conv_valid(zero_pad(x, pads), kernel)`, `pads` >= 0, with the gradient of `x` alone.
+
+  1-3 spatial axes run as slabs (2D: one slab), one output channel as `tap_products` (64³ x
+  32 -> 1, batch 2, fwd+bwd: 150 -> 45 ms; with two output channels slower, 157 -> 169 ms).
+  """
+  nd, pads = x.ndim - 2, tuple((int(lo), int(hi)) for lo, hi in pads)
+  if min(min(p) for p in pads) < 0:
+    raise ValueError(f"conv_padded takes zero padding >= 0, got {pads}")
+  if nd > 3 or all(k == 1 for k in kernel.shape[:nd]):
+    return lax_valid(zero_pad(x, pads), kernel)
+  if kernel.shape[-1] == 1:
+    return tap_products.conv_valid(_pad_for_conv(x, kernel.shape[:nd], pads), kernel)
+  lift = (1,) * (3 - nd)
+  y = _slab_conv(x.reshape(x.shape[0], *lift, *x.shape[1:]),
+                 kernel.reshape(*lift, *kernel.shape), ((0, 0),) * len(lift) + pads)
+  return y.reshape(y.shape[0], *y.shape[1 + len(lift):])
 
 
 def conv_valid(x: Array, kernel: Array) -> Array:
-  """Stride-1 VALID conv of the "fast" path; 1-3 spatial axes run as slabs (2D: one slab),
-  one output channel as `tap_products` (64³ x 32 -> 1, batch 2, fwd+bwd: 150 -> 45 ms; with
-  two output channels slower, 157 -> 169 ms)."""
-  nd = x.ndim - 2
-  if nd > 3 or all(k == 1 for k in kernel.shape[:nd]):
-    return lax_valid(x, kernel)
-  if kernel.shape[-1] == 1:
-    return tap_products.conv_valid(x, kernel)
-  lift = (1,) * (3 - nd)
-  y = _slab_conv(x.reshape(x.shape[0], *lift, *x.shape[1:]),
-                 kernel.reshape(*lift, *kernel.shape))
-  return y.reshape(y.shape[0], *y.shape[1 + len(lift):])
+  """Stride-1 VALID conv of the "fast" path: `conv_padded` without padding."""
+  return conv_padded(x, kernel, ((0, 0),) * (x.ndim - 2))
