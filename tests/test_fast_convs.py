@@ -216,9 +216,10 @@ def test_conv_padded_input_gradient_skips_the_padding():
 
 def test_few_output_slices_take_the_depth_taps_as_input_channels():
   """Under _WINOGRAD_MIN_SLICES output slices the forward is one 2D conv over kd x ci input
-  channels, even where the channels shrink; with more slices the taps become output channels."""
-  for depth, channels in [(5, 4 * 12), (12, 12)]:
-    x, w = _normal((1, depth + 3, 6, 6, 12), 1), _normal((4, 3, 3, 12, 8), 2)
+  channels, even where the channels shrink; with more slices, or 2 depth taps, the taps become
+  output channels."""
+  for depth, kd, channels in [(5, 4, 4 * 12), (12, 4, 12), (5, 2, 12)]:
+    x, w = _normal((1, depth + kd - 1, 6, 6, 12), 1), _normal((kd, 3, 3, 12, 8), 2)
     jaxpr = jax.make_jaxpr(slab_conv._slab_fwd)(jnp.asarray(x, jnp.bfloat16),
                                                 jnp.asarray(w, jnp.bfloat16))
     convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]

@@ -139,17 +139,18 @@ def _winograd_correlate(x: Array, w: Array, pad) -> Array:
 def _slab_fwd(x: Array, w: Array) -> Array:
   """2D convs over (H, W), depth by Winograd tiles or folded into the narrower channel side.
 
-  Few input channels or few output slices: the kd depth neighbours become input channels (one
-  2D conv). Otherwise the taps become output channels and a shifted sum adds them up; with
-  under _WINOGRAD_MIN_SLICES output slices that computes too many slices that are not needed
-  (batch 2, 3x3x3 480 -> 480 on 4³ outputs: 9.6 against 7.9 ms; 4x4x4 512 -> 256 on 5³: 18.4
-  against 14.8 ms).
+  Few input channels, or few output slices of a kernel with more than 2 depth taps: the kd
+  depth neighbours become input channels (one 2D conv). Otherwise the taps become output
+  channels and a shifted sum adds them up; with under _WINOGRAD_MIN_SLICES output slices that
+  computes slices that are not needed (batch 2, 3x3x3 480 -> 480 on 4³ outputs: 9.6 against
+  7.9 ms; 4x4x4 512 -> 256 on 5³: 18.4 against 14.8 ms). With 2 depth taps it was level
+  (the strided convs' 2x2x2 kernels after space-to-depth: 28.3 against 30.6 ms over 8 layers).
   """
   kd, kh, kw, ci, co = w.shape
   (b, d), n = x.shape[:2], x.shape[1] - kd + 1
   if _winograd_applies(n, kd, ci, co, x.dtype):
     return _winograd_correlate(x, w, ((0, 0), (0, 0)))
-  depth_as_input = ci < co or n < _WINOGRAD_MIN_SLICES
+  depth_as_input = ci < co or (n < _WINOGRAD_MIN_SLICES and kd > 2)
   if depth_as_input:
     x2, w2 = _depth_taps_on_input(x, kd, n), w.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kd * ci, co)
   else:
