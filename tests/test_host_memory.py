@@ -1,6 +1,9 @@
 """Host-memory reuse: a step's temporary buffer stops being faulted in afresh on every call.
 
 Each case runs in a fresh interpreter: the settings are process-wide and must precede JAX's start.
+With reuse, the first calls may still grow the heap by a fresh buffer now and then (seen up to the
+15th call on a loaded machine, mostly within the first four), so the test judges the median call
+of the second half of 16.
 """
 
 import json
@@ -23,13 +26,13 @@ from latentfm.train import host_memory
 applied = host_memory.reuse_host_memory() if {reuse} else False
 # The 64 MiB products are temporary buffers of the execution, not outputs.
 step = jax.jit(lambda x, w: jnp.sum((x @ w)[::-1] @ w.T))
-x, w = jnp.ones((4096, 1024)) / 1024, jnp.ones((1024, 4096))
+x, w = jnp.ones((4096, 256)) / 256, jnp.ones((256, 4096))
 faults = []
-for _ in range(8):  # the heap settles within the first few calls
+for _ in range(16):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   jax.block_until_ready(step(x, w))
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({{"applied": applied, "faults": sorted(faults[4:])[1],
+print(json.dumps({{"applied": applied, "faults": sorted(faults[8:])[4],
                   "async": jax.config.read("jax_cpu_enable_async_dispatch")}}))
 """
 

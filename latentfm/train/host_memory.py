@@ -13,8 +13,11 @@ time per step there). Every intermediate of the step then runs at the speed of f
 - glibc serves large blocks from that heap instead of separate mappings (`mallopt(M_MMAP_MAX,
   0)`) and keeps freed heap memory instead of returning it (`mallopt(M_TRIM_THRESHOLD, -1)`).
 
-The costs: the process holds on to its peak host memory until it exits, and Python waits for
-each CPU execution instead of running ahead of it. Accelerator executions are not affected.
+The heap settles within the first steps: until then a step may still find no freed block it can
+reuse and grow the heap by a fresh buffer (seen in up to four of the first calls on a loaded
+machine, rarely later). The costs: the process holds on to its peak host memory until it exits,
+and Python waits for each CPU execution instead of running ahead of it. Accelerator executions
+are not affected.
 """
 
 import ctypes
