@@ -6,9 +6,10 @@ VALID over its input zero-padded, with 2D convolutions over (H, W), the depth ha
 its taps into channels or by Winograd tiles (`winograd.py`), and a custom VJP whose input and
 kernel gradients are 2D convolutions too, except the input gradients of small unpadded
 cotangents (matrix products over the taps, `tap_products`). The input gradient leaves out the
-padding: a VALID correlation of the cotangent, not a full one cropped afterwards. Reverse mode only: use `lax_valid`, i.e. the "lax" formulation of
-`latentfm.nn.layers`, for `jax.jvp`. The kernel gradients run fastest with XLA's own
-convolutions rather than YNNPACK's (see `latentfm.train.compiler`).
+padding: a VALID correlation of the cotangent, not a full one cropped afterwards. Reverse mode
+only: use `lax_valid`, i.e. the "lax" formulation of `latentfm.nn.layers`, for `jax.jvp`. The
+kernel gradients run fastest with XLA's own convolutions rather than YNNPACK's (see
+`latentfm.train.compiler`).
 """
 
 from collections.abc import Sequence
@@ -66,10 +67,10 @@ _WINOGRAD_DW_MIN_CHANNELS = 64
 
 
 # Without padding, the input gradient is a full correlation of the cotangent, padded by k - 1 on
-# each side (with padding, `_slab_dx` crops the cotangent's padding instead). Where
-# that gives at least _TAPS_MIN_FULL_RATIO times as many outputs as the cotangent has positions,
-# most of its products meet the zero border, and `tap_products.input_gradient`, which skips them,
-# is faster if its tap columns (cotangent positions x taps x input channels) fit in
+# each side (with padding, `_slab_dx` pads it by k - 1 - pad instead, cropping where negative).
+# Where that gives at least _TAPS_MIN_FULL_RATIO times as many outputs as the cotangent has
+# positions, most of its products meet the zero border, and `tap_products.input_gradient`, which
+# skips them, is faster if its tap columns (cotangent positions x taps x input channels) fit in
 # _TAPS_MAX_BYTES. Batch 2, against the slab form (bench/RESULTS.md): the 3D discriminator's 4x4x4
 # 256 -> 512 on 6³ outputs 74 -> 26 ms, on 10³ 148 -> 98; 3x3x3 256 -> 256 on 8³ 16.6 -> 11.0.
 # Ratios of 1.73 (4x4x4 on 13³: 52 -> 59) and 1.42 (3x3x3 on 16³: 15 -> 23) were slower.
