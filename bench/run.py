@@ -59,8 +59,11 @@ from latentfm.nn.layers import conv_impl, get_conv_impl
 from latentfm.train import host_memory
 from latentfm.train.compiler import jit_train_step
 
-# Dense peak FLOP/s by device kind (substring) and compute dtype: bf16 and TF32 tensor cores.
-PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 495e12},
+# Dense peak FLOP/s by device kind (substring, first match) and compute dtype: bf16 and TF32
+# tensor cores. The PCIe and NVL cards of the H100 run at lower clocks than the SXM one.
+PEAK_FLOPS = {"H100 PCIe": {"bfloat16": 756e12, "float32": 378e12},
+              "H100 NVL": {"bfloat16": 835e12, "float32": 418e12},
+              "H100": {"bfloat16": 989e12, "float32": 495e12},
               "H200": {"bfloat16": 989e12, "float32": 495e12},
               "A100": {"bfloat16": 312e12, "float32": 156e12}}
 
@@ -121,6 +124,7 @@ def cpu_matmul_rate(dtype: str, n: int = 2048) -> float:
 
 
 def peak_flops(dtype: str) -> float | None:
+  """Dense peak FLOP/s of the first device in `dtype`; None for a device not in PEAK_FLOPS."""
   kind = jax.devices()[0].device_kind
   return next((p[dtype] for name, p in PEAK_FLOPS.items() if name in kind), None)
 

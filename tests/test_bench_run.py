@@ -67,6 +67,14 @@ def test_peak_flops_of_an_h200_is_the_dense_bf16_rate(monkeypatch):
   assert row["mfu"] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("kind, bf16", [("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("Tesla T4", None)])
+def test_peak_flops_tells_the_h100_cards_apart(monkeypatch, kind, bf16):
+  monkeypatch.setattr(jax, "devices", lambda: [type("Device", (), {"device_kind": kind})()])
+  assert run.peak_flops("bfloat16") == bf16
+
+
 def test_ratio_summary_pairs_the_rounds():
   assert run.ratio_summary([1.0, 3.0, 2.0], [2.0, 2.0, 4.0]) == (0.5, 0.5, 1.5)
   with pytest.raises(ValueError):
