@@ -4,7 +4,8 @@ r"""Data-parallel scaling: the flow train step on 1, 2, 4, ... devices at a fixe
 
 Each device count runs in its own process (on the CPU the devices are forced with
 `--xla_force_host_platform_device_count`, so they share the host's cores; on accelerators the
-first N real devices are used). Prints step time, throughput and throughput per device.
+first N real devices are used). Prints step time, throughput and throughput per device; exits
+with status 1 if any device count failed.
 Each child reuses host memory across steps as the trainers do (`latentfm.train.host_memory`).
 """
 
@@ -46,25 +47,39 @@ def child(args) -> None:
                     "batch": batch, "seconds": seconds}))
 
 
-def main() -> None:
+def device_counts(text: str) -> list[int]:
+  """`"1,2,4"` -> [1, 2, 4]; argparse's error for anything but positive integers."""
+  try:
+    counts = [int(n) for n in text.split(",")]
+  except ValueError:
+    counts = []
+  if not counts or min(counts) < 1:
+    raise argparse.ArgumentTypeError(f"expected positive integers like 1,2,4, got {text!r}")
+  return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs one child process per device count and prints the table; 1 if any child failed."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--devices", default="1,2,4")
+  parser.add_argument("--devices", type=device_counts, default="1,2,4")
   parser.add_argument("--per-device-batch", type=int, default=2)
   parser.add_argument("--config", default="thesis")
   parser.add_argument("--latent", type=int, default=8, help="latent edge (thesis 64^3: 16)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.child:
     child(args)
-    return
+    return 0
+  forced = os.environ.get("JAX_PLATFORMS", "cpu") == "cpu"
   print(f"flow train step, config {args.config}, latent {args.latent}^3x8, "
         f"{args.per_device_batch} per device")
   print("| devices | global batch | step (ms) | volumes/s | volumes/s per device |")
   print("|---|---|---|---|---|")
-  for n in map(int, args.devices.split(",")):
+  failed, shared_cores = 0, False
+  for n in args.devices:
     env = dict(os.environ)
-    if env.get("JAX_PLATFORMS", "cpu") == "cpu":
+    if forced:
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
                           + f" --xla_force_host_platform_device_count={n}").strip()
     cmd = [sys.executable, "-m", "bench.scaling", "--child", str(n), "--config", args.config,
@@ -72,13 +87,18 @@ def main() -> None:
            "--repeats", str(args.repeats)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
-      print(f"| {n} | failed: {out.stderr.strip().splitlines()[-1]} | | | |")
+      failed += 1
+      last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+      print(f"| {n} | failed: {last} | | | |", flush=True)
       continue
     row = json.loads(out.stdout.strip().splitlines()[-1])
     rate = row["batch"] / row["seconds"]
     print(f"| {n} | {row['batch']} | {row['seconds'] * 1e3:.0f} | {rate:.2f} | {rate / n:.2f} |",
           flush=True)
-
+    shared_cores |= forced and row["kind"] == "cpu" and n > 1
+  if shared_cores:
+    print("(forced CPU devices share this machine's cores: a test of correctness, not of speed)")
+  return 1 if failed else 0
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
