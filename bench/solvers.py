@@ -10,11 +10,37 @@ with Euler-100 at equal error: the cheapest swept tolerance whose error is at mo
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5)
+
+
+def sweep(velocity: Callable[[jax.Array, jax.Array], jax.Array], z1: jax.Array,
+          tolerances: Sequence[float] = TOLERANCES) -> tuple[int, list[dict]]:
+  """`(reference NFE, rows)`: each row's solver, setting, NFE and RMS error against tsit5 at
+  rtol = atol = 1e-8 from the same noise `z1`: Euler 10-100 steps, Heun 10 and 25, tsit5 at
+  each tolerance."""
+  from latentfm import sample  # pylint: disable=import-outside-toplevel
+  ref, ref_nfe = sample.integrate(velocity, z1, solver="tsit5", rtol=1e-8, atol=1e-8)
+  runs = ([("euler", f"{n} steps", {"steps": n}) for n in (10, 25, 50, 100)]
+          + [("heun", f"{n} steps", {"steps": n}) for n in (10, 25)]
+          + [("tsit5", f"rtol=atol={tol:g}", {"rtol": tol, "atol": tol}) for tol in tolerances])
+  rows = []
+  for solver, setting, kwargs in runs:
+    z, nfe = sample.integrate(velocity, z1, solver=solver, **kwargs)
+    rows.append({"solver": solver, "setting": setting, "nfe": int(nfe),
+                 "error": float(jnp.sqrt(jnp.mean((z - ref) ** 2)))})
+  return int(ref_nfe), rows
+
+
+def equal_error(rows: Sequence[dict]) -> dict | None:
+  """The cheapest tsit5 row whose error is at most Euler-100's; None if there is none."""
+  euler_100 = next(r for r in rows if r["solver"] == "euler" and r["nfe"] == 100)
+  matching = [r for r in rows if r["solver"] == "tsit5" and r["error"] <= euler_100["error"]]
+  return min(matching, key=lambda r: r["nfe"]) if matching else None
 
 
 def main() -> None:
@@ -25,31 +51,19 @@ def main() -> None:
   from latentfm import sample  # pylint: disable=import-outside-toplevel
   models = sample.load(args.workdir)
   z1 = jax.random.normal(jax.random.PRNGKey(0), (args.num,) + models.latent_shape)
-  ref, ref_nfe = sample.integrate(models.velocity, z1, solver="tsit5", rtol=1e-8, atol=1e-8)
-  rms = lambda z: float(jnp.sqrt(jnp.mean((z - ref) ** 2)))
-  print(f"reference tsit5 rtol 1e-8: NFE {int(ref_nfe)}")
+  ref_nfe, rows = sweep(models.velocity, z1)
+  print(f"reference tsit5 rtol 1e-8: NFE {ref_nfe}")
   print("| solver | setting | NFE | RMS error vs reference |")
   print("|---|---|---|---|")
-  euler = {}
-  for steps in (10, 25, 50, 100):
-    z, nfe = sample.integrate(models.velocity, z1, solver="euler", steps=steps)
-    euler[steps] = rms(z)
-    print(f"| euler | {steps} steps | {int(nfe)} | {euler[steps]:.2e} |")
-  for steps in (10, 25):
-    z, nfe = sample.integrate(models.velocity, z1, solver="heun", steps=steps)
-    print(f"| heun | {steps} steps | {int(nfe)} | {rms(z):.2e} |")
-  adaptive = []
-  for tol in TOLERANCES:
-    z, nfe = sample.integrate(models.velocity, z1, solver="tsit5", rtol=tol, atol=tol)
-    adaptive.append((tol, int(nfe), rms(z)))
-    print(f"| tsit5 | rtol=atol={tol:g} | {int(nfe)} | {adaptive[-1][2]:.2e} |")
-  matching = [a for a in adaptive if a[2] <= euler[100]]
-  if matching:
-    tol, nfe, err = min(matching, key=lambda a: a[1])
-    print(f"equal error: tsit5 rtol=atol={tol:g} reaches {err:.2e} <= Euler-100's "
-          f"{euler[100]:.2e} with {nfe} NFE (Euler: 100)")
+  for r in rows:
+    print(f"| {r['solver']} | {r['setting']} | {r['nfe']} | {r['error']:.2e} |")
+  euler_100 = next(r for r in rows if r["solver"] == "euler" and r["nfe"] == 100)["error"]
+  best = equal_error(rows)
+  if best:
+    print(f"equal error: tsit5 {best['setting']} reaches {best['error']:.2e} <= Euler-100's "
+          f"{euler_100:.2e} with {best['nfe']} NFE (Euler: 100)")
   else:
-    print(f"equal error: no swept tsit5 tolerance reaches Euler-100's {euler[100]:.2e}")
+    print(f"equal error: no swept tsit5 tolerance reaches Euler-100's {euler_100:.2e}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""bench.solvers: the sweep against a tight tsit5 reference, and its equal-error line."""
+
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+from bench import solvers
+
+# v(z, t) = A z, so z(0) = expm(-A) z(1) exactly.
+A = np.array([[0.5, 2.0], [-2.0, 0.5]])
+Z1 = jnp.asarray(np.random.default_rng(1).normal(size=(1, 4, 4, 4, 2)), jnp.float32)
+
+
+def test_sweep_errors_shrink_with_steps_and_tolerance():
+  ref_nfe, rows = solvers.sweep(lambda z, t: z @ jnp.asarray(A.T, z.dtype), Z1,
+                                tolerances=(1e-2, 1e-5))
+  exact = np.asarray(Z1) @ scipy.linalg.expm(-A).T
+  scale = float(np.sqrt(np.mean(exact ** 2)))
+  by_name = {(r["solver"], r["setting"]): r for r in rows}
+  euler = [by_name["euler", f"{n} steps"] for n in (10, 25, 50, 100)]
+  assert [r["nfe"] for r in euler] == [10, 25, 50, 100]
+  errors = [r["error"] for r in euler]
+  assert 1.6 < errors[2] / errors[3] < 2.4  # first order: half the step, half the error
+  assert by_name["heun", "25 steps"]["nfe"] == 50
+  assert by_name["heun", "25 steps"]["error"] < errors[3]
+  loose, tight = by_name["tsit5", "rtol=atol=0.01"], by_name["tsit5", "rtol=atol=1e-05"]
+  assert tight["error"] < loose["error"] and tight["nfe"] > loose["nfe"]
+  assert tight["error"] < 1e-4 * scale
+  assert ref_nfe > tight["nfe"]
+
+
+def test_equal_error_takes_the_cheapest_tsit5_within_euler_100s_error():
+  row = lambda solver, nfe, error: {"solver": solver, "setting": "", "nfe": nfe, "error": error}
+  rows = [row("euler", 50, 2e-3), row("euler", 100, 1e-3), row("tsit5", 20, 5e-3),
+          row("tsit5", 40, 9e-4), row("tsit5", 60, 1e-5)]
+  assert solvers.equal_error(rows)["nfe"] == 40
+  assert solvers.equal_error(rows[:3]) is None
