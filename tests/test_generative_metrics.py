@@ -291,3 +291,15 @@ def test_bootstrap_ci_two_sample_statistics():
   assert 0.0 < low < gm.frechet_distance(fa, fb) < high
   with pytest.raises(ValueError):
     gm.bootstrap_ci(a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_otsu_threshold_matches_skimage_half_a_bin_up(seed):
+  """skimage returns the centre of the last bin of the lower class; this returns its upper edge."""
+  filters = pytest.importorskip("skimage.filters", reason="scikit-image gives the reference")
+  rng = np.random.default_rng(seed)
+  values = np.concatenate([rng.normal(0.2, 0.05, 3000), rng.normal(0.7 + 0.05 * seed, 0.1, 5000)])
+  half_bin = 0.5 * (values.max() - values.min()) / 256
+  assert ft.otsu_threshold(values) == pytest.approx(
+      filters.threshold_otsu(values, nbins=256) + half_bin, abs=1e-9)
+  assert ft.otsu_threshold(np.full(5, 3.0)) == 3.0  # constant input: its value

@@ -194,3 +194,13 @@ def test_invalid_inputs():
     im.ssim(x, x, win_size=4)
   with pytest.raises(ValueError, match="exceeds"):
     im.ssim(x, x, win_size=11)
+
+
+def test_gaussian_window_is_the_normalised_sampled_gaussian():
+  g = im.gaussian_window(11, 1.5)
+  t = np.arange(-5, 6)
+  np.testing.assert_allclose(g, np.exp(-t**2 / 4.5) / np.exp(-t**2 / 4.5).sum(), rtol=1e-12)
+  assert g.argmax() == 5 and g.sum() == pytest.approx(1.0)
+  for bad in (0, 4):
+    with pytest.raises(ValueError, match="positive odd"):
+      im.gaussian_window(bad, 1.5)

@@ -171,3 +171,10 @@ def test_eval_and_immutable_calls_leave_codebook_alone():
   np.testing.assert_array_equal(upd["codebook"]["embeddings"],
                                 variables["codebook"]["embeddings"])
   vq.apply(variables, z, train=True)  # collection not mutable: no update, no rng needed
+
+
+def test_nearest_code_is_the_brute_force_argmin():
+  from latentfm.nn.quantizer import nearest_code  # pylint: disable=import-outside-toplevel
+  flat, codes = np.asarray(_data((200, D), 0)), np.asarray(_data((64, D), 1)) * 2.0
+  brute = np.argmin(((flat[:, None, :] - codes[None]) ** 2).sum(-1), axis=1)
+  np.testing.assert_array_equal(nearest_code(jnp.asarray(flat), jnp.asarray(codes)), brute)

@@ -218,3 +218,15 @@ def test_fast_convolutions_match_lax(reference):
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_lax)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+
+
+@pytest.mark.parametrize("dim", [8, 9])
+def test_timestep_embedding_is_cos_then_sin_of_geometric_frequencies(dim):
+  from latentfm.nn.unet3d import timestep_embedding  # pylint: disable=import-outside-toplevel
+  t = np.array([0.0, 0.25, 7.0])
+  emb = np.asarray(timestep_embedding(jnp.asarray(t), dim))
+  freqs = 10_000.0 ** (-np.arange(dim // 2) / (dim // 2))
+  want = np.concatenate([np.cos(t[:, None] * freqs), np.sin(t[:, None] * freqs)], axis=-1)
+  assert emb.shape == (3, dim)
+  np.testing.assert_allclose(emb[:, :2 * (dim // 2)], want, atol=2e-6)
+  assert not emb[:, 2 * (dim // 2):].any()  # an odd dim ends in a zero column
