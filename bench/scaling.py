@@ -100,5 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     print("(forced CPU devices share this machine's cores: a test of correctness, not of speed)")
   return 1 if failed else 0
 
+
 if __name__ == "__main__":
   sys.exit(main())
