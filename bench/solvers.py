@@ -10,7 +10,7 @@ with Euler-100 at equal error: the cheapest swept tolerance whose error is at mo
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,22 +18,27 @@ import jax.numpy as jnp
 TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5)
 
 
-def sweep(velocity: Callable[[jax.Array, jax.Array], jax.Array], z1: jax.Array,
-          tolerances: Sequence[float] = TOLERANCES) -> tuple[int, list[dict]]:
-  """`(reference NFE, rows)`: each row's solver, setting, NFE and RMS error against tsit5 at
-  rtol = atol = 1e-8 from the same noise `z1`: Euler 10-100 steps, Heun 10 and 25, tsit5 at
-  each tolerance."""
+def reference(velocity: Callable[[jax.Array, jax.Array], jax.Array], z1: jax.Array
+              ) -> tuple[jax.Array, int]:
+  """`(z0, NFE)` of tsit5 at rtol = atol = 1e-8 from the noise `z1`: what the sweep is
+  measured against."""
   from latentfm import sample  # pylint: disable=import-outside-toplevel
-  ref, ref_nfe = sample.integrate(velocity, z1, solver="tsit5", rtol=1e-8, atol=1e-8)
+  z0, nfe = sample.integrate(velocity, z1, solver="tsit5", rtol=1e-8, atol=1e-8)
+  return z0, int(nfe)
+
+
+def sweep(velocity: Callable[[jax.Array, jax.Array], jax.Array], z1: jax.Array, ref: jax.Array,
+          tolerances: Sequence[float] = TOLERANCES) -> Iterator[dict]:
+  """Each solver's row as it finishes: solver, setting, NFE and RMS error against `ref` from
+  the same noise `z1`. Euler 10-100 steps, Heun 10 and 25, tsit5 at each tolerance."""
+  from latentfm import sample  # pylint: disable=import-outside-toplevel
   runs = ([("euler", f"{n} steps", {"steps": n}) for n in (10, 25, 50, 100)]
           + [("heun", f"{n} steps", {"steps": n}) for n in (10, 25)]
           + [("tsit5", f"rtol=atol={tol:g}", {"rtol": tol, "atol": tol}) for tol in tolerances])
-  rows = []
   for solver, setting, kwargs in runs:
     z, nfe = sample.integrate(velocity, z1, solver=solver, **kwargs)
-    rows.append({"solver": solver, "setting": setting, "nfe": int(nfe),
-                 "error": float(jnp.sqrt(jnp.mean((z - ref) ** 2)))})
-  return int(ref_nfe), rows
+    yield {"solver": solver, "setting": setting, "nfe": int(nfe),
+           "error": float(jnp.sqrt(jnp.mean((z - ref) ** 2)))}
 
 
 def equal_error(rows: Sequence[dict]) -> dict | None:
@@ -51,12 +56,14 @@ def main() -> None:
   from latentfm import sample  # pylint: disable=import-outside-toplevel
   models = sample.load(args.workdir)
   z1 = jax.random.normal(jax.random.PRNGKey(0), (args.num,) + models.latent_shape)
-  ref_nfe, rows = sweep(models.velocity, z1)
+  ref, ref_nfe = reference(models.velocity, z1)
   print(f"reference tsit5 rtol 1e-8: NFE {ref_nfe}")
   print("| solver | setting | NFE | RMS error vs reference |")
   print("|---|---|---|---|")
-  for r in rows:
-    print(f"| {r['solver']} | {r['setting']} | {r['nfe']} | {r['error']:.2e} |")
+  rows = []
+  for r in sweep(models.velocity, z1, ref):
+    rows.append(r)
+    print(f"| {r['solver']} | {r['setting']} | {r['nfe']} | {r['error']:.2e} |", flush=True)
   euler_100 = next(r for r in rows if r["solver"] == "euler" and r["nfe"] == 100)["error"]
   best = equal_error(rows)
   if best:
