@@ -3,6 +3,8 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -30,6 +32,15 @@ import numpy as np
 import pytest
 
 from latentfm.data.io import Volume, write_volume
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+  """`python -m ARGS` from the repository root on the CPU, output captured, no check."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False)
 
 
 def blob_volume(shape=(12, 14, 10), seed=0) -> np.ndarray:

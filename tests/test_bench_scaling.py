@@ -1,27 +1,17 @@
 """bench.scaling: one process per device count, its table, and failing children."""
 
 import argparse
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from bench import scaling
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_scaling(*args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, "-m", "bench.scaling", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, check=False, timeout=300)
+from conftest import run_module
 
 
 def test_times_the_sharded_flow_step_on_two_forced_devices():
-  out = run_scaling("--devices", "2", "--per-device-batch", "1", "--latent", "4",
-                    "--config", "demo", "--repeats", "1")
+  out = run_module("bench.scaling", "--devices", "2", "--per-device-batch", "1", "--latent", "4",
+                   "--config", "demo", "--repeats", "1", timeout=300)
   assert out.returncode == 0, out.stderr
   row = re.search(r"^\| 2 \| 2 \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", out.stdout, re.M)
   assert row, out.stdout

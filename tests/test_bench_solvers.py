@@ -39,5 +39,6 @@ def test_equal_error_takes_the_cheapest_tsit5_within_euler_100s_error():
   row = lambda solver, nfe, error: {"solver": solver, "setting": "", "nfe": nfe, "error": error}
   rows = [row("euler", 50, 2e-3), row("euler", 100, 1e-3), row("tsit5", 20, 5e-3),
           row("tsit5", 40, 9e-4), row("tsit5", 60, 1e-5)]
-  assert solvers.equal_error(rows)["nfe"] == 40
-  assert solvers.equal_error(rows[:3]) is None
+  assert solvers.equal_error(rows)[1]["nfe"] == 40
+  assert solvers.equal_error(rows[:3])[1] is None
+  assert solvers.equal_error(rows)[0] is rows[1]

@@ -1,18 +1,8 @@
 """Command-line entry points: bad input gives one line on stderr and exit code 2."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(*args, timeout=120):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+from conftest import run_module as run
 
 
 VQ = ("experiments.vqgan", "--config", "experiments/configs/vqgan.py:demo")
