@@ -50,6 +50,14 @@ def _figures(out: str, samples: np.ndarray, report: dict) -> None:
   plt.close(fig)
 
 
+def feature_extractors() -> dict:
+  """The report's extractors, headline first: pretrained 2.5D VGG16, then random 3D convs."""
+  # pylint: disable=import-outside-toplevel
+  from latentfm.metrics.features import random_conv_features
+  from latentfm.metrics.vgg_features import vgg25d_features
+  return {"vgg25d": vgg25d_features(), "random": random_conv_features(seed=0)}
+
+
 def run(workdir: str, num_samples: int, samples_dir: str | None, solver: str, steps: int,
         seed: int) -> str:
   # pylint: disable=import-outside-toplevel
@@ -59,7 +67,6 @@ def run(workdir: str, num_samples: int, samples_dir: str | None, solver: str, st
   from latentfm.data import loader
   from latentfm.data.io import read_volume
   from latentfm.metrics import report as report_lib
-  from latentfm.metrics.features import random_conv_features
   from latentfm.nn.vqgan import from_model_range, to_model_range
   from latentfm.train import stages
   models = sample.load(workdir)
@@ -84,7 +91,7 @@ def run(workdir: str, num_samples: int, samples_dir: str | None, solver: str, st
   x = to_model_range(jnp.asarray(val.volumes[..., None]))
   recon = from_model_range(models.vqgan.apply(models.vqgan_variables, x)["recon"])
   recon = np.asarray(recon)[..., 0]
-  report = report_lib.evaluate(samples, train.volumes, val.volumes, random_conv_features(seed=0))
+  report = report_lib.evaluate(samples, train.volumes, val.volumes, feature_extractors())
   report["reconstruction"] = report_lib.reconstruction_metrics(recon, val.volumes)
   report["sampling"] = sampling
   report["checkpoints"] = {"flow_step": models.flow_step, "vqgan_step": models.vqgan_step}

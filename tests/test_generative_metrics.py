@@ -56,6 +56,16 @@ def test_frechet_from_samples_approaches_population_value():
   assert gm.frechet_distance(a, b) == pytest.approx(expected, rel=0.05)
 
 
+def test_frechet_in_the_common_span_equals_the_full_width_formula():
+  """With fewer points than features the distance is computed in the points' span: exact."""
+  rng = np.random.default_rng(7)
+  a = rng.normal(size=(6, 40)) @ rng.normal(size=(40, 40))
+  b = rng.normal(size=(5, 40)) * 2.0 + 1.0
+  cov = lambda x: np.cov(x, rowvar=False)
+  full = gm.frechet_distance_from_stats(a.mean(0), cov(a), b.mean(0), cov(b))
+  assert gm.frechet_distance(a, b) == pytest.approx(full, rel=1e-7)
+
+
 def test_frechet_singular_small_sample():
   rng = np.random.default_rng(3)
   a, b = rng.normal(size=(5, 40)), rng.normal(size=(6, 40)) + 1.0

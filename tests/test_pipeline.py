@@ -106,7 +106,8 @@ def test_evaluate_report(trained):
   assert report["sizes"] == {"samples": 4, "train": 6, "held_out": 2}
   assert set(report["thesis_table"]["model"]) == {"mse", "nmse", "psnr", "ssim", "ms_ssim"}
   assert report["thesis_table"]["thesis"]["psnr"] == 21.0
-  assert "frechet_distance" in report["distribution"]["floor"]
+  assert {"fd_vgg25d", "kid_vgg25d", "fd_random"} <= set(report["distribution"]["floor"])
+  assert report["headline_features"] == "vgg25d" and "Headline (vgg25d features)" in markdown
   assert "| psnr ↑ |" in markdown and "VQ-GAN reconstruction" in markdown
   for name in ("report.md", "samples.png", "distances.png"):
     assert (trained / "flow" / "eval" / name).is_file()

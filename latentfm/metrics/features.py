@@ -118,7 +118,7 @@ def _random_conv_apply(weights: list[jax.Array], x: jax.Array,
   return jnp.concatenate(feats, axis=1)
 
 
-def _batched(fn: Callable[[jax.Array], jax.Array],
+def batched(fn: Callable[[jax.Array], jax.Array],
              batch_size: int) -> FeatureExtractor:
   """Applies ``fn`` in fixed-size batches (the last one is padded)."""
 
@@ -162,7 +162,7 @@ def random_conv_features(seed: int = 0, widths: Sequence[int] = (16, 32, 64),
   weights = _init_conv_weights(seed, tuple(widths), kernel_size)
   fn = functools.partial(_random_conv_apply, weights,
                          scales=tuple(scales), bins=histogram_bins)
-  return _batched(fn, batch_size)
+  return batched(fn, batch_size)
 
 
 def intensity_histogram_features(bins: int = 32,

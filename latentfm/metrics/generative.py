@@ -73,6 +73,24 @@ def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b,
   return float(max(value - 2.0 * tr_sqrt, 0.0))
 
 
+def _common_span(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Both sets in orthonormal coordinates of the span of their points' offsets.
+
+  Both means' difference and both covariances live in the span of the points minus any one
+  point, and an orthonormal change of basis keeps every term of the Fréchet distance (the `eps`
+  terms outside the span cancel), so with fewer points than features the distance is computed
+  exactly in at most `len(a) + len(b) - 1` dimensions instead of the features' width.
+  """
+  if a.shape[1] < len(a) + len(b):
+    return a, b
+  stacked = np.concatenate([a, b])
+  offsets = stacked - stacked[0]
+  _, s, vt = np.linalg.svd(offsets, full_matrices=False)
+  basis = vt[s > s.max() * 1e-12] if s.max() > 0 else vt[:1]
+  coords = offsets @ basis.T
+  return coords[:len(a)], coords[len(a):]
+
+
 def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
   """Fréchet distance between Gaussian fits (means, unbiased covariances).
 
@@ -85,6 +103,7 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
   if min(len(a), len(b)) < 2 or a.shape[1] != b.shape[1]:
     raise ValueError(f"Need >= 2 samples of equal width, got {a.shape}, "
                      f"{b.shape}.")
+  a, b = _common_span(a, b)
   cov = lambda x: np.atleast_2d(np.cov(x, rowvar=False))
   return frechet_distance_from_stats(a.mean(0), cov(a), b.mean(0), cov(b), eps)
 

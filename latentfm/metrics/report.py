@@ -20,6 +20,8 @@ THESIS = {"mse": 3.18e-2, "nmse": 1.825, "psnr": 21.00, "ssim": 0.7364, "ms_ssim
 IMAGE_METRICS: dict[str, Callable] = {"mse": image.mse, "nmse": image.nmse, "psnr": image.psnr,
                                       "ssim": image.ssim, "ms_ssim": image.ms_ssim}
 HIGHER_IS_BETTER = {"psnr", "ssim", "ms_ssim"}
+FEATURE_NOTES = {"vgg25d": "ImageNet VGG16 on slices of the three planes, pooled (pretrained)",
+                 "random": "a fixed random 3D conv net plus intensity and texture statistics"}
 # Set statistics are biased upwards by the duplicates of resampling with replacement.
 SET_BRACKETS = ("Brackets here: the middle 95% of the statistic over resampled sets. Duplicate "
                 "draws raise these statistics, so a bracket can lie above its value.")
@@ -51,12 +53,17 @@ def _two_sample(fn, a, b, seed=0) -> dict:
 
 
 def distribution_metrics(samples: np.ndarray, train: np.ndarray,
-                         features: FeatureExtractor) -> dict[str, dict]:
-  """Fréchet distance and KID (features), morphometry W1, against the training volumes."""
-  fs, ft = features(samples), features(train)
+                         features: dict[str, FeatureExtractor]) -> dict[str, dict]:
+  """Per extractor Fréchet distance and KID, then morphometry W1, against the training volumes.
+
+  Keys: `fd_<name>`, `kid_<name>` for each named extractor (in order), `w1_<measure>`.
+  """
   kid = lambda a, b: generative.kernel_inception_distance(a, b, num_subsets=20)[0]
-  out = {"frechet_distance": _two_sample(generative.frechet_distance, fs, ft),
-         "kid": _two_sample(kid, fs, ft)}
+  out = {}
+  for name, extract in features.items():
+    fs, ft = extract(samples), extract(train)
+    out[f"fd_{name}"] = _two_sample(generative.frechet_distance, fs, ft)
+    out[f"kid_{name}"] = _two_sample(kid, fs, ft)
   ms, mt = tissue_volumes(samples), tissue_volumes(train)
   for key in ("csf_fraction", "ventricle_fraction", "brain"):
     out[f"w1_{key}"] = _two_sample(generative.wasserstein_1, ms[key], mt[key])
@@ -64,9 +71,17 @@ def distribution_metrics(samples: np.ndarray, train: np.ndarray,
 
 
 def evaluate(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray,
-             features: FeatureExtractor) -> dict:
-  """All generative figures for `samples`, each with its held-out floor."""
-  report = {"sizes": {"samples": len(samples), "train": len(train), "held_out": len(held_out)}}
+             features: dict[str, FeatureExtractor]) -> dict:
+  """All generative figures for `samples`, each with its held-out floor.
+
+  `features` names the extractors, headline first (e.g. {"vgg25d": ..., "random": ...}); the
+  first one also measures memorisation in feature space.
+  """
+  if not features:
+    raise ValueError("evaluate needs at least one feature extractor")
+  headline = next(iter(features))
+  report = {"sizes": {"samples": len(samples), "train": len(train), "held_out": len(held_out)},
+            "headline_features": headline}
   real = np.concatenate([train, held_out])
   report["thesis_table"] = {"model": paired_image_metrics(samples, real),
                             "floor": paired_image_metrics(held_out, train), "thesis": THESIS}
@@ -74,7 +89,8 @@ def evaluate(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray,
                             "floor": distribution_metrics(held_out, train, features)}
   report["diversity"] = generative.diversity(samples, held_out)
   mem = generative.memorisation_report(samples, train, held_out)
-  mem_f = generative.memorisation_report(samples, train, held_out, feature_fn=features)
+  mem_f = generative.memorisation_report(samples, train, held_out,
+                                         feature_fn=features[headline])
   report["memorisation"] = {
       "voxel": _memo(mem), "feature": _memo(mem_f),
       "generated_to_train": np.asarray(mem["generated_to_train"]).tolist(),
@@ -83,6 +99,16 @@ def evaluate(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray,
   report["morphometry"] = {k: {"model": _summary(morph_s[k]), "floor": _summary(morph_h[k])}
                            for k in ("csf_fraction", "ventricle_fraction")}
   return report
+
+
+def headline(report: dict) -> dict[str, float]:
+  """The headline figures: the first extractor's FD and KID, model and floor, and the FD ratio."""
+  name = report["headline_features"]
+  model, floor = report["distribution"]["model"], report["distribution"]["floor"]
+  fd, fd_floor = model[f"fd_{name}"]["value"], floor[f"fd_{name}"]["value"]
+  return {"features": name, "fd": fd, "fd_floor": fd_floor,
+          "fd_ratio": fd / fd_floor if fd_floor > 0 else float("inf"),
+          "kid": model[f"kid_{name}"]["value"], "kid_floor": floor[f"kid_{name}"]["value"]}
 
 
 def _memo(m: dict) -> dict:
@@ -112,6 +138,10 @@ def to_markdown(report: dict) -> str:
     lines += ["## VQ-GAN reconstruction (validation set)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in report["reconstruction"].items()]
     lines.append("")
+  h = headline(report)
+  lines += [f"**Headline ({h['features']} features): Fréchet distance {h['fd']:.4g} against a "
+            f"floor of {h['fd_floor']:.4g} ({h['fd_ratio']:.2f}x); KID {h['kid']:.3g} against "
+            f"{h['kid_floor']:.3g}.**", ""]
   t = report["thesis_table"]
   lines += ["## Thesis metrics (each volume vs its nearest real volume)", "",
             "| metric | model | floor | thesis (1 sample vs 1 volume) |", "|---|---|---|---|"]
@@ -119,7 +149,9 @@ def to_markdown(report: dict) -> str:
     lines.append(f"| {k}{' ↑' if k in HIGHER_IS_BETTER else ' ↓'} | {_fmt(t['model'][k])} | "
                  f"{_fmt(t['floor'][k])} | {_fmt(t['thesis'].get(k))} |")
   d = report["distribution"]
-  lines += ["", "## Distribution (lower is better)", "", SET_BRACKETS, "",
+  names = "; ".join(f"{n}: {FEATURE_NOTES.get(n, 'user-supplied')}"
+                    for n in {k.split("_", 1)[1] for k in d["model"] if k.startswith("fd_")})
+  lines += ["", "## Distribution (lower is better)", "", f"Features: {names}.", SET_BRACKETS, "",
             "| metric | model | floor |", "|---|---|---|"]
   lines += [f"| {k} | {_fmt(d['model'][k])} | {_fmt(d['floor'][k])} |" for k in d["model"]]
   v = report["diversity"]
