@@ -77,6 +77,22 @@ def test_two_stage_layout_and_shapes():
   assert variables["codebook"]["quantizer"]["embeddings"].shape == (32, 4)
 
 
+def test_resize_upsampler_layout_and_equal_weight_per_output_voxel():
+  cfg = _tiny_config((4, 4, 2))
+  cfg.upsampler = "resize"
+  model = vqgan.VQGAN.from_config(cfg)
+  x = jax.ShapeDtypeStruct((1, 16, 16, 16, 1), jnp.float32)
+  out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), x)
+  assert out["recon"].shape == (1, 16, 16, 16, 1)
+  assert variables["params"]["decoder"]["up_1"]["kernel"].shape == (3, 3, 3, 16, 8)
+  np.testing.assert_array_equal(
+      vqgan.nearest_upsample(jnp.arange(4.0).reshape(1, 2, 2, 1, 1), (2, 1, 3))[0, :, :, :, 0],
+      np.repeat(np.repeat(np.arange(4.0).reshape(2, 2, 1), 2, 0), 3, 2))
+  cfg.upsampler = "pixelshuffle"
+  with pytest.raises(ValueError, match="model.upsampler"):
+    jax.eval_shape(vqgan.VQGAN.from_config(cfg).init, jax.random.key(0), x)
+
+
 def test_anisotropic_downsampling_shapes():
   out, _ = _shapes((4, 4, 2), (1, 16, 16, 8, 1))
   assert out["latent"].shape == (1, 4, 4, 4, 4)

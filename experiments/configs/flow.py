@@ -49,6 +49,11 @@ def _base() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.995
+  # Learning-rate schedule (latentfm.train.schedules): linear warm-up, then constant or a half
+  # cosine down to final_lr_fraction x lr at train.num_steps.
+  c.optim.warmup_steps = 0
+  c.optim.schedule = "constant"
+  c.optim.final_lr_fraction = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 2  # global batch: per-device batch x number of devices

@@ -36,6 +36,9 @@ def _base() -> ml_collections.ConfigDict:
   c.model.norm_groups = 32
   c.model.codebook_decay = 0.99
   c.model.restart_dead_codes = True
+  # Decoder upsampling: "transposed" (the reference's transposed conv k4 s2) or "resize"
+  # (nearest upsampling + conv k3, no stride-period checkerboard; latentfm.nn.vqgan.Decoder).
+  c.model.upsampler = "transposed"
   c.model.disc_channels = 64
   c.model.disc_layers = 3
   # Mixed precision and memory (accelerators): computation dtype of the autoencoder and both
@@ -64,6 +67,11 @@ def _base() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.9
   c.optim.grad_clip = 1.0
   c.optim.accumulate = 2  # gradient accumulation steps (optax.MultiSteps)
+  # Learning-rate schedule (latentfm.train.schedules): linear warm-up, then constant or a half
+  # cosine down to final_lr_fraction x lr at train.num_steps.
+  c.optim.warmup_steps = 0
+  c.optim.schedule = "constant"
+  c.optim.final_lr_fraction = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 8  # global batch: per-device batch x number of devices

@@ -79,8 +79,24 @@ class Encoder(nn.Module):
                      recompute=self.recompute_norms)(h)
 
 
+UPSAMPLERS = ("transposed", "resize")
+
+
+def nearest_upsample(x: Array, strides: Sequence[int]) -> Array:
+  """Repeats every voxel of (B, *spatial, C) `strides[i]` times along spatial axis i."""
+  for axis, s in enumerate(strides):
+    if s > 1:
+      x = jnp.repeat(x, s, axis=axis + 1)
+  return x
+
+
 class Decoder(nn.Module):
-  """GN -> SiLU -> [transposed conv4 -> 2 ResBlocks] per stage -> conv3 to image channels."""
+  """GN -> SiLU -> [upsampling -> 2 ResBlocks] per stage -> conv3 to image channels.
+
+  `upsampler` "transposed" is the reference's transposed conv k4 s2. "resize" (nearest
+  upsampling, then a conv k3) gives every output voxel the same number of kernel taps, so it
+  cannot produce the stride-period checkerboard that uneven tap overlap gives a transposed conv.
+  """
   n_hiddens: int
   upsample: Sequence[int]
   image_channels: int = 1
@@ -88,6 +104,7 @@ class Decoder(nn.Module):
   dtype: Any = None  # computation dtype; parameters stay float32
   remat: bool = False
   recompute_norms: bool = False
+  upsampler: str = "transposed"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -96,8 +113,11 @@ class Decoder(nn.Module):
                   recompute=self.recompute_norms)(x)
     strides = stage_strides(self.upsample)
     for i, s in enumerate(strides):
-      h = SamePadConvTranspose(self.n_hiddens * 2**(len(strides) - i), 4, s, self.dtype,
-                               name=f"up_{i}")(h)
+      features = self.n_hiddens * 2**(len(strides) - i)
+      if self.upsampler == "resize":
+        h = SamePadConv(features, 3, 1, self.dtype, name=f"up_{i}")(nearest_upsample(h, s))
+      else:
+        h = SamePadConvTranspose(features, 4, s, self.dtype, name=f"up_{i}")(h)
       h = block(self.norm_groups, self.dtype, self.recompute_norms, name=f"res_{i}_0")(h)
       h = block(self.norm_groups, self.dtype, self.recompute_norms, name=f"res_{i}_1")(h)
     return SamePadConv(self.image_channels, 3, 1, self.dtype, name="conv_out")(h)
@@ -123,6 +143,7 @@ class VQGAN(nn.Module):
   dtype: str = "float32"
   remat: bool = False
   recompute_norms: bool = False
+  upsampler: str = "transposed"
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> "VQGAN":
@@ -133,15 +154,19 @@ class VQGAN(nn.Module):
         n_codes=model.n_codes, norm_groups=model.norm_groups,
         codebook_decay=model.codebook_decay, restart_dead_codes=model.restart_dead_codes,
         dtype=model.get("dtype", "float32"), remat=model.get("remat", False),
-        recompute_norms=model.get("recompute_norms", False))
+        recompute_norms=model.get("recompute_norms", False),
+        upsampler=model.get("upsampler", "transposed"))
 
   def setup(self):
     stages = len(stage_strides(self.downsample))
     dtype = jnp.dtype(self.dtype)
     self.encoder = Encoder(self.n_hiddens, tuple(self.downsample), self.norm_groups, dtype,
                            self.remat, self.recompute_norms)
+    if self.upsampler not in UPSAMPLERS:
+      raise ValueError(f"model.upsampler must be one of {UPSAMPLERS}, got {self.upsampler!r}")
     self.decoder = Decoder(self.n_hiddens, tuple(self.downsample), self.image_channels,
-                           self.norm_groups, dtype, self.remat, self.recompute_norms)
+                           self.norm_groups, dtype, self.remat, self.recompute_norms,
+                           self.upsampler)
     self.pre_vq_conv = SamePadConv(self.embedding_dim, 1, 1, dtype)
     self.post_vq_conv = SamePadConv(self.n_hiddens * 2**stages, 1, 1, dtype)
     self.quantizer = VectorQuantizer(self.n_codes, self.embedding_dim, self.codebook_decay,

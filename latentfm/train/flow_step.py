@@ -17,14 +17,17 @@ import optax
 from latentfm import flow
 from latentfm.nn.unet3d import UNet3D
 from latentfm.nn.vqgan import to_model_range
+from latentfm.train import schedules
 
 State = dict[str, Any]
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW after global-norm gradient clipping."""
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int
+                   ) -> optax.GradientTransformation:
+  """AdamW after global-norm gradient clipping; the rate follows `schedules.learning_rate`."""
   return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                     optax.adamw(optim.lr, weight_decay=optim.weight_decay))
+                     optax.adamw(schedules.learning_rate(optim, num_steps),
+                                 weight_decay=optim.weight_decay))
 
 
 def create_state(key: jax.Array, config: ml_collections.ConfigDict,
@@ -36,7 +39,7 @@ def create_state(key: jax.Array, config: ml_collections.ConfigDict,
   params = jax.jit(lambda k: model.init(k, z, jnp.zeros((1,)), train=False))(k_init)["params"]
   return {"step": jnp.zeros((), jnp.int32), "params": params,
           "ema_params": jax.tree.map(jnp.copy, params),
-          "opt": make_optimizer(config.optim).init(params), "rng": k_rng}
+          "opt": make_optimizer(config.optim, config.train.num_steps).init(params), "rng": k_rng}
 
 
 def make_train_step(config: ml_collections.ConfigDict
@@ -44,7 +47,7 @@ def make_train_step(config: ml_collections.ConfigDict
   """Pure `step(state, batch) -> (state, metrics)`: one FM update plus the weight EMA."""
   model = UNet3D.from_config(config.model)
   loss_fn = flow.make_fm_loss_fn(model.apply, config.flow)
-  tx = make_optimizer(config.optim)
+  tx = make_optimizer(config.optim, config.train.num_steps)
   ema_rate = 1.0 - config.optim.ema_decay
 
   def step(state: State, batch: dict) -> tuple[State, dict]:

@@ -20,17 +20,31 @@ from latentfm.metrics import image as image_metrics
 from latentfm.nn.discriminators import make_discriminators
 from latentfm.nn.lpips import LPIPS
 from latentfm.nn.vqgan import VQGAN, from_model_range, to_model_range
+from latentfm.train import schedules
 
 State = dict[str, Any]
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam(b1, b2) after global-norm clipping, with optional gradient accumulation."""
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int
+                   ) -> optax.GradientTransformation:
+  """Adam(b1, b2) after global-norm clipping, with optional gradient accumulation.
+
+  The learning rate follows `schedules.learning_rate` over `num_steps` train steps.
+  """
+  lr = schedules.learning_rate(optim, max(num_steps, 1) // max(optim.accumulate, 1))
   tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                   optax.adam(optim.lr, b1=optim.b1, b2=optim.b2))
+                   optax.adam(lr, b1=optim.b1, b2=optim.b2))
   if optim.accumulate > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulate)
   return tx
+
+
+def optimizers(config: ml_collections.ConfigDict
+               ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+  """(autoencoder, discriminator) optimizers; the discriminators' run starts at their start."""
+  steps = config.train.num_steps
+  return (make_optimizer(config.optim, steps),
+          make_optimizer(config.optim, steps - min(config.loss.discriminator_start, steps)))
 
 
 def models(config: ml_collections.ConfigDict):
@@ -47,7 +61,7 @@ def create_state(key: jax.Array, config: ml_collections.ConfigDict) -> State:
   variables = jax.jit(model.init)(k_model, x)
   img_vars = jax.jit(image_disc.init)(k_img, x[:, 0])
   vol_vars = jax.jit(volume_disc.init)(k_vol, x)
-  g_tx, d_tx = make_optimizer(config.optim), make_optimizer(config.optim)
+  g_tx, d_tx = optimizers(config)
   disc_params = {"image": img_vars["params"], "volume": vol_vars["params"]}
   return {
       "step": jnp.zeros((), jnp.int32),
@@ -70,7 +84,7 @@ def make_train_step(config: ml_collections.ConfigDict, *, use_gan: bool
   """
   model, image_disc, volume_disc = models(config)
   cfg = config.loss
-  g_tx, d_tx = make_optimizer(config.optim), make_optimizer(config.optim)
+  g_tx, d_tx = optimizers(config)
   lpips_model = LPIPS()
 
   def disc(module, params, stats, x):
