@@ -1,9 +1,10 @@
-r"""The whole pipeline on the embedded cohort, in minutes on 2 CPU cores.
+r"""The whole pipeline on the embedded cohort, on 2 CPU cores.
 
   python -m experiments.demo --workdir runs/demo
+  python -m experiments.demo --preset cpu64 --workdir runs/cpu64   # the thesis' 64³, < 1 hour
 
-VQ-GAN `demo` → flow `demo` → samples (NIfTI + PNG) → evaluation report. Each stage resumes from
-its checkpoints if rerun (finished stages only re-validate). Outputs go to
+VQ-GAN `PRESET` → flow `PRESET` → samples (NIfTI + PNG) → evaluation report. Each stage resumes
+from its checkpoints if rerun (finished stages only re-validate). Outputs go to
 WORKDIR/{vqgan,flow,samples} and the report to WORKDIR/flow/eval/report.md.
 """
 
@@ -18,19 +19,21 @@ from experiments import common
 
 flags.DEFINE_string("workdir", "runs/demo", "Root directory for all stages.")
 flags.DEFINE_integer("num_samples", 8, "Volumes to sample at the end.")
+flags.DEFINE_enum("preset", "demo", ["demo", "cpu64"],
+                  "Config pair of both stages: demo (32³, minutes) or cpu64 (64³, under an hour).")
 
 
-def run(workdir: str, num_samples: int) -> None:
+def run(workdir: str, num_samples: int, preset: str = "demo") -> None:
   # pylint: disable=import-outside-toplevel
   from experiments import evaluate, flow, sample, vqgan
   from experiments.configs import flow as flow_configs
   from experiments.configs import vqgan as vqgan_configs
   vq_dir, flow_dir = os.path.join(workdir, "vqgan"), os.path.join(workdir, "flow")
-  print("== stage 1/4: VQ-GAN (demo config)", flush=True)
-  metrics = vqgan.train_and_evaluate(vqgan_configs.get_config("demo"), vq_dir)
+  print(f"== stage 1/4: VQ-GAN ({preset} config)", flush=True)
+  metrics = vqgan.train_and_evaluate(vqgan_configs.get_config(preset), vq_dir)
   print("vqgan: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-  print("== stage 2/4: latent flow matching (demo config)", flush=True)
-  config = flow_configs.get_config("demo")
+  print(f"== stage 2/4: latent flow matching ({preset} config)", flush=True)
+  config = flow_configs.get_config(preset)
   config.vqgan_workdir = vq_dir
   metrics = flow.train_and_evaluate(config, flow_dir)
   print(f"flow: step {metrics['step']}, loss {metrics['loss']:.4f}", flush=True)
@@ -42,7 +45,8 @@ def run(workdir: str, num_samples: int) -> None:
 
 def main(argv: list[str]) -> None:
   common.parse_plain_flags(argv)
-  common.run_guarded(lambda: run(flags.FLAGS.workdir, flags.FLAGS.num_samples))
+  f = flags.FLAGS
+  common.run_guarded(lambda: run(f.workdir, f.num_samples, f.preset))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def run(workdir: str, num_samples: int, samples_dir: str | None, solver: str, st
   from latentfm.data import loader
   from latentfm.data.io import read_volume
   from latentfm.metrics import report as report_lib
+  from latentfm.metrics.artifacts import decoder_periods
   from latentfm.nn.vqgan import from_model_range, to_model_range
   from latentfm.train import stages
   models = sample.load(workdir)
@@ -92,7 +93,8 @@ def run(workdir: str, num_samples: int, samples_dir: str | None, solver: str, st
   recon = from_model_range(models.vqgan.apply(models.vqgan_variables, x)["recon"])
   recon = np.asarray(recon)[..., 0]
   report = report_lib.evaluate(samples, train.volumes, val.volumes, feature_extractors())
-  report["reconstruction"] = report_lib.reconstruction_metrics(recon, val.volumes)
+  report["reconstruction"] = report_lib.reconstruction_metrics(
+      recon, val.volumes, decoder_periods(vq_config.model.downsample))
   report["sampling"] = sampling
   report["checkpoints"] = {"flow_step": models.flow_step, "vqgan_step": models.vqgan_step}
   out = os.path.join(workdir, "eval")

@@ -53,19 +53,28 @@ def prepare_latents(config, workdir: str, main_process: bool):
     raise ValueError(f"latent size {latent_spatial} is not divisible by 2^(levels-1) = {factor} "
                      f"of model.channel_mults {tuple(config.model.channel_mults)}")
   cache = os.path.join(workdir, "latents.npz")
+  flip_axes = tuple(vq_config.data.flip_axes) if config.flow.get("flip_latents", False) else ()
   if os.path.isfile(cache):
     with np.load(cache) as f:
       latents, cached_step = f["latents"], int(f["vqgan_step"])
+      cached_flips = tuple(int(a) for a in f["flip_axes"]) if "flip_axes" in f else ()
+    if cached_flips != flip_axes:
+      raise ValueError(f"{cache} was encoded with flips {cached_flips}, but flow.flip_latents "
+                       f"asks for {flip_axes}; use a new workdir")
     if cached_step != vq_step:
       raise ValueError(f"{cache} was encoded with VQ-GAN step {cached_step}, but "
                        f"{config.vqgan_workdir} is at step {vq_step}; use a new workdir")
   else:
     train_ds, _ = loader.load_splits(vq_config.data, config.vqgan_workdir, vq_config.seed)
-    latents = encode_volumes(vq_model, vq_vars, train_ds.volumes,
+    volumes = train_ds.volumes
+    for axis in flip_axes:  # axes of the volume (D, H, W) = 0, 1, 2, as in the VQ-GAN's data
+      volumes = np.concatenate([volumes, np.flip(volumes, axis=axis + 1)])
+    latents = encode_volumes(vq_model, vq_vars, volumes,
                              progress=common.file_progress("encode", main_process))
     if main_process:
       os.makedirs(workdir, exist_ok=True)
-      np.savez(cache + ".tmp.npz", latents=latents, vqgan_step=vq_step)
+      np.savez(cache + ".tmp.npz", latents=latents, vqgan_step=vq_step,
+               flip_axes=np.asarray(flip_axes, np.int64))
       os.replace(cache + ".tmp.npz", cache)
   stats = flow.compute_latent_stats(latents)
   normalised = np.asarray(flow.normalize(jnp.asarray(latents), stats))

@@ -83,6 +83,7 @@ def tiny_vqgan_config(**loss):
   c.loss.perceptual_weight = 0.0
   c.train.batch_size = 2
   c.train.eval_volumes = 2
+  c.optim.warmup_steps, c.optim.schedule = 0, "constant"  # every one of a few steps counts
   for k, v in loss.items():
     setattr(c.loss, k, v)
   return c

@@ -29,3 +29,9 @@ def test_pattern_of_period_2_and_4_is_prominent_and_blur_is_not():
 
 def test_short_axes_give_nan():
   assert np.isnan(artifacts.periodic_prominence(np.zeros((1, 4, 4, 4)) + 1, (4,))[4])
+
+
+def test_decoder_periods():
+  assert artifacts.decoder_periods((4, 4, 4)) == (2, 4)
+  assert artifacts.decoder_periods((2, 2, 1)) == (2,)
+  assert artifacts.decoder_periods((1, 1, 1)) == ()

@@ -10,7 +10,7 @@ VQ = ("experiments.vqgan", "--config", "experiments/configs/vqgan.py:demo")
 
 @pytest.mark.parametrize("extra,expected", [
     (["--config.model.nope=3"], "nope"),
-    (["--config.data.shape=(30,32,32)"], "not divisible"),
+    (["--config.data.shape=(31,32,32)"], "not divisible"),
     (["--config.data.dir=/no/such/dir"], "/no/such/dir"),
     (["--config.train.batch_size=0"], "batch"),
     (["--config.train.on_nonfinite=ignore"], "train.on_nonfinite"),

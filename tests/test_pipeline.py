@@ -32,6 +32,7 @@ def tiny_flow(vq_dir, num_steps=3):
   c.vqgan_workdir = str(vq_dir)
   c.model.channels = 8
   c.model.time_embed_dim = 16
+  c.model.channel_mults, c.model.attention_levels = (1, 2), (1,)
   c.train.batch_size = 2
   c.train.num_steps = num_steps
   c.train.log_every = 1
@@ -66,7 +67,15 @@ def test_flow_outputs(trained):
   rows = read_metrics(str(fl))
   assert [r["step"] for r in rows] == [1, 2, 3]
   assert np.isfinite(rows[-1]["loss"]) and rows[-1]["sample_nfe"] == 4
-  assert (fl / "latents.npz").is_file() and (fl / "images" / "samples_000003.png").is_file()
+  assert (fl / "images" / "samples_000003.png").is_file()
+  with np.load(fl / "latents.npz") as f:  # the 6 training volumes and their mirror images
+    latents, flips = f["latents"], tuple(f["flip_axes"])
+  assert latents.shape == (12, 8, 8, 8, 8) and flips == (2,)
+  assert not np.allclose(latents[:6], latents[6:])
+  config = tiny_flow(trained / "vqgan")
+  config.flow.flip_latents = False
+  with pytest.raises(ValueError, match="flip_latents"):
+    flow_stage.prepare_latents(config, str(fl), True)
 
 
 def test_sampling_api(trained, tmp_path):
@@ -108,6 +117,7 @@ def test_evaluate_report(trained):
   assert report["thesis_table"]["thesis"]["psnr"] == 21.0
   assert {"fd_vgg25d", "kid_vgg25d", "fd_random"} <= set(report["distribution"]["floor"])
   assert report["headline_features"] == "vgg25d" and "Headline (vgg25d features)" in markdown
+  assert set(report["reconstruction"]) >= {"psnr", "ssim", "checkerboard_p2"}
   assert "| psnr ↑ |" in markdown and "VQ-GAN reconstruction" in markdown
   for name in ("report.md", "samples.png", "distances.png"):
     assert (trained / "flow" / "eval" / name).is_file()

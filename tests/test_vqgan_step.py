@@ -32,7 +32,7 @@ def test_state_layout():
 
 
 def test_warmup_step_trains_autoencoder_only(batch):
-  config = tiny_config()
+  config = tiny_config(adaptive_weight=True)  # `default`: the adaptive weight is not needed yet
   state = create_state(jax.random.PRNGKey(0), config)
   step = jax.jit(make_train_step(config, use_gan=False))
   new, metrics = step(state, batch, None)

@@ -17,6 +17,17 @@ import numpy as np
 from latentfm.metrics.features import as_volumes
 
 
+def decoder_periods(downsample: Sequence[int]) -> tuple[int, ...]:
+  """The pattern periods of a decoder upsampling by `downsample` (powers of two): 2, 4, ...
+
+  Args:
+    downsample: per-axis total factors, e.g. (4, 4, 4).
+  Returns:
+    (2, 4, ..., max factor); empty for no upsampling.
+  """
+  return tuple(2**k for k in range(1, max(downsample).bit_length()))
+
+
 def _axis_power(volumes: np.ndarray, axis: int) -> np.ndarray:
   """Mean power spectrum along `axis` (1..3) of (N, D, H, W), summed over the other axes."""
   centred = volumes - volumes.mean(axis=(1, 2, 3), keepdims=True)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from latentfm.metrics import generative, image
+from latentfm.metrics import artifacts, generative, image
 from latentfm.metrics.features import FeatureExtractor, tissue_volumes
 
 # Thesis results (ADNI, 64³; ONE generated sample against ONE real volume).
@@ -40,10 +40,17 @@ def paired_image_metrics(queries: np.ndarray, references: np.ndarray) -> dict[st
   return {name: _summary(np.asarray(fn(queries, matched))) for name, fn in IMAGE_METRICS.items()}
 
 
-def reconstruction_metrics(recon: np.ndarray, real: np.ndarray) -> dict[str, dict]:
-  """Autoencoder reconstruction quality (recon vs its own input) over a validation set."""
+def reconstruction_metrics(recon: np.ndarray, real: np.ndarray,
+                           periods: tuple[int, ...] = (2, 4)) -> dict[str, dict]:
+  """Autoencoder reconstruction quality (recon vs its own input) over a validation set.
+
+  `periods` are the decoder's stride periods, for `checkerboard_p<period>`: the
+  reconstructions' spectral prominence there over the inputs' (1 = no added pattern).
+  """
   out = {name: _summary(np.asarray(fn(recon, real))) for name, fn in IMAGE_METRICS.items()}
   out["l1"] = _summary(np.abs(recon - real).mean(axis=(1, 2, 3)))
+  for p, ratio in artifacts.checkerboard_ratio(recon, real, periods).items():
+    out[f"checkerboard_p{p}"] = ratio
   return out
 
 
@@ -137,7 +144,8 @@ def to_markdown(report: dict) -> str:
   if "reconstruction" in report:
     lines += ["## VQ-GAN reconstruction (validation set)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in report["reconstruction"].items()]
-    lines.append("")
+    lines += ["", "checkerboard_pN: the reconstructions' spectral peak at the decoder's stride "
+              "period N over the inputs' (1: no pattern added).", ""]
   h = headline(report)
   lines += [f"**Headline ({h['features']} features): Fréchet distance {h['fd']:.4g} against a "
             f"floor of {h['fd_floor']:.4g} ({h['fd_ratio']:.2f}x); KID {h['kid']:.3g} against "
@@ -150,7 +158,7 @@ def to_markdown(report: dict) -> str:
                  f"{_fmt(t['floor'][k])} | {_fmt(t['thesis'].get(k))} |")
   d = report["distribution"]
   names = "; ".join(f"{n}: {FEATURE_NOTES.get(n, 'user-supplied')}"
-                    for n in {k.split("_", 1)[1] for k in d["model"] if k.startswith("fd_")})
+                    for n in [k.split("_", 1)[1] for k in d["model"] if k.startswith("fd_")])
   lines += ["", "## Distribution (lower is better)", "", f"Features: {names}.", SET_BRACKETS, "",
             "| metric | model | floor |", "|---|---|---|"]
   lines += [f"| {k} | {_fmt(d['model'][k])} | {_fmt(d['floor'][k])} |" for k in d["model"]]

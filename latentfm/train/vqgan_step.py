@@ -120,7 +120,7 @@ def make_train_step(config: ml_collections.ConfigDict, *, use_gan: bool
                 + cfg.volume_gan_weight * losses.g_loss(cfg.gan_loss, fv))
 
       kernel = losses.last_layer(params)
-      lam = None
+      lam = jnp.ones(())  # only read when the GAN terms are on (use_gan)
       if use_gan and cfg.adaptive_weight:
         recon, (out, upd), g_rec, g_gan = losses.last_layer_grads(forward, kernel, rec_loss,
                                                                   gan_loss)
