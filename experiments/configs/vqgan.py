@@ -140,7 +140,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.loss.discriminator_start = 5_000
     return c
   if name == "demo":  # 32³ with a 16³ x 8 latent: minutes on 2 CPU cores
-    return _cpu(c, (32, 32, 32), (2, 2, 2), 600)
+    return _cpu(c, (32, 32, 32), (2, 2, 2), 500)
   if name == "cpu64":  # the thesis' 64³ and 16³ x 8 latent, within an hour on 2 CPU cores
     return _cpu(c, (64, 64, 64), (4, 4, 4), 900)
   raise ValueError(f"unknown vqgan config {name!r}; choose thesis, default, demo or cpu64")
