@@ -95,7 +95,7 @@ class Decoder(nn.Module):
 
   `upsampler` "transposed" is the reference's transposed conv k4 s2. "resize" (nearest
   upsampling, then a conv k3) gives every output voxel the same number of kernel taps, so it
-  cannot produce the stride-period checkerboard that uneven tap overlap gives a transposed conv.
+  avoids the stride-period checkerboard that uneven tap overlap gives a transposed conv.
   """
   n_hiddens: int
   upsample: Sequence[int]

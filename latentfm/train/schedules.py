@@ -4,6 +4,7 @@ Fields (all optional, so configs without them keep a constant rate and the same 
 state layout): `warmup_steps` (linear ramp from 0), `schedule` ("constant" or "cosine": after
 the warm-up, a half cosine down to `final_lr_fraction` x `lr` at the last update).
 Short CPU runs end far from a minimum of a noisy loss; annealing the rate lets them settle.
+The cosine spans `train.num_steps`: resuming with another `num_steps` reshapes the rest of it.
 """
 
 from __future__ import annotations
