@@ -22,3 +22,19 @@ def test_to_markdown_lists_every_metric_with_its_bracket():
     low, high = entry["ci95"]
     assert f"| {entry['value']:.4g} [{low:.3g}, {high:.3g}] |" in rows[name]
   assert text.index(report.SET_BRACKETS) > text.index("## Distribution")
+
+
+def test_each_volume_set_is_featurised_once():
+  rng = np.random.default_rng(1)
+  sets = [rng.random((n, 16, 16, 16)).astype(np.float32) for n in (4, 6, 3)]
+  calls = []
+  hist = features.intensity_histogram_features()
+
+  def counting(volumes):
+    calls.append(len(volumes))
+    return hist(volumes)
+
+  result = report.evaluate(*sets, {"hist": counting})
+  assert sorted(calls) == [3, 4, 6]  # samples, training set, held-out set: once each
+  direct = report.evaluate(*sets, {"hist": hist})
+  assert result["distribution"] == direct["distribution"]

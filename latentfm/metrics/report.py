@@ -7,6 +7,7 @@ subjects from the data distribution can expect at these sample sizes.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import numpy as np
@@ -77,6 +78,21 @@ def distribution_metrics(samples: np.ndarray, train: np.ndarray,
   return out
 
 
+def _once_per_set(extract: FeatureExtractor) -> FeatureExtractor:
+  """`extract`, remembering its features per volume set (by content): the training set's are
+  needed by the model row, the floor row and the memorisation check alike."""
+  cache: dict[bytes, np.ndarray] = {}
+
+  def cached(volumes) -> np.ndarray:
+    v = np.ascontiguousarray(volumes)
+    key = hashlib.sha1(v.tobytes()).digest() + repr((v.shape, v.dtype.str)).encode()
+    if key not in cache:
+      cache[key] = extract(v)
+    return cache[key]
+
+  return cached
+
+
 def evaluate(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray,
              features: dict[str, FeatureExtractor]) -> dict:
   """All generative figures for `samples`, each with its held-out floor.
@@ -86,6 +102,7 @@ def evaluate(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray,
   """
   if not features:
     raise ValueError("evaluate needs at least one feature extractor")
+  features = {name: _once_per_set(extract) for name, extract in features.items()}
   headline = next(iter(features))
   report = {"sizes": {"samples": len(samples), "train": len(train), "held_out": len(held_out)},
             "headline_features": headline}
