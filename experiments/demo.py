@@ -38,9 +38,10 @@ def run(workdir: str, num_samples: int, preset: str = "demo") -> None:
   metrics = flow.train_and_evaluate(config, flow_dir)
   print(f"flow: step {metrics['step']}, loss {metrics['loss']:.4f}", flush=True)
   print("== stage 3/4: samples", flush=True)
-  sample.run(flow_dir, os.path.join(workdir, "samples"), num_samples, 0, "euler", 50, False)
+  sample.run(flow_dir, os.path.join(workdir, "samples"), num_samples,
+             balanced=config.model.num_classes > 0)
   print("== stage 4/4: evaluation", flush=True)
-  print(evaluate.run(flow_dir, 0, None, "euler", 50, 1234), flush=True)
+  print(evaluate.run(flow_dir), flush=True)
 
 
 def main(argv: list[str]) -> None:

@@ -29,6 +29,9 @@ def define_flags() -> None:
                     "ODE solver.")
   flags.DEFINE_integer("steps", 50, "Solver steps.")
   flags.DEFINE_integer("seed", 1234, "Sampling seed.")
+  flags.DEFINE_integer("per_stage", 4, "Conditional flows: samples per stage and guidance weight.")
+  flags.DEFINE_float("guidance", 1.0, "Conditional flows: guidance weight of the per-stage "
+                     "morphometry (the sweep always has 0, 1, 2 and 4).")
 
 
 def _figures(out: str, samples: np.ndarray, report: dict) -> None:
@@ -58,8 +61,10 @@ def feature_extractors() -> dict:
   return {"vgg25d": vgg25d_features(), "random": random_conv_features(seed=0)}
 
 
-def run(workdir: str, num_samples: int, samples_dir: str | None, solver: str, steps: int,
-        seed: int) -> str:
+def run(workdir: str, num_samples: int = 0, samples_dir: str | None = None,
+        solver: str = "euler", steps: int = 50, seed: int = 1234, *, per_stage: int = 4,
+        guidance: float = 1.0) -> str:
+  """Writes `workdir/eval/report.{json,md}` and figures; returns the Markdown report."""
   # pylint: disable=import-outside-toplevel
   import jax
   import jax.numpy as jnp
@@ -85,23 +90,36 @@ def run(workdir: str, num_samples: int, samples_dir: str | None, solver: str, st
                        f"{val.volumes.shape[1:]}")
   else:
     start = time.perf_counter()
-    samples, nfe = sample.sample(jax.random.PRNGKey(seed), models, num_samples or len(val.volumes),
+    num = num_samples or len(val.volumes)
+    # A conditional flow is asked for the training data's stages in their proportions.
+    labels = (np.random.default_rng(seed).choice(train.labels, num) if models.num_classes
+              else None)
+    samples, nfe = sample.sample(jax.random.PRNGKey(seed), models, num, labels=labels,
                                  solver=solver, steps=steps)
     sampling = {"solver": solver, "steps": steps, "nfe": nfe,
                 "seconds_including_compile": time.perf_counter() - start}
   x = to_model_range(jnp.asarray(val.volumes[..., None]))
   recon = from_model_range(models.vqgan.apply(models.vqgan_variables, x)["recon"])
   recon = np.asarray(recon)[..., 0]
-  report = report_lib.evaluate(samples, train.volumes, val.volumes, feature_extractors())
+  extractors = {k: report_lib.once_per_set(f) for k, f in feature_extractors().items()}
+  report = report_lib.evaluate(samples, train.volumes, val.volumes, extractors)
   report["reconstruction"] = report_lib.reconstruction_metrics(
       recon, val.volumes, decoder_periods(vq_config.model.downsample))
   report["sampling"] = sampling
   report["checkpoints"] = {"flow_step": models.flow_step, "vqgan_step": models.vqgan_step}
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
+  if models.num_classes:
+    from experiments import stage_eval
+    report["stages"] = stage_eval.run(
+        models, jax.random.PRNGKey(seed + 1), train, val, vq_dir, vq_config.data.shape,
+        extractors["vgg25d"], out, per_stage=per_stage, guidance=guidance, solver=solver,
+        steps=steps)
   with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1)
   markdown = report_lib.to_markdown(report)
+  if "stages" in report:
+    markdown += "\n" + stage_eval.to_markdown(report["stages"])
   with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
     f.write(markdown)
   _figures(out, samples, report)
@@ -113,8 +131,9 @@ def main(argv: list[str]) -> None:
   f = common.parse_plain_flags(argv)
   if not f.workdir:
     common.fail("--workdir is required")
-  common.run_guarded(lambda: print(run(f.workdir, f.num_samples, f.samples, f.solver, f.steps,
-                                       f.seed)))
+  common.run_guarded(lambda: print(run(
+      f.workdir, f.num_samples, f.samples, f.solver, f.steps, f.seed, per_stage=f.per_stage,
+      guidance=f.guidance)))
 
 
 if __name__ == "__main__":

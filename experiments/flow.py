@@ -58,15 +58,19 @@ def prepare_latents(config, workdir: str, main_process: bool):
     with np.load(cache) as f:
       latents, cached_step = f["latents"], int(f["vqgan_step"])
       cached_flips = tuple(int(a) for a in f["flip_axes"]) if "flip_axes" in f else ()
+      labels = f["labels"] if "labels" in f else None
     if cached_flips != flip_axes:
       raise ValueError(f"{cache} was encoded with flips {cached_flips}, but flow.flip_latents "
                        f"asks for {flip_axes}; use a new workdir")
     if cached_step != vq_step:
       raise ValueError(f"{cache} was encoded with VQ-GAN step {cached_step}, but "
                        f"{config.vqgan_workdir} is at step {vq_step}; use a new workdir")
+    if labels is None:  # a cache written before labels were stored
+      train_ds, _ = loader.load_splits(vq_config.data, config.vqgan_workdir, vq_config.seed)
+      labels = np.tile(train_ds.labels, 1 + len(flip_axes))
   else:
     train_ds, _ = loader.load_splits(vq_config.data, config.vqgan_workdir, vq_config.seed)
-    volumes = train_ds.volumes
+    volumes, labels = train_ds.volumes, np.tile(train_ds.labels, 1 + len(flip_axes))
     for axis in flip_axes:  # axes of the volume (D, H, W) = 0, 1, 2, as in the VQ-GAN's data
       volumes = np.concatenate([volumes, np.flip(volumes, axis=axis + 1)])
     latents = encode_volumes(vq_model, vq_vars, volumes,
@@ -74,11 +78,24 @@ def prepare_latents(config, workdir: str, main_process: bool):
     if main_process:
       os.makedirs(workdir, exist_ok=True)
       np.savez(cache + ".tmp.npz", latents=latents, vqgan_step=vq_step,
-               flip_axes=np.asarray(flip_axes, np.int64))
+               flip_axes=np.asarray(flip_axes, np.int64), labels=labels)
       os.replace(cache + ".tmp.npz", cache)
   stats = flow.compute_latent_stats(latents)
   normalised = np.asarray(flow.normalize(jnp.asarray(latents), stats))
-  return normalised, stats, (vq_config, vq_model, vq_vars)
+  check_labels(labels, config.model.get("num_classes", 0), config.vqgan_workdir)
+  return normalised, labels.astype(np.int32), stats, (vq_config, vq_model, vq_vars)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, vqgan_workdir: str) -> None:
+  """A class-conditional flow needs every training label in [0, num_classes)."""
+  if num_classes <= 0:
+    return
+  bad = sorted({int(l) for l in labels if not 0 <= l < num_classes})
+  if bad:
+    raise ValueError(f"config.model.num_classes = {num_classes}, but the training data of "
+                     f"{vqgan_workdir} has labels {bad} (-1: unlabelled); give every scan a "
+                     f"'stage' or 'label' in 0..{num_classes - 1} in manifest.csv, or set "
+                     "model.num_classes=0")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -88,14 +105,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     host_memory.reuse_host_memory()
   validate_config(config)
   main_process = jax.process_index() == 0
-  latents, stats, (_, vq_model, vq_vars) = prepare_latents(config, workdir, main_process)
+  latents, labels, stats, (_, vq_model, vq_vars) = prepare_latents(config, workdir,
+                                                                    main_process)
   mesh = parallel.make_mesh()
   state = parallel.replicate(
       create_state(jax.random.PRNGKey(config.seed), config, latents.shape[1:]), mesh)
   manager = checkpoint.open_manager(os.path.join(workdir, "ckpt"),
                                     keep=config.train.keep_checkpoints)
-  dataset = loader.Dataset(latents, np.zeros(len(latents), np.int32),
-                           tuple(map(str, range(len(latents)))))
+  dataset = loader.Dataset(latents, labels, tuple(map(str, range(len(latents)))))
   data_iter = iter(loader.make_loader(
       dataset, parallel.process_batch_size(config.train.batch_size), train=True,
       seed=config.seed))
@@ -111,15 +128,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   unet = UNet3D.from_config(config.model)
   decode = jax.jit(lambda v, z: vq_model.apply(v, z, method=vq_model.decode))
 
+  num_classes = unet.num_classes
+  preview_labels = np.arange(4) % num_classes if num_classes else None
+
   def samples(step, state):
     z1 = jax.random.normal(jax.random.PRNGKey(config.seed + 1), (4,) + latents.shape[1:])
-    z0, nfe = integrate(velocity_from_model(unet.apply, state["ema_params"]), z1,
+    velocity = velocity_from_model(unet.apply, state["ema_params"], labels=preview_labels,
+                                   guidance=config.sample.get("guidance", 1.0),
+                                   null_label=num_classes or None)
+    z0, nfe = integrate(velocity, z1,
                         solver=config.sample.solver, steps=config.sample.steps,
                         rtol=config.sample.rtol, atol=config.sample.atol)
     volumes = np.asarray(from_model_range(decode(vq_vars, flow.denormalize(z0, stats))))
     if main_process:
       viz.save_triplanar(os.path.join(workdir, "images", f"samples_{step:06d}.png"),
-                         volumes[..., 0], [f"sample {i}" for i in range(len(volumes))],
+                         volumes[..., 0], [f"sample {i}" if preview_labels is None else
+                                           f"class {preview_labels[i]}"
+                                           for i in range(len(volumes))],
                          title=f"flow step {step}, {config.sample.solver} NFE {int(nfe)}")
       writer.write_image(step, "samples", viz.triplanar_image(volumes))
     return {"sample_nfe": float(nfe)}

@@ -1,6 +1,8 @@
 r"""Writes synthetic volumes from a trained flow stage as NIfTI (1 mm) plus a tri-planar PNG.
 
   python -m experiments.sample --workdir runs/demo/flow --num 8 --solver euler --steps 50
+  python -m experiments.sample --workdir runs/demo/flow --num 8 --label 3 --guidance 2
+  python -m experiments.sample --workdir runs/demo/flow --num 8 --balanced
 
 The VQ-GAN is found through the flow workdir's config (`vqgan_workdir`).
 """
@@ -12,6 +14,7 @@ import sys
 import time
 
 from absl import flags
+import numpy as np
 
 from experiments import common
 
@@ -24,18 +27,33 @@ def define_flags() -> None:
                     "ODE solver.")
   flags.DEFINE_integer("steps", 50, "Fixed-step solvers: steps; adaptive: initial step 1/steps.")
   flags.DEFINE_bool("snap", False, "Snap latents to the nearest codebook vectors first.")
+  flags.DEFINE_integer("label", None, "Conditional flows: the class (stage) of every volume.")
+  flags.DEFINE_bool("balanced", False, "Conditional flows: equal counts of every class.")
+  flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance weight w (0: unconditional, "
+                     "1: conditional, >1: amplified).")
 
-def run(workdir: str, out: str, num: int, seed: int, solver: str, steps: int, snap: bool) -> None:
+
+def run(workdir: str, out: str, num: int, seed: int = 0, solver: str = "euler",
+        steps: int = 50, snap: bool = False, *, label: int | None = None,
+        balanced: bool = False, guidance: float = 1.0) -> None:
+  """Samples `num` volumes (of class `label`, or balanced over the classes) into `out`."""
   import jax  # pylint: disable=import-outside-toplevel
   from latentfm import sample  # pylint: disable=import-outside-toplevel
+  if balanced and label is not None:
+    raise ValueError("--label and --balanced exclude each other")
   models = sample.load(workdir)
+  labels = sample.balanced_labels(num, models.num_classes) if balanced else label
   start = time.perf_counter()
-  volumes, nfe = sample.sample(jax.random.PRNGKey(seed), models, num, solver=solver,
-                               steps=steps, snap_to_codebook=snap)
+  volumes, nfe = sample.sample(jax.random.PRNGKey(seed), models, num, labels=labels,
+                               guidance=guidance, solver=solver, steps=steps,
+                               snap_to_codebook=snap)
   seconds = time.perf_counter() - start
-  paths = sample.write_samples(out, volumes)
+  per_volume = None if labels is None else np.broadcast_to(labels, (num,))
+  paths = sample.write_samples(out, volumes, labels=per_volume)
+  what = "" if per_volume is None else \
+      f", classes {sorted(set(per_volume.tolist()))} at guidance {guidance:g}"
   print(f"sample: {len(paths)} volumes of {volumes.shape[1:]} in {out} ({solver}, NFE {nfe}, "
-        f"{seconds:.1f} s including compilation)")
+        f"{seconds:.1f} s including compilation{what})")
 
 
 def main(argv: list[str]) -> None:
@@ -46,7 +64,8 @@ def main(argv: list[str]) -> None:
   if f.num < 1:
     common.fail(f"--num must be positive, got {f.num}")
   common.run_guarded(lambda: run(f.workdir, f.out or os.path.join(f.workdir, "samples"), f.num,
-                                 f.seed, f.solver, f.steps, f.snap))
+                                 f.seed, f.solver, f.steps, f.snap, label=f.label,
+                                 balanced=f.balanced, guidance=f.guidance))
 
 
 if __name__ == "__main__":

@@ -58,14 +58,27 @@ def fm_loss(pred: Array, target: Array, kind: str = "l2") -> Array:
   raise ValueError(f"unknown loss {kind!r}; choose one of {LOSS_KINDS}")
 
 
-def make_fm_loss_fn(apply_fn: Callable[..., Array], flow_cfg: Mapping[str, Any]
-                    ) -> Callable[..., tuple[Array, dict[str, Array]]]:
-  """Builds `loss_fn(params, z0, key, train=True) -> (loss, metrics)`.
+def drop_labels(key: Array, labels: Array, p_uncond: float, null_label: int) -> Array:
+  """Classifier-free guidance training: each label becomes `null_label` with probability
+  `p_uncond`, so one network learns both the conditional and the unconditional field.
 
-  `apply_fn(variables, z, t, train=..., rngs=...)` is a velocity network's `apply` (e.g.
-  `UNet3D(...).apply`) and `params` its `params` collection. `flow_cfg` needs `loss` and
-  `time_sampling` (plus `logit_normal_mean` / `logit_normal_std` for `logit_normal`). `z0` is a
-  batch of normalised latents; `key` draws the noise, the times and the dropout masks.
+  Args: labels int `(B,)`. Returns int32 `(B,)`.
+  """
+  drop = jax.random.bernoulli(key, p_uncond, labels.shape)
+  return jnp.where(drop, null_label, labels).astype(jnp.int32)
+
+
+def make_fm_loss_fn(apply_fn: Callable[..., Array], flow_cfg: Mapping[str, Any],
+                    num_classes: int = 0) -> Callable[..., tuple[Array, dict[str, Array]]]:
+  """Builds `loss_fn(params, z0, key, train=True, labels=None) -> (loss, metrics)`.
+
+  `apply_fn(variables, z, t, train=..., rngs=..., label=...)` is a velocity network's `apply`
+  (e.g. `UNet3D(...).apply`) and `params` its `params` collection. `flow_cfg` needs `loss` and
+  `time_sampling` (plus `logit_normal_mean` / `logit_normal_std` for `logit_normal`, and
+  `p_uncond` for a conditional network). `z0` is a batch of normalised latents `(B, d, h, w,
+  C)`; `key` draws the noise, the times, the dropout masks and the dropped labels. With
+  `num_classes > 0`, `labels` int `(B,)` in [0, num_classes) are required; each is replaced
+  by the null class `num_classes` with probability `p_uncond` while training.
   """
   kind = flow_cfg["loss"]
   sampling = flow_cfg["time_sampling"]
@@ -73,16 +86,25 @@ def make_fm_loss_fn(apply_fn: Callable[..., Array], flow_cfg: Mapping[str, Any]
   std = float(flow_cfg.get("logit_normal_std", 1.0))
   fm_loss(jnp.zeros(()), jnp.zeros(()), kind)  # fail early on an unknown loss
   sample_time(jax.random.key(0), 1, sampling, mean, std)  # ... or time sampling
+  p_uncond = float(flow_cfg.get("p_uncond", 0.0))
+  if not 0.0 <= p_uncond <= 1.0:
+    raise ValueError(f"flow.p_uncond must be in [0, 1], got {p_uncond}")
 
-  def loss_fn(params: Any, z0: Array, key: Array, train: bool = True
-              ) -> tuple[Array, dict[str, Array]]:
+  def loss_fn(params: Any, z0: Array, key: Array, train: bool = True,
+              labels: Array | None = None) -> tuple[Array, dict[str, Array]]:
     noise_key, time_key, dropout_key = jax.random.split(key, 3)
+    cond = {}
+    if num_classes > 0:
+      if labels is None:
+        raise ValueError("a class-conditional flow needs labels")
+      label_key = jax.random.fold_in(key, 3)  # leaves the unconditional draws as they were
+      cond["label"] = drop_labels(label_key, labels, p_uncond, num_classes) if train else labels
     # Drawn flat: XLA:CPU compiles rank-5 random draws slowly.
     z1 = jax.random.normal(noise_key, (z0.size,), z0.dtype).reshape(z0.shape)
     t = sample_time(time_key, z0.shape[0], sampling, mean, std)
     target = target_velocity(z0, z1)
     pred = apply_fn({"params": params}, interpolate(z0, z1, t), t, train=train,
-                    rngs={"dropout": dropout_key})
+                    rngs={"dropout": dropout_key}, **cond)
     loss = fm_loss(pred, target, kind)
     diff = (pred - target).astype(jnp.float32)
     metrics = {"loss": loss, "l1": jnp.mean(jnp.abs(diff)), "l2": jnp.mean(diff ** 2)}

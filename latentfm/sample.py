@@ -3,6 +3,8 @@
   models = load("runs/demo/flow")
   volumes, nfe = sample(jax.random.PRNGKey(0), models, 4, solver="tsit5")
   write_samples("samples/", volumes)
+  stage3, _ = sample(jax.random.PRNGKey(1), models, 4, labels=3, guidance=2.0)  # conditional
+  edited, _ = edit(models, stage3, source_labels=3, target_labels=0)      # counterfactual
 
 `integrate` solves dz/dt = v(z, t) from t = 1 (noise) to t = 0 (data). Fixed-step solvers
 (`euler`, `heun`, `midpoint`) take `steps` equal steps; `euler` is thesis Algorithm 3 exactly.
@@ -107,22 +109,59 @@ def integrate(velocity_fn: VelocityFn, z1: Array, *, solver: str = "euler", step
 
 @flax.struct.dataclass
 class ModelVelocity:
-  """`velocity_fn(z, t)` from a network `apply_fn(variables, z, t_batch, train=False)`.
+  """`velocity_fn(z, t)` from a network `apply_fn(variables, z, t_batch, train=False[, label])`.
 
-  A pytree: `params` are traced leaves, `apply_fn` is static, so sampling with new parameters
-  reuses the compiled integrator (keep using the same module object).
+  A pytree: `params`, `labels` and `guidance` are traced leaves, `apply_fn` and `null_label`
+  are static, so sampling with new parameters, labels or guidance weights reuses the compiled
+  integrator (keep using the same module object).
+
+  With `labels` int `(B,)`, the field is classifier-free guided:
+  v = v_u + guidance * (v_c - v_u), where v_c is conditioned on `labels` and v_u on
+  `null_label`; both come from one network call on the doubled batch, which `integrate`
+  counts as one evaluation (its cost is that of a 2B batch). `guidance` 0 gives the
+  unconditional field, 1 the conditional one.
   """
   apply_fn: Callable[..., Array] = flax.struct.field(pytree_node=False)
   params: Any
+  labels: Array | None = None
+  guidance: Array | float = 1.0
+  null_label: int | None = flax.struct.field(pytree_node=False, default=None)
 
   def __call__(self, z: Array, t: Array) -> Array:
-    tb = jnp.full((z.shape[0],), t, jnp.float32)
-    return self.apply_fn({"params": self.params}, z, tb, train=False)
+    b = z.shape[0]
+    tb = jnp.full((b,), t, jnp.float32)
+    if self.labels is None:
+      return self.apply_fn({"params": self.params}, z, tb, train=False)
+    null = jnp.full((b,), self.null_label, jnp.int32)
+    both = self.apply_fn({"params": self.params}, jnp.concatenate([z, z]),
+                         jnp.concatenate([tb, tb]), train=False,
+                         label=jnp.concatenate([jnp.asarray(self.labels, jnp.int32), null]))
+    v_c, v_u = both[:b], both[b:]
+    return v_u + jnp.asarray(self.guidance, z.dtype) * (v_c - v_u)
 
 
-def velocity_from_model(apply_fn: Callable[..., Array], params: Any) -> ModelVelocity:
-  """Wraps e.g. `UNet3D(...).apply` and its `params` as `velocity_fn(z, t)` (t broadcast)."""
-  return ModelVelocity(apply_fn=apply_fn, params=params)
+def velocity_from_model(apply_fn: Callable[..., Array], params: Any, *,
+                        labels: Array | None = None, guidance: float = 1.0,
+                        null_label: int | None = None) -> ModelVelocity:
+  """Wraps e.g. `UNet3D(...).apply` and its `params` as `velocity_fn(z, t)` (t broadcast).
+
+  Args:
+    labels: None (the network's own default: unconditional) or int `(B,)` class labels for
+      classifier-free guidance, which then needs `null_label` (the network's null class).
+    guidance: the guidance weight w (0: unconditional, 1: conditional, > 1: amplified).
+  """
+  if labels is not None and null_label is None:
+    raise ValueError("guided sampling needs the null_label of the conditional network")
+  return ModelVelocity(apply_fn=apply_fn, params=params, labels=labels,
+                       guidance=jnp.asarray(guidance, jnp.float32), null_label=null_label)
+
+
+def guided(velocity: ModelVelocity, labels: Array | None, guidance: float) -> ModelVelocity:
+  """The same trained field conditioned on `labels` int `(B,)` with weight `guidance`."""
+  if labels is None:
+    return velocity
+  return dataclasses.replace(velocity, labels=jnp.asarray(labels, jnp.int32),
+                             guidance=jnp.asarray(guidance, jnp.float32))
 
 
 # ----------------------------------------------------------------------------- trained models
@@ -139,6 +178,7 @@ class Models:
   latent_shape: tuple[int, ...]
   flow_step: int
   vqgan_step: int
+  num_classes: int = 0  # 0: unconditional; else labels 0..num_classes-1 can be asked for
 
 
 def load(workdir: str, vqgan_workdir: str | None = None) -> Models:
@@ -157,9 +197,26 @@ def load(workdir: str, vqgan_workdir: str | None = None) -> Models:
   state, extra, step = stages.restore_latest(workdir, flow_step.create_state,
                                              jax.random.PRNGKey(0), config, shape)
   unet = UNet3D.from_config(config.model)
-  return Models(velocity=velocity_from_model(unet.apply, state["ema_params"]), vqgan=vq_model,
-                vqgan_variables=vq_vars, stats=LatentStats.from_dict(extra["latent_stats"]),
-                latent_shape=shape, flow_step=step, vqgan_step=vq_step)
+  velocity = velocity_from_model(unet.apply, state["ema_params"],
+                                 null_label=unet.num_classes or None)
+  return Models(velocity=velocity, vqgan=vq_model, vqgan_variables=vq_vars,
+                stats=LatentStats.from_dict(extra["latent_stats"]), latent_shape=shape,
+                flow_step=step, vqgan_step=vq_step, num_classes=unet.num_classes)
+
+
+def _check_labels(models: Models, labels: Any, num: int) -> np.ndarray | None:
+  """`labels` (None, one int, or `num` ints) as int32 `(num,)`, checked against the model."""
+  if labels is None:
+    return None
+  if models.num_classes == 0:
+    raise ValueError("labels given, but this flow is unconditional (model.num_classes = 0)")
+  out = np.broadcast_to(np.asarray(labels), (num,)) if np.ndim(labels) == 0 else \
+      np.asarray(labels)
+  if out.shape != (num,) or not np.issubdtype(out.dtype, np.integer):
+    raise ValueError(f"labels must be one integer or {num} integers, got {np.asarray(labels)!r}")
+  if out.min() < 0 or out.max() >= models.num_classes:
+    raise ValueError(f"labels must be in 0..{models.num_classes - 1}, got {sorted(set(out))}")
+  return out.astype(np.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -175,45 +232,110 @@ def decode(models: Models, z0: Array, snap_to_codebook: bool = False) -> Array:
   return _decode(models.vqgan, models.vqgan_variables, z, bool(snap_to_codebook))
 
 
-def sample(key: Array, models: Models, num: int, *, solver: str = "euler", steps: int = 50,
-           rtol: float = 1e-5, atol: float = 1e-5, snap_to_codebook: bool = False,
-           batch_size: int = 8) -> tuple[np.ndarray, int]:
-  """`num` synthetic volumes [num, D, H, W] in [0, 1] and the NFE per batch.
+def sample(key: Array, models: Models, num: int, *, labels: Any = None, guidance: float = 1.0,
+           solver: str = "euler", steps: int = 50, rtol: float = 1e-5, atol: float = 1e-5,
+           snap_to_codebook: bool = False, batch_size: int = 8) -> tuple[np.ndarray, int]:
+  """`num` synthetic volumes and the NFE per batch.
 
   Noise z1 ~ N(0, I) is integrated from t = 1 to t = 0 with `solver`, un-normalised and decoded.
+
+  Args:
+    labels: None (unconditional), one class or `num` classes (a class-conditional flow only).
+    guidance: classifier-free guidance weight w: v = v_u + w (v_c - v_u); 1 samples the
+      conditional field, 0 the unconditional one. An evaluation of the guided field is one
+      batched network call on twice the batch and counts as one NFE.
+  Returns:
+    volumes float32 `[num, D, H, W]` in [0, 1], and the most NFE any batch used.
   """
   if num < 1:
     raise ValueError(f"num must be positive, got {num}")
+  labels = _check_labels(models, labels, num)
   out, nfe = [], 0
   for i, k in enumerate(jax.random.split(key, -(-num // batch_size))):
-    n = min(batch_size, num - i * batch_size)
+    lo = i * batch_size
+    n = min(batch_size, num - lo)
     z1 = jax.random.normal(k, (n,) + models.latent_shape)
-    z0, used = integrate(models.velocity, z1, solver=solver, steps=steps, rtol=rtol, atol=atol)
+    velocity = guided(models.velocity, None if labels is None else labels[lo:lo + n], guidance)
+    z0, used = integrate(velocity, z1, solver=solver, steps=steps, rtol=rtol, atol=atol)
     out.append(np.asarray(decode(models, z0, snap_to_codebook)))
     nfe = max(nfe, int(used))
   return np.concatenate(out), nfe
 
 
-def encode_to_noise(models: Models, volumes: Array, *, solver: str = "tsit5", steps: int = 50,
-                    rtol: float = 1e-5, atol: float = 1e-5) -> tuple[Array, Array]:
-  """Inverts real volumes [N, D, H, W] in [0, 1]: encode, normalise, integrate t = 0 → 1."""
+def balanced_labels(num: int, num_classes: int) -> np.ndarray:
+  """`num` labels with equal counts per class (the first `num % num_classes` classes get one
+  more), in class order. Returns int32 `(num,)`."""
+  if num_classes < 1:
+    raise ValueError("balanced sampling needs a class-conditional flow (model.num_classes > 0)")
+  counts = num // num_classes + (np.arange(num_classes) < num % num_classes)
+  return np.repeat(np.arange(num_classes, dtype=np.int32), counts)
+
+
+def encode_to_noise(models: Models, volumes: Array, *, labels: Any = None,
+                    guidance: float = 1.0, solver: str = "tsit5", steps: int = 50,
+                    rtol: float = 1e-5, atol: float = 1e-5, t_end: float = 1.0
+                    ) -> tuple[Array, Array]:
+  """Inverts real volumes: encode, normalise, integrate t = 0 → `t_end` (1: pure noise).
+
+  Args:
+    volumes: `[N, D, H, W]` in [0, 1] at the model's size.
+    labels: None, or the volumes' classes (one or N) for a class-conditional flow.
+  Returns:
+    latents at `t_end`, `(N, d, h, w, C)` (N(0, I)-like at `t_end = 1`), and the NFE used.
+  """
   x = to_model_range(jnp.asarray(volumes, jnp.float32)[..., None])
+  labels = _check_labels(models, labels, x.shape[0])
   z = models.vqgan.apply(models.vqgan_variables, x, method=models.vqgan.encode)
-  return integrate(models.velocity, normalize(z, models.stats), solver=solver, steps=steps,
-                   rtol=rtol, atol=atol, t0=0.0, t1=1.0)
+  return integrate(guided(models.velocity, labels, guidance), normalize(z, models.stats),
+                   solver=solver, steps=steps, rtol=rtol, atol=atol, t0=0.0, t1=float(t_end))
+
+
+def edit(models: Models, volumes: Array, source_labels: Any, target_labels: Any, *,
+         guidance: float = 1.0, strength: float = 1.0, solver: str = "tsit5", steps: int = 50,
+         rtol: float = 1e-5, atol: float = 1e-5) -> tuple[np.ndarray, int]:
+  """Counterfactual editing: the same scans at another class.
+
+  Each scan is inverted under its own label up to t = `strength` (1: all the way to noise,
+  smaller values keep more of the scan) with the conditional field, then integrated back to
+  t = 0 under its target label with guidance weight `guidance`.
+
+  Args:
+    volumes: `[N, D, H, W]` in [0, 1]; source_labels, target_labels: one class or N classes.
+  Returns:
+    edited volumes float32 `[N, D, H, W]` in [0, 1], and the NFE of both solves together.
+  """
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength must be in (0, 1], got {strength}")
+  n = np.shape(volumes)[0]
+  noise, nfe_in = encode_to_noise(models, volumes, labels=source_labels, solver=solver,
+                                  steps=steps, rtol=rtol, atol=atol, t_end=strength)
+  target = _check_labels(models, target_labels, n)
+  z0, nfe_out = integrate(guided(models.velocity, target, guidance), noise, solver=solver,
+                          steps=steps, rtol=rtol, atol=atol, t0=float(strength), t1=0.0)
+  return np.asarray(decode(models, z0)), int(nfe_in) + int(nfe_out)
 
 
 def write_samples(directory: str, volumes: np.ndarray, *, spacing: float = 1.0,
-                  prefix: str = "sample") -> list[str]:
-  """Writes volumes [N, D, H, W] as NIfTI (`spacing` mm) plus one tri-planar PNG; returns paths."""
+                  prefix: str = "sample", labels: Any = None) -> list[str]:
+  """Writes volumes [N, D, H, W] as NIfTI (`spacing` mm) plus one tri-planar PNG; returns paths.
+
+  With `labels` int `(N,)` (the classes they were sampled for) the file names carry the class,
+  `<prefix>_<i>_class<k>.nii.gz`, and `labels.csv` lists file and class.
+  """
   from latentfm import viz  # pylint: disable=import-outside-toplevel
   from latentfm.data.io import write_volume  # pylint: disable=import-outside-toplevel
   os.makedirs(directory, exist_ok=True)
   paths = []
+  suffix = lambda i: "" if labels is None else f"_class{int(labels[i])}"
   for i, vol in enumerate(np.asarray(volumes)):
-    path = os.path.join(directory, f"{prefix}_{i:04d}.nii.gz")
+    path = os.path.join(directory, f"{prefix}_{i:04d}{suffix(i)}.nii.gz")
     write_volume(path, vol, spacing=(spacing,) * 3)
     paths.append(path)
+  if labels is not None:
+    with open(os.path.join(directory, "labels.csv"), "w", encoding="utf-8") as f:
+      f.write("file,label\n" + "".join(f"{os.path.basename(p)},{int(l)}\n"
+                                        for p, l in zip(paths, labels)))
   viz.save_triplanar(os.path.join(directory, f"{prefix}s.png"), volumes[:8],
-                     [f"{prefix} {i}" for i in range(min(8, len(volumes)))])
+                     [f"{prefix} {i}{suffix(i).replace('_', ' ')}"
+                      for i in range(min(8, len(volumes)))])
   return paths

@@ -1,5 +1,6 @@
 """Both stages end to end on a tiny cohort (16³): training, resume, sampling API, NIfTI output."""
 
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,11 @@ from experiments import flow as flow_stage
 from experiments import sample as sample_cli
 from experiments import vqgan as vqgan_stage
 from experiments.configs import flow as flow_configs
+import jax.numpy as jnp
+
 from latentfm import sample
+from latentfm.flow import normalize
+from latentfm.nn.vqgan import to_model_range
 from latentfm.data.io import read_volume
 from latentfm.train.writer import read_metrics
 from conftest import tiny_vqgan_config
@@ -103,6 +108,57 @@ def test_sample_command(trained, tmp_path):
                                                 "samples.png"]
 
 
+def test_conditional_sampling_and_editing(trained):
+  models = sample.load(str(trained / "flow"))
+  assert models.num_classes == 4  # the demo recipe is conditioned on the cohort's stages
+  key = jax.random.PRNGKey(0)
+  a, _ = sample.sample(key, models, 2, labels=[0, 3], guidance=2.0, steps=4)
+  b, _ = sample.sample(key, models, 2, labels=[3, 0], guidance=2.0, steps=4)
+  c, _ = sample.sample(key, models, 2, labels=[0, 3], guidance=2.0, steps=4)
+  np.testing.assert_array_equal(a, c)
+  assert np.abs(a - b).max() > 0  # the label reaches the field
+  for bad, match in (([0, 4], "0..3"), ([0], "2 integers"), (1.5, "integers")):
+    with pytest.raises(ValueError, match=match):
+      sample.sample(key, models, 2, labels=bad, steps=4)
+  edited, nfe = sample.edit(models, a, [0, 3], [3, 0], steps=4, solver="euler")
+  assert edited.shape == a.shape and nfe == 8 and 0 <= edited.min() and edited.max() <= 1
+  # A shallow inversion hardly moves the latent: the edit is the autoencoder's round trip.
+  light, _ = sample.edit(models, a, [0, 3], [3, 0], steps=4, solver="euler", strength=1e-3)
+  z = models.vqgan.apply(models.vqgan_variables, to_model_range(jnp.asarray(a)[..., None]),
+                         method=models.vqgan.encode)
+  round_trip = np.asarray(sample.decode(models, normalize(z, models.stats)))
+  np.testing.assert_allclose(light, round_trip, atol=2e-3)
+  # With a field that is table[label] everywhere, inverting under the source label adds
+  # table[source] and generating under the target subtracts table[target] (Euler is exact).
+  table = jnp.array([0.0, 0.5, -0.5, 1.0, 0.0])  # classes 0..3, null class 4
+  toy = lambda variables, z, t, train, label: jnp.broadcast_to(
+      variables["params"][label].reshape(-1, 1, 1, 1, 1), z.shape)
+  toy_models = dataclasses.replace(
+      models, velocity=sample.velocity_from_model(toy, table, null_label=4))
+  edited, _ = sample.edit(toy_models, a, [1, 3], [2, 0], steps=4, solver="euler")
+  shift = (table[jnp.array([1, 3])] - table[jnp.array([2, 0])]).reshape(-1, 1, 1, 1, 1)
+  expected = np.asarray(sample.decode(models, normalize(z, models.stats) + shift))
+  np.testing.assert_allclose(edited, expected, atol=1e-4)
+  with pytest.raises(ValueError, match="strength"):
+    sample.edit(models, a, 0, 1, strength=0.0)
+
+
+def test_sample_command_balanced(trained, tmp_path):
+  sample_cli.run(str(trained / "flow"), str(tmp_path / "s"), 6, steps=4, balanced=True,
+                 guidance=2.0)
+  rows = (tmp_path / "s" / "labels.csv").read_text().splitlines()
+  assert rows[0] == "file,label" and [r.split(",")[1] for r in rows[1:]] == list("001123")
+  assert (tmp_path / "s" / "sample_0005_class3.nii.gz").is_file()
+  with pytest.raises(ValueError, match="exclude"):
+    sample_cli.run(str(trained / "flow"), str(tmp_path / "t"), 2, label=1, balanced=True)
+
+
+def test_flow_rejects_unlabelled_data_for_a_conditional_model():
+  with pytest.raises(ValueError, match=r"num_classes = 4.*\[-1\]"):
+    flow_stage.check_labels(np.array([0, 1, -1]), 4, "vq")
+  flow_stage.check_labels(np.array([-1, -1]), 0, "vq")  # unconditional: labels unused
+
+
 def test_flow_rejects_missing_vqgan(tmp_path):
   with pytest.raises(ValueError, match="vqgan_workdir"):
     flow_stage.validate_config(tiny_flow(tmp_path / "nothing"))
@@ -110,7 +166,7 @@ def test_flow_rejects_missing_vqgan(tmp_path):
 
 def test_evaluate_report(trained):
   from experiments import evaluate
-  markdown = evaluate.run(str(trained / "flow"), 4, None, "euler", 4, 0)
+  markdown = evaluate.run(str(trained / "flow"), 4, None, "euler", 4, 0, per_stage=1)
   report = json.loads((trained / "flow" / "eval" / "report.json").read_text())
   assert report["sizes"] == {"samples": 4, "train": 6, "held_out": 2}
   assert set(report["thesis_table"]["model"]) == {"mse", "nmse", "psnr", "ssim", "ms_ssim"}
@@ -119,5 +175,12 @@ def test_evaluate_report(trained):
   assert report["headline_features"] == "vgg25d" and "Headline (vgg25d features)" in markdown
   assert set(report["reconstruction"]) >= {"psnr", "ssim", "checkerboard_p2"}
   assert "| psnr ↑ |" in markdown and "VQ-GAN reconstruction" in markdown
-  for name in ("report.md", "samples.png", "distances.png"):
+  for name in ("report.md", "samples.png", "distances.png", "guidance.png", "stages.png",
+               "editing.png"):
     assert (trained / "flow" / "eval" / name).is_file()
+  stages = report["stages"]
+  assert [r["guidance"] for r in stages["sweep"]] == [0.0, 1.0, 2.0, 4.0]
+  assert all(0 <= r["accuracy"] <= 1 and r["fd"] > 0 for r in stages["sweep"])
+  assert sorted(stages["per_stage"]) == [str(s) for s in stages["classes"]]
+  assert set(stages["editing"]) == {"edit", "round_trip"}
+  assert "## Per stage" in markdown and "| guidance w |" in markdown

@@ -5,7 +5,8 @@ r"""Latent flow matching stage configurations.
 Names: `thesis` (the thesis settings; the thesis gives only the UNet's size, 151.6 MB of
 float32, and this layout has 37,910,568 parameters on 16^3 x 8 latents; of the losses it
 compared, L1 and the hybrid worked, and the hybrid is used), `default` (our best settings),
-`demo` and `cpu64` (a small UNet that trains on 2 CPU cores in minutes on 16^3 x 8 latents).
+`demo` and `cpu64` (a small stage-conditional UNet that trains on 2 CPU cores in minutes on
+16^3 x 8 latents).
 `vqgan_workdir` (the workdir of a trained VQ-GAN stage) is required.
 Any field can be overridden on the command line, e.g. `--config.train.num_steps=500`.
 """
@@ -37,6 +38,9 @@ def _base() -> ml_collections.ConfigDict:
   # Recompute only the GroupNorm + SiLU intermediates (16³x8, batch 2, CPU: 506 -> 456 MB
   # temporary memory, slower: 1,237 -> 1,476 ms).
   c.model.recompute_norms = False
+  # Class-conditional field (labels from the data's manifest.csv `stage`/`label` column):
+  # 0 = unconditional; K adds a label embedding for classes 0..K-1 plus a learned null class.
+  c.model.num_classes = 0
 
   c.flow = ml_collections.ConfigDict()
   c.flow.loss = "hybrid"  # "l2" | "l1" | "hybrid" (0.9 L1 + 0.1 L2)
@@ -46,6 +50,9 @@ def _base() -> ml_collections.ConfigDict:
   # Also train on the training volumes mirrored along the VQ-GAN's data.flip_axes (encoded once):
   # more subjects for small data sets, at no cost per step.
   c.flow.flip_latents = False
+  # Classifier-free guidance: the probability that a training label is replaced by the null
+  # class, so that one network also learns the unconditional field (conditional models only).
+  c.flow.p_uncond = 0.1
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-5
@@ -80,6 +87,7 @@ def _base() -> ml_collections.ConfigDict:
   c.sample.steps = 50  # fixed-step solvers: number of steps; adaptive: initial step 1/steps
   c.sample.rtol = 1e-5
   c.sample.atol = 1e-5
+  c.sample.guidance = 1.0  # conditional models: CFG weight w of the preview samples
   return c
 
 
@@ -99,6 +107,7 @@ def _cpu(c: ml_collections.ConfigDict, num_steps: int, lr: float,
   c.model.dropout = 0.0
   c.model.time_embed_dim = 128
   c.model.time_scale = 10.0
+  c.model.num_classes = 4  # the embedded cohort's atrophy stages
   c.flow.flip_latents = True
   c.optim.lr = lr
   c.optim.warmup_steps = 20

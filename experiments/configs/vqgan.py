@@ -19,6 +19,8 @@ def _base() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dir = ml_collections.FieldReference(None, field_type=str)
   c.data.cohort_size = 40
+  # Embedded cohort's stage weights (normal, mild, moderate, advanced); None: balanced.
+  c.data.stage_proportions = ml_collections.FieldReference(None, field_type=tuple)
   c.data.shape = (64, 64, 64)
   c.data.spacing = 1.0
   c.data.val_fraction = 0.2

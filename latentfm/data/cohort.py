@@ -4,7 +4,8 @@ The template and its grey/white-matter maps ship inside the `nilearn` wheel (no 
 subject is the template warped by a random affine and a smooth random deformation, with an atrophy
 stage 0–3 (normal → advanced) that enlarges the ventricles (a radial expansion around them) and
 erodes tissue at every tissue/CSF interface (thinner cortex, wider sulci), then a bias field, a
-GM/WM contrast change, a gamma curve and Rician noise. Stages are assigned round-robin.
+GM/WM contrast change, a gamma curve and Rician noise. Stages are assigned round-robin, or in
+given proportions (e.g. the thesis' data: 0%, 1%, 29%, 70%).
 """
 
 from __future__ import annotations
@@ -157,26 +158,53 @@ def subject_seeds(n: int, seed: int) -> np.ndarray:
   return np.asarray([seed * 100_003 + i for i in range(n)], np.int64)
 
 
-def make_cohort(n: int, shape: Sequence[int] = (64, 64, 64),
-                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Generates `n` subjects: volumes float32 [n, D, H, W] in [0, 1] and stage labels int32 [n]."""
+def cohort_stages(n: int, seed: int = 0,
+                  proportions: Sequence[float] | None = None) -> np.ndarray:
+  """The stage of each of `n` subjects, int32 `(n,)`.
+
+  `proportions` None: round-robin 0, 1, 2, 3, 0, ... Otherwise one non-negative weight per
+  stage (normalised to sum 1): the counts are n * p rounded by largest remainder (so they sum
+  to n and a stage with weight 0 gets none), in an order shuffled by `seed`.
+  """
   if n < 1:
     raise ValueError(f"cohort size must be positive, got {n}")
+  if proportions is None:
+    return np.arange(n, dtype=np.int32) % NUM_STAGES
+  p = np.asarray(proportions, np.float64)
+  if p.shape != (NUM_STAGES,) or (p < 0).any() or p.sum() <= 0:
+    raise ValueError(f"stage proportions must be {NUM_STAGES} non-negative weights with a "
+                     f"positive sum, got {list(proportions)}")
+  exact = n * p / p.sum()
+  counts = np.floor(exact).astype(int)
+  extra = np.argsort(-(exact - counts), kind="stable")[:n - counts.sum()]
+  counts[extra] += 1
+  stages = np.repeat(np.arange(NUM_STAGES, dtype=np.int32), counts)
+  return np.random.default_rng(seed).permutation(stages).astype(np.int32)
+
+
+def make_cohort(n: int, shape: Sequence[int] = (64, 64, 64), seed: int = 0,
+                proportions: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Generates `n` subjects: volumes float32 [n, D, H, W] in [0, 1] and stage labels int32 [n].
+
+  `proportions`: see `cohort_stages` (None: balanced, round-robin).
+  """
+  stages = cohort_stages(n, seed, proportions)
   template = load_template(tuple(int(s) for s in shape))
-  stages = np.arange(n, dtype=np.int32) % NUM_STAGES
   seeds = subject_seeds(n, seed)
   volumes = np.stack([make_subject(template, int(s), int(k)) for s, k in zip(stages, seeds)])
   return volumes, stages
 
 
 def write_cohort(directory: str, n: int, shape: Sequence[int] = (64, 64, 64),
-                 seed: int = 0) -> str:
+                 seed: int = 0, proportions: Sequence[float] | None = None) -> str:
   """Writes the cohort as NIfTI files plus `manifest.csv` (file, stage, seed); returns the path.
 
-  An existing directory written with the same (n, shape, seed) is reused; any other non-empty
-  directory is refused so that nothing is overwritten.
+  An existing directory written with the same (n, shape, seed, proportions) is reused; any other
+  non-empty directory is refused so that nothing is overwritten.
   """
   spec = {"n": int(n), "shape": [int(s) for s in shape], "seed": int(seed)}
+  if proportions is not None:
+    spec["proportions"] = [float(p) for p in proportions]
   spec_path = os.path.join(directory, "cohort.json")
   if os.path.isdir(directory) and os.listdir(directory):
     if os.path.isfile(spec_path):
@@ -184,7 +212,7 @@ def write_cohort(directory: str, n: int, shape: Sequence[int] = (64, 64, 64),
         if json.load(f) == spec and os.path.isfile(os.path.join(directory, "manifest.csv")):
           return directory
     raise VolumeError(f"{directory}: not empty and not a cohort with {spec}; refusing to write")
-  volumes, stages = make_cohort(n, shape, seed)
+  volumes, stages = make_cohort(n, shape, seed, proportions)
   template = load_template(tuple(int(s) for s in shape))
   os.makedirs(directory, exist_ok=True)
   rows = []

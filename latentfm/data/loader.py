@@ -179,7 +179,9 @@ def load_splits(data: Any, workdir: str, seed: int = 0,
   if data.dir:
     directory, spacing = str(data.dir), data.spacing
   else:
-    directory = write_cohort(os.path.join(workdir, "cohort"), int(data.cohort_size), shape, seed)
+    proportions = data.get("stage_proportions", None)
+    directory = write_cohort(os.path.join(workdir, "cohort"), int(data.cohort_size), shape, seed,
+                             None if proportions is None else tuple(proportions))
     spacing = None
   dataset = load_dataset(directory, shape, spacing, os.path.join(workdir, "cache"), progress)
   train, val = train_val_split(len(dataset.volumes), data.val_fraction, data.split_seed)

@@ -78,7 +78,7 @@ def distribution_metrics(samples: np.ndarray, train: np.ndarray,
   return out
 
 
-def _once_per_set(extract: FeatureExtractor) -> FeatureExtractor:
+def once_per_set(extract: FeatureExtractor) -> FeatureExtractor:
   """`extract`, remembering its features per volume set (by content): the training set's are
   needed by the model row, the floor row and the memorisation check alike."""
   cache: dict[bytes, np.ndarray] = {}
@@ -102,7 +102,7 @@ def evaluate(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray,
   """
   if not features:
     raise ValueError("evaluate needs at least one feature extractor")
-  features = {name: _once_per_set(extract) for name, extract in features.items()}
+  features = {name: once_per_set(extract) for name, extract in features.items()}
   headline = next(iter(features))
   report = {"sizes": {"samples": len(samples), "train": len(train), "held_out": len(held_out)},
             "headline_features": headline}

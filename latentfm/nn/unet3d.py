@@ -142,7 +142,12 @@ class Upsample(nn.Module):
 
 
 class UNet3D(nn.Module):
-  """Velocity field `v(z, t)`: `(B, D, H, W, C), (B,) -> (B, D, H, W, C)`."""
+  """Velocity field `v(z, t[, label])`: `(B, D, H, W, C), (B,)[, (B,)] -> (B, D, H, W, C)`.
+
+  With `num_classes > 0` the field is class-conditional: a learned embedding of the label is
+  added to the time embedding. Label `num_classes` (also used when no label is given) is the
+  learned null class that classifier-free guidance contrasts with.
+  """
   channels: int = 64
   channel_mults: Sequence[int] = (1, 2, 4)
   num_res_blocks: int = 2
@@ -161,6 +166,7 @@ class UNet3D(nn.Module):
   dtype: str = "float32"
   remat: bool = False
   recompute_norms: bool = False
+  num_classes: int = 0  # 0: unconditional (no label parameters)
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "UNet3D":
@@ -172,10 +178,13 @@ class UNet3D(nn.Module):
         num_heads=m.num_heads, dropout=m.dropout, time_embed_dim=m.time_embed_dim,
         norm_groups=m.norm_groups, time_scale=m.get("time_scale", 1000.0),
         dtype=m.get("dtype", "float32"), remat=m.get("remat", False),
-        recompute_norms=m.get("recompute_norms", False))
+        recompute_norms=m.get("recompute_norms", False), num_classes=m.get("num_classes", 0))
 
   @nn.compact
-  def __call__(self, z: Array, t: Array, train: bool = False) -> Array:
+  def __call__(self, z: Array, t: Array, train: bool = False,
+               label: Array | None = None) -> Array:
+    """Args: z `(B, D, H, W, C)`; t scalar or `(B,)` in [0, 1]; label int `(B,)` in
+    [0, num_classes] (num_classes = null class) or None (null class). Returns `(B, D, H, W, C)`."""
     levels = len(self.channel_mults)
     factor = 2 ** (levels - 1)
     if z.ndim != 5 or any(s % factor for s in z.shape[1:4]):
@@ -187,6 +196,13 @@ class UNet3D(nn.Module):
     dtype = jnp.dtype(self.dtype)
     temb = nn.Dense(tdim, name="time_mlp_0", dtype=dtype)(temb)
     temb = nn.Dense(tdim, name="time_mlp_1", dtype=dtype)(nn.silu(temb))
+    if self.num_classes > 0:
+      null = jnp.full((z.shape[0],), self.num_classes, jnp.int32)
+      label = null if label is None else jnp.asarray(label, jnp.int32).reshape(z.shape[0])
+      temb = temb + nn.Embed(self.num_classes + 1, tdim, name="label_embed",
+                             embedding_init=nn.initializers.normal(0.02))(label).astype(dtype)
+    elif label is not None:
+      raise ValueError("this UNet3D is unconditional (num_classes = 0) but got labels")
 
     # Explicit names keep the parameter layout (checkpoints) the same with and without remat.
     block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock

@@ -1,7 +1,8 @@
 """Latent flow-matching train state and the pure jitted train step (built by a factory).
 
 State (a plain dict): `step`, `params`, `ema_params` (EMA of the weights, used for sampling),
-`opt` and the root `rng`. Batches hold normalised latents under "image": (B, d, h, w, C).
+`opt` and the root `rng`. Batches hold normalised latents under "image": (B, d, h, w, C), and
+for a class-conditional model their int32 labels under "label": (B,).
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ def make_train_step(config: ml_collections.ConfigDict
                     ) -> Callable[[State, dict], tuple[State, dict]]:
   """Pure `step(state, batch) -> (state, metrics)`: one FM update plus the weight EMA."""
   model = UNet3D.from_config(config.model)
-  loss_fn = flow.make_fm_loss_fn(model.apply, config.flow)
+  loss_fn = flow.make_fm_loss_fn(model.apply, config.flow, model.num_classes)
   tx = make_optimizer(config.optim, config.train.num_steps)
   ema_rate = 1.0 - config.optim.ema_decay
 
   def step(state: State, batch: dict) -> tuple[State, dict]:
     key = jax.random.fold_in(state["rng"], state["step"])
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], batch["image"], key)
+        state["params"], batch["image"], key, labels=batch.get("label"))
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = optax.incremental_update(params, state["ema_params"], ema_rate)

@@ -1,0 +1,223 @@
+"""The per-stage part of the evaluation report, for a class-conditional flow.
+
+Called by `experiments.evaluate` when the flow has `model.num_classes > 0`:
+- a stage classifier trained on the real volumes (cross-validated accuracy);
+- a guidance sweep: balanced samples per weight w, scored by the classifier (accuracy on the
+  requested stage) and by the headline Fréchet distance, as a table and `guidance.png`;
+- per-stage morphometry of the samples at `guidance` against the real volumes of each stage;
+- on the embedded cohort, whose subjects can be regenerated at any stage: counterfactual edits
+  of the held-out scans to every other stage, scored against the true counterfactual, the
+  inversion round trip, and `editing.png` (one subject, stages 0-3, edit beside truth).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+
+from latentfm.metrics import generative
+from latentfm.metrics import stages as stage_metrics
+
+
+def _present(labels: np.ndarray, num_classes: int) -> list[int]:
+  return [s for s in range(num_classes) if (labels == s).any()]
+
+
+def guidance_sweep(models, key, classes: list[int], per_stage: int, guidances, classifier,
+                   extract, train_features, solver: str, steps: int) -> tuple[list, dict]:
+  """Per weight: balanced samples of `classes`, the classifier's accuracy on them and their
+  Fréchet distance to the training set. Returns (rows, {w: (samples, labels)})."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from latentfm import sample
+  labels = np.repeat(np.asarray(classes, np.int32), per_stage)
+  rows, kept = [], {}
+  for w in guidances:
+    volumes, nfe = sample.sample(key, models, len(labels), labels=labels, guidance=float(w),
+                                 solver=solver, steps=steps)
+    predicted = classifier.predict(stage_metrics.stage_features(volumes))
+    rows.append({"guidance": float(w), "accuracy": float(np.mean(predicted == labels)),
+                 "fd": generative.frechet_distance(extract(volumes), train_features),
+                 "nfe": int(nfe)})
+    kept[float(w)] = (volumes, labels)
+    key = jax.random.fold_in(key, 1)
+  return rows, kept
+
+
+def cohort_seeds(vq_dir: str, names) -> np.ndarray | None:
+  """The generating seed of each named scan of an embedded cohort, or None for user data."""
+  manifest = os.path.join(vq_dir, "cohort", "manifest.csv")
+  if not os.path.isfile(manifest):
+    return None
+  with open(manifest, newline="", encoding="utf-8") as f:
+    seeds = {row["file"]: int(row["seed"]) for row in csv.DictReader(f)}
+  return np.asarray([seeds[n] for n in names], np.int64)
+
+
+def editing(models, volumes: np.ndarray, labels: np.ndarray, seeds: np.ndarray, shape,
+            classes: list[int], guidance: float) -> tuple[dict, dict]:
+  """Edits every scan to every other class present and back to its own (the round trip).
+
+  Returns (metrics, montage volumes): metrics has `edit` (`stage_metrics.edit_metrics` over all
+  edits) and `round_trip` (PSNR of the round trip against the input and against the VQ-GAN's
+  reconstruction, which bounds what any latent edit can reach).
+  """
+  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
+  from latentfm import sample
+  from latentfm.data import cohort
+  from latentfm.metrics import image
+  from latentfm.nn.vqgan import from_model_range, to_model_range
+  template = cohort.load_template(tuple(int(s) for s in shape))
+  src_idx, targets = [], []
+  for i, s in enumerate(labels):
+    for t in classes:
+      src_idx.append(i)
+      targets.append(t)
+  src_idx, targets = np.asarray(src_idx), np.asarray(targets, np.int32)
+  edited = np.concatenate([
+      sample.edit(models, volumes[src_idx[j:j + 8]], labels[src_idx[j:j + 8]],
+                  targets[j:j + 8], guidance=guidance)[0]
+      for j in range(0, len(src_idx), 8)])
+  truth = np.stack([cohort.make_subject(template, int(t), int(seeds[i]))
+                    for i, t in zip(src_idx, targets)])
+  other = targets != labels[src_idx]
+  metrics = {"edit": stage_metrics.edit_metrics(edited[other], volumes[src_idx[other]],
+                                                truth[other])}
+  same = ~other
+  x = to_model_range(jnp.asarray(volumes[src_idx[same]][..., None]))
+  recon = np.asarray(from_model_range(models.vqgan.apply(models.vqgan_variables, x)["recon"]))
+  metrics["round_trip"] = {
+      "psnr_to_input": stage_metrics.mean_ci(
+          np.asarray(image.psnr(edited[same], volumes[src_idx[same]]))),
+      "psnr_to_vqgan_recon": stage_metrics.mean_ci(
+          np.asarray(image.psnr(edited[same], recon[..., 0])))}
+  subject = int(np.argmin(labels))
+  rows = [j for j in range(len(src_idx)) if src_idx[j] == subject]
+  montage = {"truth": truth[rows], "edit": edited[rows], "targets": targets[rows],
+             "source": int(labels[subject])}
+  return metrics, montage
+
+
+def run(models, key, train, held_out, vq_dir: str, vq_shape, extract, out_dir: str, *,
+        per_stage: int = 4, guidances=(0.0, 1.0, 2.0, 4.0), guidance: float = 1.0,
+        solver: str = "euler", steps: int = 50) -> dict:
+  """The per-stage section of the report (see the module docstring); figures go to `out_dir`.
+
+  Args: train, held_out: `loader.Dataset`s of the VQ-GAN's real data (volumes with labels);
+  extract: the headline feature extractor; guidance: the weight of the per-stage morphometry.
+  """
+  real = np.concatenate([train.volumes, held_out.volumes])
+  real_labels = np.concatenate([train.labels, held_out.labels])
+  classes = _present(train.labels, models.num_classes)
+  features = stage_metrics.stage_features(real)
+  known = real_labels >= 0
+  section = {"classes": classes, "per_stage_samples": per_stage,
+             "classifier_cv_accuracy": stage_metrics.cross_validated_accuracy(
+                 features[known], real_labels[known]),
+             "real_counts": {int(s): int((real_labels == s).sum()) for s in classes}}
+  classifier = stage_metrics.fit_classifier(features[known], real_labels[known])
+  sweep_ws = sorted(set(float(w) for w in guidances) | {float(guidance)})
+  rows, kept = guidance_sweep(models, key, classes, per_stage, sweep_ws, classifier, extract,
+                              extract(train.volumes), solver, steps)
+  section["sweep"] = rows
+  section["fd_floor"] = generative.frechet_distance(extract(held_out.volumes),
+                                                    extract(train.volumes))
+  section["guidance"] = float(guidance)
+  volumes, labels = kept[float(guidance)]
+  section["per_stage"] = stage_metrics.per_stage_morphometry(volumes, labels, real, real_labels)
+  section["ordered"] = {m: stage_metrics.ordered_like(section["per_stage"], m)
+                        for m in stage_metrics.MEASURES}
+  _sweep_plot(os.path.join(out_dir, "guidance.png"), rows, section["fd_floor"])
+  _stage_montage(os.path.join(out_dir, "stages.png"), volumes, labels)
+  seeds = cohort_seeds(vq_dir, held_out.names)
+  if seeds is not None:
+    section["editing"], montage = editing(models, held_out.volumes, held_out.labels, seeds,
+                                          vq_shape, classes, guidance)
+    _edit_montage(os.path.join(out_dir, "editing.png"), montage)
+  return section
+
+
+def _sweep_plot(path: str, rows: list, floor: float) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  ax.plot([r["fd"] for r in rows], [r["accuracy"] for r in rows], "o-")
+  for r in rows:
+    ax.annotate(f"w={r['guidance']:g}", (r["fd"], r["accuracy"]), fontsize=8,
+                xytext=(4, 4), textcoords="offset points")
+  ax.axvline(floor, color="k", ls="--", lw=1, label="FD floor (held-out real)")
+  ax.set_xlabel("Fréchet distance to training set (lower is better)")
+  ax.set_ylabel("stage classifier accuracy")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _stage_montage(path: str, volumes: np.ndarray, labels: np.ndarray) -> None:
+  from experiments.cohort import VENTRICLE_LEVEL  # pylint: disable=import-outside-toplevel
+  from latentfm import viz  # pylint: disable=import-outside-toplevel
+  from latentfm.data.cohort import STAGE_NAMES  # pylint: disable=import-outside-toplevel
+  rows = [i for s in sorted(set(labels.tolist())) for i in np.flatnonzero(labels == s)[:2]]
+  viz.save_triplanar(path, volumes[rows], [f"asked {STAGE_NAMES[labels[i]]}" for i in rows],
+                     title="samples per requested stage", at=VENTRICLE_LEVEL)
+
+
+def _edit_montage(path: str, montage: dict) -> None:
+  from experiments.cohort import VENTRICLE_LEVEL  # pylint: disable=import-outside-toplevel
+  from latentfm import viz  # pylint: disable=import-outside-toplevel
+  from latentfm.data.cohort import STAGE_NAMES  # pylint: disable=import-outside-toplevel
+  names = [STAGE_NAMES[t] for t in montage["targets"]]
+  volumes = np.concatenate([montage["truth"], montage["edit"]])
+  captions = [f"truth {n}" for n in names] + [f"edit {STAGE_NAMES[montage['source']]}→{n}"
+                                              for n in names]
+  viz.save_triplanar(path, volumes, captions, title="counterfactual editing: one held-out "
+                     "subject, true stages (top) and edits (bottom)", at=VENTRICLE_LEVEL)
+
+
+def to_markdown(section: dict) -> str:
+  """The per-stage section of `report.md`."""
+  from latentfm.data.cohort import STAGE_NAMES  # pylint: disable=import-outside-toplevel
+  name = lambda s: STAGE_NAMES[s] if s < len(STAGE_NAMES) else str(s)
+  fmt = lambda e: (f"{e['mean']:.4g} [{e['ci95'][0]:.3g}, {e['ci95'][1]:.3g}]"
+                   if e["n"] > 1 else (f"{e['mean']:.4g}" if e["n"] else "–"))
+  lines = ["## Per stage (class-conditional flow)", "",
+           f"Stage classifier (logistic regression on CSF/ventricle morphometry) on real "
+           f"volumes: **{section['classifier_cv_accuracy']:.2f}** accuracy, 5-fold "
+           f"cross-validated (chance {1 / len(section['classes']):.2f}). Real volumes per "
+           f"stage: " + ", ".join(f"{name(s)} {n}" for s, n in section["real_counts"].items()
+                                 ) + ".", "",
+           f"Guidance sweep ({section['per_stage_samples']} samples per stage; FD floor "
+           f"{section['fd_floor']:.4g}):", "",
+           "| guidance w | classifier accuracy on samples | Fréchet distance | NFE |",
+           "|---|---|---|---|"]
+  lines += [f"| {r['guidance']:g} | {r['accuracy']:.2f} | {r['fd']:.4g} | {r['nfe']} |"
+            for r in section["sweep"]]
+  lines += ["", f"Morphometry per requested stage at w = {section['guidance']:g} "
+            "(generated vs real of that stage; W1 between them):", "",
+            "| stage | CSF fraction: model | real | W1 | ventricle fraction: model | real | W1 |",
+            "|---|---|---|---|---|---|---|"]
+  for s, m in section["per_stage"].items():
+    cells = []
+    for k in stage_metrics.MEASURES:
+      w1 = m[k]["w1"]
+      cells += [fmt(m[k]["model"]), fmt(m[k]["real"]), "–" if w1 is None else f"{w1:.3g}"]
+    lines.append(f"| {name(int(s))} | " + " | ".join(cells) + " |")
+  lines += ["", "Generated stage means ordered like the real ones: " + ", ".join(
+      f"{k} {'yes' if v else 'no'}" for k, v in section["ordered"].items()) + "."]
+  if "editing" in section:
+    e, r = section["editing"]["edit"], section["editing"]["round_trip"]
+    lines += ["", "Counterfactual editing of the held-out scans to every other stage, against "
+              "the same subject generated at that stage:", "",
+              "| measure | edit vs truth | unedited scan vs truth |", "|---|---|---|",
+              f"| PSNR (dB) | {fmt(e['psnr']['edit'])} | {fmt(e['psnr']['unedited'])} |",
+              f"| SSIM | {fmt(e['ssim']['edit'])} | {fmt(e['ssim']['unedited'])} |",
+              f"| ventricle-fraction shift | {fmt(e['ventricle_shift']['edit'])} | truth: "
+              f"{fmt(e['ventricle_shift']['truth'])} |", "",
+              f"Inversion round trip (own stage): PSNR {fmt(r['psnr_to_input'])} dB to the "
+              f"input, {fmt(r['psnr_to_vqgan_recon'])} dB to the VQ-GAN reconstruction."]
+  return "\n".join(lines) + "\n"
