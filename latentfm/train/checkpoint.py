@@ -7,7 +7,14 @@ A checkpoint step `<directory>/<step>/` holds three named items:
   `data/process_<i>-of-<n>.json` (grain's naming). Bytes (e.g. grain's
   `DataLoaderIterator.get_state()`) are stored base64-encoded and come back as
   bytes.
-- `extra`: a JSON dict written once (latent normalisation stats, config, ...).
+- `extra`: a JSON dict written once (latent normalisation stats, config, ...), plus the
+  content digest of `state` (`state_digest.inspect`) under a reserved key.
+
+Verification: `save` refuses a state holding NaN/Inf, so every checkpoint on disk is a finite
+state, and `restore` recomputes the digest of what it read: a flipped or truncated array file
+raises `CorruptCheckpointError` (one line) instead of restoring wrong values.
+`restore_newest_good` then falls back to the newest checkpoint that verifies, moving each bad
+one aside to `<directory>/corrupt-<step>` (kept, never deleted).
 
 Atomicity: Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames
 it to `<step>` only once every item (and every process) has finished, so a
@@ -32,9 +39,9 @@ Typical use in a training loop (`step` = number of finished updates)::
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,53 +50,29 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from latentfm.train import state_digest
+from latentfm.train.json_tree import decode_json, encode_json
+
 _log = logging.getLogger(__name__)
 
 STATE = "state"
 DATA = "data"
 EXTRA = "extra"
 _ITEMS = (STATE, DATA, EXTRA)
-_BYTES_TAG = "__bytes__"
 _MAX_LISTED = 5
+DIGEST_KEY = "__state_digest__"
 
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint's tree differs from the target state (shapes or keys)."""
 
 
-def encode_json(value: Any) -> Any:
-  """Makes `value` JSON-serialisable; bytes become `{"__bytes__": base64}`.
-
-  Numpy scalars and arrays become Python numbers and (nested) lists; tuples
-  become lists.
-  """
-  if isinstance(value, (bytes, bytearray)):
-    return {_BYTES_TAG: base64.b64encode(bytes(value)).decode("ascii")}
-  if isinstance(value, Mapping):
-    out = {}
-    for k, v in value.items():
-      if not isinstance(k, str):
-        raise TypeError(f"JSON object keys must be str, got {k!r}.")
-      out[k] = encode_json(v)
-    return out
-  if isinstance(value, (list, tuple)):
-    return [encode_json(v) for v in value]
-  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
-    return np.asarray(value).tolist()
-  if value is None or isinstance(value, (bool, int, float, str)):
-    return value
-  raise TypeError(f"Cannot store {type(value).__name__} as JSON: {value!r}.")
+class CorruptCheckpointError(ValueError):
+  """A checkpoint cannot be read, or what was read differs from what was saved."""
 
 
-def decode_json(value: Any) -> Any:
-  """Inverse of `encode_json` (bytes are restored; lists stay lists)."""
-  if isinstance(value, dict):
-    if set(value) == {_BYTES_TAG}:
-      return base64.b64decode(value[_BYTES_TAG])
-    return {k: decode_json(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return [decode_json(v) for v in value]
-  return value
+class NonFiniteStateError(FloatingPointError):
+  """A state holding NaN/Inf was about to be saved; the message names the step and leaves."""
 
 
 def _data_filename() -> str:
@@ -111,6 +94,7 @@ def open_manager(
     keep: int | None = 3,
     save_interval_steps: int = 1,
     async_save: bool = True,
+    keep_steps: tuple[int, ...] = (),
 ) -> ocp.CheckpointManager:
   """Opens (or creates) the checkpoint directory.
 
@@ -122,6 +106,8 @@ def open_manager(
       (unless `force=True`).
     async_save: write in a background thread; `save` returns once the arrays
       are copied to host memory.
+    keep_steps: steps kept whatever `keep` says (e.g. the last one before a
+      recorded settings change).
 
   Returns:
     An `orbax.checkpoint.CheckpointManager` for `save`/`restore`.
@@ -137,6 +123,9 @@ def open_manager(
   policies = ocp.checkpoint_managers
   keep_policy = (policies.PreserveAll() if keep is None
                  else policies.LatestN(n=keep))
+  if keep_steps and keep is not None:
+    keep_policy = policies.AnyPreservationPolicy([
+        keep_policy, policies.CustomSteps(steps=sorted(set(keep_steps)))])
   # Orbax's default policy also saves the first step of a fresh run; we only
   # save on the interval (and when JAX's preemption notice asks for it).
   decision = policies.AnySavePolicy([
@@ -201,14 +190,25 @@ def save(
 
   Returns:
     True if a save was started.
+
+  Raises:
+    NonFiniteStateError: `state` holds NaN/Inf (nothing is written).
   """
   step = int(step)
   if step in manager.all_steps():
     return False
+  if not (force or manager.should_save(step)):
+    return False
+  digest, nonfinite = state_digest.inspect(state)
+  if nonfinite:
+    more = f" and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else ""
+    raise NonFiniteStateError(
+        f"step {step}: the state holds NaN/Inf in {', '.join(nonfinite[:3])}{more}; not "
+        "saved, stopping with the last good checkpoint kept")
   args = ocp.args.Composite(**{
       STATE: ocp.args.StandardSave(state),
       DATA: ocp.args.JsonSave(encode_json(data_state)),
-      EXTRA: ocp.args.JsonSave(encode_json(dict(extra or {}))),
+      EXTRA: ocp.args.JsonSave(encode_json(dict(extra or {}, **{DIGEST_KEY: digest}))),
   })
   return manager.save(step, args=args, force=force)
 
@@ -275,13 +275,16 @@ def restore(
   The state comes back with the structure, dtypes and shardings of
   `target_state` (arrays or `jax.ShapeDtypeStruct`s); a differing dtype is
   cast, not an error. Shapes and tree paths are checked against the
-  checkpoint first; nothing on disk is modified.
+  checkpoint first, and the restored content against the digest saved with
+  it; nothing on disk is modified.
   `data_state` is None if it was saved as None or if this process has no
   entry (e.g. the process count changed).
 
   Raises:
     FileNotFoundError: if there is no checkpoint (at `step`).
     CheckpointMismatchError: if shapes or keys differ from `target_state`.
+    CorruptCheckpointError: if the checkpoint is unreadable or its content
+      differs from the digest saved with it.
   """
   manager.wait_until_finished()  # a step being written is not readable yet
   if step is None:
@@ -293,14 +296,100 @@ def restore(
     raise FileNotFoundError(
         f"No checkpoint for step {step} in {manager.directory}; available: "
         f"{all_steps(manager)}.")
-  check_compatible(manager, step, target_state)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardRestore(abstract),
-      EXTRA: ocp.args.JsonRestore(),
-  }))
-  return restored[STATE], _restore_data(manager, step), decode_json(
-      restored[EXTRA])
+  try:
+    check_compatible(manager, step, target_state)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract),
+        EXTRA: ocp.args.JsonRestore(),
+    }))
+    extra = decode_json(restored[EXTRA])
+    data_state = _restore_data(manager, step)
+  except CheckpointMismatchError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # tensorstore/orbax/json errors
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise CorruptCheckpointError(
+        f"checkpoint step {step} in {manager.directory} is unreadable "
+        f"({type(e).__name__}: {first})") from None
+  saved = extra.pop(DIGEST_KEY, None)
+  if saved is not None:
+    found, _ = state_digest.inspect(restored[STATE])
+    if found is not None and found != saved:
+      raise CorruptCheckpointError(
+          f"checkpoint step {step} in {manager.directory} is corrupt (its "
+          "arrays differ from the digest saved with them)")
+  return restored[STATE], data_state, extra
+
+
+def restore_newest_good(
+    manager: ocp.CheckpointManager,
+    target_state: Any,
+    *,
+    report=_log.warning,
+    set_aside: bool = True,
+) -> tuple[Any, Any, dict[str, Any], int]:
+  """Restores the newest checkpoint that verifies, newest first.
+
+  Args:
+    manager: from `open_manager`.
+    target_state: as for `restore`.
+    report: called with one line per bad checkpoint skipped.
+    set_aside: move each bad checkpoint to `<directory>/corrupt-<step>` (so
+      that training can save that step again and keep-N rotation ignores
+      it); False leaves the directory untouched (read-only users).
+
+  Returns:
+    `(state, data_state, extra, step)`.
+
+  Raises:
+    FileNotFoundError: there is no checkpoint at all.
+    CorruptCheckpointError: no checkpoint verifies (the line lists them).
+    CheckpointMismatchError: the newest readable checkpoint has another tree.
+  """
+  manager.wait_until_finished()
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
+  bad = []
+  for step in steps:
+    try:
+      state, data_state, extra = restore(manager, target_state, step)
+    except CorruptCheckpointError as e:
+      bad.append(step)
+      moved = _set_aside(manager, step) if set_aside else None
+      report(f"{e}; " + (f"moved to {moved}, " if moved else "") + "trying the one before")
+      continue
+    if bad and set_aside:
+      manager.reload()
+    return state, data_state, extra, step
+  if set_aside:
+    manager.reload()
+  raise CorruptCheckpointError(
+      f"no readable checkpoint in {manager.directory} (steps {bad} are corrupt)")
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str | None:
+  if jax.process_index() != 0:
+    return None
+  source = os.path.join(os.fspath(manager.directory), str(step))
+  target = os.path.join(os.fspath(manager.directory), f"corrupt-{step}")
+  if os.path.exists(target):
+    target = f"{target}-{time.strftime('%Y%m%d-%H%M%S')}"
+  try:
+    os.rename(source, target)
+  except OSError:
+    return None
+  return target
+
+
+def read_extra(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The JSON `extra` item of `step` alone (without the state digest)."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      **{EXTRA: ocp.args.JsonRestore()}))
+  extra = decode_json(restored[EXTRA])
+  extra.pop(DIGEST_KEY, None)
+  return extra
 
 
 def _restore_data(manager: ocp.CheckpointManager, step: int) -> Any:
