@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from latentfm import atomic_write
+
 PLANES = ("axial", "coronal", "sagittal")
 
 
@@ -71,7 +73,7 @@ def save_triplanar(path: str, volumes, row_labels: Sequence[str] | None = None,
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  with atomic_write.atomic_path(path) as partial:  # same suffix: the format stays PNG
+    fig.savefig(partial, dpi=100)
   plt.close(fig)
   return path

@@ -3,12 +3,18 @@
 A `Volume` holds the voxel array in (D, H, W) = (z, y, x) order, float32, together with the
 physical geometry SimpleITK reports in (x, y, z) order, so that a volume read and written back
 keeps its place in scanner space and opens correctly in ITK-SNAP or 3D Slicer.
+
+NIfTI voxels are read with nibabel: SimpleITK's NIfTI reader turns NaN/Inf into 0 without a
+word (FSL and SPM write NaN outside brain masks), and it refuses files whose direction cosines
+are orthonormal only up to float rounding; those are read with the nearest orthonormal
+direction and a one-line warning giving the deviation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import logging
 import os
 import zlib
 from typing import Sequence
@@ -16,11 +22,25 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from latentfm import atomic_write
+
 SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+NONFINITE_POLICIES = ("reject", "zero")
+# Largest |direction - nearest orthonormal direction| read as float rounding (about 0.6°).
+MAX_DIRECTION_DEVIATION = 1e-2
+_log = logging.getLogger(__name__)
 
 
 class VolumeError(ValueError):
   """A volume file cannot be used; the message names the file and the problem."""
+
+
+class ManyErrors(VolumeError):
+  """Several problems at once: a first line saying what, then one line per item."""
+
+  def __init__(self, headline: str, lines: Sequence[str]):
+    super().__init__("\n".join([headline, *(f"  {l}" for l in lines)]))
+    self.lines = tuple(lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,17 +62,40 @@ def is_volume_file(path: str | os.PathLike) -> bool:
   return any(name.endswith(s) for s in SUFFIXES)
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
-  """Reads a 3D scalar volume; raises `VolumeError` naming the file for anything unusable."""
+def read_volume(path: str | os.PathLike, nonfinite: str = "reject") -> Volume:
+  """Reads a 3D scalar volume; raises `VolumeError` naming the file for anything unusable.
+
+  Args:
+    path: a NIfTI, MHA/MHD or NRRD file.
+    nonfinite: NaN/Inf voxels are an error ("reject") or become 0 with a logged count ("zero").
+
+  Returns:
+    The `Volume`: float32 array (D, H, W) and its geometry.
+  """
   path = os.fspath(path)
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
   if not os.path.isfile(path):
     raise VolumeError(f"{path}: no such file")
+  lower = path.lower()
+  volume = _read_nifti(path) if lower.endswith((".nii", ".nii.gz")) else _read_itk(path)
+  if min(volume.array.shape) < 2:
+    raise VolumeError(f"{path}: expected a 3D volume, got size {volume.array.shape[::-1]}")
+  finite = np.isfinite(volume.array)
+  if nonfinite == "zero" and not finite.all():
+    bad = int(finite.size - np.count_nonzero(finite))
+    _log.warning("%s: replaced %d NaN/Inf voxels with 0", path, bad)
+    volume = volume.replace(array=np.where(finite, volume.array, np.float32(0)))
+  check_finite_nonconstant(volume.array, path)
+  return volume
+
+
+def _read_itk(path: str) -> Volume:
   try:
     _check_not_truncated(path)
     image = sitk.ReadImage(path)
   except RuntimeError as e:  # SimpleITK reports unreadable/truncated files this way.
-    reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
-    raise VolumeError(f"{path}: cannot read volume ({reason[:160]})") from None
+    raise VolumeError(f"{path}: cannot read volume ({_last_line(e)})") from None
   if image.GetNumberOfComponentsPerPixel() != 1:
     raise VolumeError(f"{path}: expected a scalar image, got "
                       f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
@@ -62,12 +105,63 @@ def read_volume(path: str | os.PathLike) -> Volume:
     image = image[:, :, :, 0]
   elif dim != 3:
     raise VolumeError(f"{path}: expected a 3D volume, got a {dim}D image of size {size}")
-  array = sitk.GetArrayFromImage(image).astype(np.float32)
-  if min(array.shape) < 2:
-    raise VolumeError(f"{path}: expected a 3D volume, got size {image.GetSize()}")
-  check_finite_nonconstant(array, path)
-  return Volume(array=array, spacing=tuple(image.GetSpacing()), origin=tuple(image.GetOrigin()),
+  return Volume(array=sitk.GetArrayFromImage(image).astype(np.float32),
+                spacing=tuple(image.GetSpacing()), origin=tuple(image.GetOrigin()),
                 direction=tuple(image.GetDirection()))
+
+
+def _last_line(e: Exception) -> str:
+  text = str(e).strip()
+  return (text.splitlines()[-1] if text else "unreadable")[:160]
+
+
+def _read_nifti(path: str) -> Volume:
+  """Voxels through nibabel (NaN kept), geometry as SimpleITK reports it where it can."""
+  import nibabel as nib  # pylint: disable=import-outside-toplevel
+  try:
+    image = nib.load(path)
+    data = np.asanyarray(image.dataobj)
+  except Exception as e:  # pylint: disable=broad-except  # nibabel, gzip and zlib errors
+    raise VolumeError(f"{path}: cannot read volume ({_last_line(e)})") from None
+  if data.dtype.fields is not None or np.iscomplexobj(data):
+    raise VolumeError(f"{path}: expected a scalar image, got voxels of type {data.dtype}")
+  if data.ndim == 4 and data.shape[3] == 1:
+    data = data[..., 0]
+  elif data.ndim != 3:
+    raise VolumeError(f"{path}: expected a 3D volume, got a {data.ndim}D image of size "
+                      f"{data.shape}")
+  array = np.ascontiguousarray(data.transpose(2, 1, 0), dtype=np.float32)
+  reader = sitk.ImageFileReader()
+  reader.SetFileName(path)
+  try:
+    reader.ReadImageInformation()
+  except RuntimeError as e:
+    if "orthonormal" not in str(e):
+      raise VolumeError(f"{path}: cannot read volume ({_last_line(e)})") from None
+    return _orthonormalised(path, array, image.affine)
+  n = reader.GetDimension()
+  direction = np.asarray(reader.GetDirection()).reshape(n, n)[:3, :3]
+  return Volume(array=array, spacing=tuple(reader.GetSpacing()[:3]),
+                origin=tuple(reader.GetOrigin()[:3]), direction=tuple(direction.ravel()))
+
+
+def _orthonormalised(path: str, array: np.ndarray, affine: np.ndarray) -> Volume:
+  """A volume whose NIfTI affine (RAS) is nearly orthonormal, in ITK's LPS geometry."""
+  lps = np.diag([-1.0, -1.0, 1.0])
+  matrix = lps @ np.asarray(affine, float)[:3, :3]
+  spacing = np.linalg.norm(matrix, axis=0)
+  cosines = matrix / spacing
+  u, _, vt = np.linalg.svd(cosines)
+  nearest = u @ vt
+  deviation = float(np.abs(cosines - nearest).max())
+  if deviation > MAX_DIRECTION_DEVIATION or np.linalg.det(nearest) == 0:
+    raise VolumeError(f"{path}: direction cosines are not orthonormal (deviation {deviation:.2g}"
+                      f" > {MAX_DIRECTION_DEVIATION:g}); resample it to an orthonormal grid")
+  _log.warning("%s: direction cosines deviate from orthonormal by %.2g; read with the nearest "
+               "orthonormal ones", path, deviation)
+  return Volume(array=array, spacing=tuple(float(s) for s in spacing),
+                origin=tuple(float(o) for o in lps @ np.asarray(affine, float)[:3, 3]),
+                direction=tuple(float(d) for d in nearest.ravel()))
 
 
 def _check_not_truncated(path: str) -> None:
@@ -129,5 +223,5 @@ def write_volume(path: str | os.PathLike, volume: Volume | np.ndarray,
   image.SetSpacing(volume.spacing)
   image.SetOrigin(volume.origin)
   image.SetDirection(volume.direction)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  sitk.WriteImage(image, path, useCompression=path.lower().endswith(".gz"))
+  with atomic_write.atomic_path(path) as partial:  # never half a file under the final name
+    sitk.WriteImage(image, partial, useCompression=path.lower().endswith(".gz"))
