@@ -21,6 +21,7 @@ import numpy as np
 import scipy.ndimage as ndi
 import SimpleITK as sitk
 
+from latentfm import atomic_write
 from latentfm.data.io import Volume, VolumeError, write_volume
 
 NUM_STAGES = 4
@@ -200,7 +201,8 @@ def write_cohort(directory: str, n: int, shape: Sequence[int] = (64, 64, 64),
   """Writes the cohort as NIfTI files plus `manifest.csv` (file, stage, seed); returns the path.
 
   An existing directory written with the same (n, shape, seed, proportions) is reused; any other
-  non-empty directory is refused so that nothing is overwritten.
+  non-empty directory is refused so that nothing is overwritten. The files are written into a
+  temporary folder renamed to `directory` when complete, so an interrupted write blocks nothing.
   """
   spec = {"n": int(n), "shape": [int(s) for s in shape], "seed": int(seed)}
   if proportions is not None:
@@ -214,17 +216,17 @@ def write_cohort(directory: str, n: int, shape: Sequence[int] = (64, 64, 64),
     raise VolumeError(f"{directory}: not empty and not a cohort with {spec}; refusing to write")
   volumes, stages = make_cohort(n, shape, seed, proportions)
   template = load_template(tuple(int(s) for s in shape))
-  os.makedirs(directory, exist_ok=True)
-  rows = []
-  for i, (vol, stage, subject_seed) in enumerate(zip(volumes, stages, subject_seeds(n, seed))):
-    name = f"subject_{i:04d}.nii.gz"
-    write_volume(os.path.join(directory, name),
-                 Volume(vol, template.spacing, template.origin, template.direction))
-    rows.append((name, int(stage), int(subject_seed)))
-  with open(os.path.join(directory, "manifest.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["file", "stage", "seed"])
-    writer.writerows(rows)
-  with open(spec_path, "w") as f:
-    json.dump(spec, f)
+  with atomic_write.atomic_dir(directory) as partial:  # an interrupted write leaves no cohort/
+    rows = []
+    for i, (vol, stage, subject_seed) in enumerate(zip(volumes, stages, subject_seeds(n, seed))):
+      name = f"subject_{i:04d}.nii.gz"
+      write_volume(os.path.join(partial, name),
+                   Volume(vol, template.spacing, template.origin, template.direction))
+      rows.append((name, int(stage), int(subject_seed)))
+    with open(os.path.join(partial, "manifest.csv"), "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(["file", "stage", "seed"])
+      writer.writerows(rows)
+    with open(os.path.join(partial, "cohort.json"), "w") as f:
+      json.dump(spec, f)
   return directory

@@ -12,18 +12,23 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Callable, Iterable, Sequence
 
 import grain
 import numpy as np
 
+from latentfm import atomic_write
+from latentfm.data import split_record
 from latentfm.data.cohort import write_cohort
-from latentfm.data.io import VolumeError, is_volume_file, read_volume
-from latentfm.data.preprocess import augment, preprocess_volume, train_val_split
+from latentfm.data.io import ManyErrors, VolumeError, is_volume_file, read_volume
+from latentfm.data.preprocess import augment, preprocess_volume
 
 CACHE_VERSION = 1
 UNLABELLED = -1
+SKIPPED = "skipped_files.txt"
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,74 +38,160 @@ class Dataset:
   volumes: np.ndarray
   labels: np.ndarray
   names: tuple[str, ...]
+  skipped: tuple[str, ...] = ()  # "path: reason" of each unusable file left out
 
   def subset(self, indices: Sequence[int]) -> "Dataset":
     indices = np.asarray(indices, int)
     return Dataset(self.volumes[indices], self.labels[indices],
-                   tuple(self.names[i] for i in indices))
+                   tuple(self.names[i] for i in indices), self.skipped)
 
 
-def index_directory(directory: str) -> list[tuple[str, int]]:
-  """(path, label) of every volume in `directory`; labels come from `manifest.csv` if present."""
+def _manifest_items(directory: str, manifest: str) -> tuple[list[tuple[str, int]], list[str]]:
+  """(path, label) of every manifest row, and one problem line per listed file that is missing.
+
+  The header may carry a UTF-8 BOM, spaces and any case; the same file listed twice (even as
+  `./x` and `x`) is refused with both line numbers, since it could land in both splits.
+  """
+  with open(manifest, newline="", encoding="utf-8-sig") as f:
+    rows = list(csv.reader(f))
+  header = [h.strip().lower() for h in rows[0]] if rows else []
+  if "file" not in header or len(rows) < 2:
+    raise VolumeError(f"{manifest}: expected a header with a 'file' column and at least one row "
+                      f"(found columns {header})")
+  column = {name: header.index(name) for name in ("file", "stage", "label") if name in header}
+  label_column = column.get("stage", column.get("label"))
+  items, missing, seen = [], [], {}
+  for line, row in enumerate(rows[1:], start=2):
+    if not any(cell.strip() for cell in row):
+      continue
+    cells = [cell.strip() for cell in row] + [""] * len(header)
+    name = cells[column["file"]]
+    key = os.path.normpath(name)
+    if key in seen:
+      raise VolumeError(f"{manifest} line {line}: {name!r} is already listed on line {seen[key]}")
+    seen[key] = line
+    text = cells[label_column] if label_column is not None else ""
+    try:
+      label = int(text) if text else UNLABELLED
+    except ValueError:
+      raise VolumeError(f"{manifest} line {line}: label {text!r} of {name!r} is not an "
+                        "integer") from None
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      missing.append(f"{path}: listed on line {line} of {manifest}, but no such file")
+    items.append((path, label))
+  return items, missing
+
+
+def _index(directory: str) -> tuple[list[tuple[str, int]], list[str]]:
   if not os.path.isdir(directory):
     raise VolumeError(f"{directory}: data directory does not exist")
   manifest = os.path.join(directory, "manifest.csv")
   if os.path.isfile(manifest):
-    with open(manifest, newline="") as f:
-      rows = list(csv.DictReader(f))
-    if not rows or "file" not in rows[0]:
-      raise VolumeError(f"{manifest}: expected a header with a 'file' column and at least one row")
-    items = []
-    for row in rows:
-      path = os.path.join(directory, row["file"])
-      if not os.path.isfile(path):
-        raise VolumeError(f"{manifest}: lists {row['file']!r}, which does not exist")
-      try:
-        label = int(row.get("stage") or row.get("label") or UNLABELLED)
-      except ValueError:
-        raise VolumeError(f"{manifest}: label of {row['file']!r} is not an integer") from None
-      items.append((path, label))
-    return items
+    return _manifest_items(directory, manifest)
   names = sorted(n for n in os.listdir(directory) if is_volume_file(n) and not n.startswith("."))
   if not names:
     raise VolumeError(f"{directory}: no volume files (.nii, .nii.gz, .mha, .mhd, .nrrd) found")
-  return [(os.path.join(directory, n), UNLABELLED) for n in names]
+  return [(os.path.join(directory, n), UNLABELLED) for n in names], []
 
 
-def _cache_key(items: Sequence[tuple[str, int]], shape: Sequence[int],
-               spacing: float | None) -> str:
+def index_directory(directory: str) -> list[tuple[str, int]]:
+  """(path, label) of every volume in `directory`; labels come from `manifest.csv` if present.
+
+  Raises:
+    VolumeError: no usable listing; `ManyErrors` names every listed file that is missing.
+  """
+  items, missing = _index(directory)
+  if missing:
+    raise ManyErrors(f"{len(missing)} file(s) listed in {directory}/manifest.csv are missing:",
+                     missing)
+  return items
+
+
+def _file_stamp(path: str) -> str:
+  """Size and modification time: a changed stamp invalidates the cache (OSError if unusable)."""
+  st = os.stat(path)
+  return f"{st.st_size}|{st.st_mtime_ns}"
+
+
+def _cache_key(items: Sequence[tuple[str, int]], stamps: Sequence[str], shape: Sequence[int],
+               spacing: float | None, options: dict) -> str:
   h = hashlib.sha256()
-  spec = {"v": CACHE_VERSION, "shape": list(map(int, shape)), "spacing": spacing}
+  spec = {"v": CACHE_VERSION, "shape": list(map(int, shape)), "spacing": spacing, **options}
   h.update(json.dumps(spec, sort_keys=True).encode())
-  for path, label in items:
-    st = os.stat(path)
-    h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
+  for (path, label), stamp in zip(items, stamps):
+    h.update(f"{os.path.abspath(path)}|{stamp}|{label}\n".encode())
   return h.hexdigest()[:16]
+
+
+def _stamps(items, problems: list[str]) -> list[str | None]:
+  stamps = []
+  for path, _ in items:
+    try:
+      stamps.append(_file_stamp(path))
+    except OSError as e:  # e.g. a symbolic link loop or a dangling link
+      stamps.append(None)
+      if not any(p.startswith(f"{path}:") for p in problems):
+        problems.append(f"{path}: {e.strerror or e}")
+  return stamps
 
 
 def load_dataset(directory: str, shape: Sequence[int] = (64, 64, 64), spacing: float | None = 1.0,
                  cache_dir: str | None = None,
-                 progress: Callable[[Iterable], Iterable] | None = None) -> Dataset:
+                 progress: Callable[[Iterable], Iterable] | None = None, *,
+                 nonfinite: str = "reject", skip_bad_files: bool = False) -> Dataset:
   """Reads and preprocesses every volume of `directory` once; cached in `cache_dir` if given.
 
   The input directory is only read. `progress` may wrap the per-file loop (e.g. `tqdm.tqdm`).
+  Every file is tried before any error: the unusable ones are reported together (`ManyErrors`,
+  one line each) or, with `skip_bad_files`, left out and listed in `Dataset.skipped`.
+  `nonfinite` is `io.read_volume`'s policy for NaN/Inf voxels.
+
+  Returns:
+    The `Dataset`: volumes float32 [N, *shape] in [0, 1], labels int32 [N], names.
   """
-  items = index_directory(directory)
-  key = _cache_key(items, shape, spacing)
+  items, problems = _index(directory)
+  stamps = _stamps(items, problems)
+  usable = [i for i, stamp in enumerate(stamps) if stamp is not None]
+  options = {"nonfinite": nonfinite, "skip": True} if skip_bad_files else (
+      {"nonfinite": nonfinite} if nonfinite != "reject" else {})
+  key = _cache_key([items[i] for i in usable], [stamps[i] for i in usable], shape, spacing,
+                   options)
   cache = os.path.join(cache_dir, f"volumes-{key}.npz") if cache_dir else None
-  names = tuple(os.path.basename(p) for p, _ in items)
-  labels = np.asarray([l for _, l in items], np.int32)
-  if cache and os.path.isfile(cache):
+  if cache and os.path.isfile(cache) and not (problems and not skip_bad_files):
     with np.load(cache) as f:
-      return Dataset(f["volumes"], labels, names)
-  loop = progress(items) if progress else items
-  volumes = np.stack([preprocess_volume(read_volume(p), shape, spacing, name=p) for p, _ in loop])
+      kept = [usable[i] for i in f["kept"]] if "kept" in f else usable
+      cached = [p for p in _cached_problems(f) if p not in problems]
+      return _dataset(items, kept, f["volumes"], problems + cached)
+  volumes, kept = [], []
+  loop = progress(usable) if progress else usable
+  for i in loop:
+    path = items[i][0]
+    try:
+      volumes.append(preprocess_volume(read_volume(path, nonfinite), shape, spacing, name=path))
+      kept.append(i)
+    except VolumeError as e:
+      problems.append(str(e) if str(e).startswith(path) else f"{path}: {e}")
+  if problems and not skip_bad_files:
+    raise ManyErrors(f"{len(problems)} of {len(items)} files in {directory} are unusable (set "
+                     "data.skip_bad_files=true to train without them):", problems)
+  if not kept:
+    raise VolumeError(f"{directory}: none of its {len(items)} files is usable")
+  stacked = np.stack(volumes)
   if cache:
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = cache + ".tmp.npz"
-    np.savez(tmp, volumes=volumes)
-    os.replace(tmp, cache)
-  return Dataset(volumes, labels, names)
+    with atomic_write.atomic_path(cache) as tmp:
+      np.savez(tmp, volumes=stacked, kept=np.asarray([usable.index(i) for i in kept]),
+               problems=np.asarray(problems, dtype=str))
+  return _dataset(items, kept, stacked, problems)
+
+
+def _cached_problems(f) -> list[str]:
+  return [str(p) for p in f["problems"]] if "problems" in f else []
+
+
+def _dataset(items, kept: Sequence[int], volumes: np.ndarray, problems: list[str]) -> Dataset:
+  return Dataset(volumes, np.asarray([items[i][1] for i in kept], np.int32),
+                 tuple(os.path.basename(items[i][0]) for i in kept), tuple(problems))
 
 
 class ArraySource:
@@ -166,14 +257,24 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0
 
 
 def load_splits(data: Any, workdir: str, seed: int = 0,
-                progress: Callable[[Iterable], Iterable] | None = None
-                ) -> tuple[Dataset, Dataset]:
+                progress: Callable[[Iterable], Iterable] | None = None, *,
+                on_change: Callable[[str], None] | None = None) -> tuple[Dataset, Dataset]:
   """(train, validation) datasets for a config's `data` section.
 
   `data.dir = None` generates the embedded cohort into `workdir/cohort` (already on the model
   grid, so it is not resampled); a user directory is preprocessed at `data.spacing` mm. The
   preprocessed arrays are cached in `workdir/cache`; the split is deterministic by
-  `data.split_seed`.
+  `data.split_seed` and, once recorded in the workdir (`split_record`), stable when files are
+  added or removed.
+
+  Args:
+    data: the config's data section.
+    workdir: the stage's workdir (cohort, cache and split record).
+    seed: the cohort's seed.
+    progress: wraps the per-file loop.
+    on_change: given, the caller is the stage's training run: it is called with one line when
+      the data changed against the record (it may raise to refuse), and the split and the
+      skipped files are recorded in the workdir. None only reads.
   """
   shape = tuple(int(s) for s in data.shape)
   if data.dir:
@@ -183,6 +284,23 @@ def load_splits(data: Any, workdir: str, seed: int = 0,
     directory = write_cohort(os.path.join(workdir, "cohort"), int(data.cohort_size), shape, seed,
                              None if proportions is None else tuple(proportions))
     spacing = None
-  dataset = load_dataset(directory, shape, spacing, os.path.join(workdir, "cache"), progress)
-  train, val = train_val_split(len(dataset.volumes), data.val_fraction, data.split_seed)
+  dataset = load_dataset(directory, shape, spacing, os.path.join(workdir, "cache"), progress,
+                         nonfinite=data.get("nonfinite", "reject"),
+                         skip_bad_files=data.get("skip_bad_files", False))
+  train, val, added, removed = split_record.assign(
+      dataset.names, data.val_fraction, data.split_seed, split_record.read(workdir))
+  if on_change is not None:
+    if added or removed:
+      on_change(split_record.describe(directory, added, removed))
+    split_record.write(workdir, dataset.names, train, val)
+    _record_skipped(workdir, dataset.skipped)
   return dataset.subset(train), dataset.subset(val)
+
+
+def _record_skipped(workdir: str, skipped: Sequence[str]) -> None:
+  path = os.path.join(workdir, SKIPPED)
+  if skipped:
+    _log.warning("left out %d unusable file(s), listed in %s", len(skipped), path)
+    atomic_write.write_text(path, "".join(f"{line}\n" for line in skipped))
+  elif os.path.isfile(path):
+    os.remove(path)
