@@ -1,4 +1,4 @@
-"""What both training entry points share: flags, clean errors, progress bars, image previews."""
+"""What the entry points share: flags, clean one-line errors, the workdir lock, file progress."""
 
 from __future__ import annotations
 
@@ -28,51 +28,107 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def parse_plain_flags(argv: list[str]) -> flags.FlagValues:
-  """Parses absl flags; a bad flag is one line on stderr and exit 2."""
+  """Parses absl flags; a bad flag or a stray positional argument is one line and exit 2."""
   try:
-    FLAGS(argv)
+    rest = FLAGS(argv)
   except flags.Error as e:
     fail(str(e))
+  _refuse_positional(rest)
   return FLAGS
+
+
+def _refuse_positional(rest: list[str]) -> None:
+  if len(rest) > 1:
+    fail(f"unexpected argument(s) {' '.join(rest[1:])!r}; every option is a --flag")
+
+
+def check_writable(directory: str) -> None:
+  """Raises OSError (one line through `run_guarded`) if files cannot be created in `directory`
+  (made if missing), before any heavy work."""
+  import errno  # pylint: disable=import-outside-toplevel
+  os.makedirs(directory, exist_ok=True)
+  if not os.access(directory, os.W_OK | os.X_OK):
+    raise OSError(errno.EACCES, "not writable", directory)
+
+
+def workdir_held(workdir: str, purpose: str):
+  """The workdir lock (`latentfm.train.workdir_lock`) for a command that writes into it."""
+  from latentfm.train import workdir_lock  # pylint: disable=import-outside-toplevel
+  return workdir_lock.hold(workdir, purpose)
 
 
 def parse_flags(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
   """Parses `--config`, `--config.x=y` overrides and `--workdir`; bad flags exit 2."""
   try:
-    FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    rest = FLAGS(argv)
+    config = FLAGS.config  # a config file that failed to load raises only here
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    missing = _missing_config_file(argv)
+    fail(f"--config {missing}: no such file" if missing else _config_error_line(e))
+  _refuse_positional(rest)
+  missing = _missing_config_file(argv)
+  if missing:  # ml_collections defers this error to the first use of the config
+    fail(f"--config {missing}: no such file")
   if not FLAGS.workdir:
     fail("--workdir is required")
-  return FLAGS.config, FLAGS.workdir
+  return config, FLAGS.workdir
+
+
+def _missing_config_file(argv: list[str]) -> str | None:
+  """The `--config` file named in `argv` if it does not exist."""
+  for i, arg in enumerate(argv):
+    value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
+        arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+    if value is not None and not os.path.isfile(value.split(":", 1)[0]):
+      return value.split(":", 1)[0]
+  return None
+
+
+def _config_error_line(e: Exception) -> str:
+  """The informative line of a flag or config-file error (ml_collections puts the cause of a
+  failed config file after "Error whilst parsing config file:")."""
+  lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+  if not lines:
+    return type(e).__name__
+  if lines[0].rstrip(":").endswith("Error whilst parsing config file") and len(lines) > 1:
+    return f"{lines[0]} {lines[-1]}"
+  return lines[0]
 
 
 def run_guarded(fn: Callable[[], object]) -> None:
-  """Runs `fn`, turning bad input (ValueError, missing files) into one line and exit 2."""
-  from latentfm.train.loop import NonFiniteLossError  # pylint: disable=import-outside-toplevel
+  """Runs `fn`, turning bad input (ValueError, unusable files or folders: read-only, full,
+  symlink loops) into one line and exit 2, and a NaN/Inf stop into one line and exit 1.
+
+  A `ManyErrors` (e.g. every unusable file of a data folder) keeps one line per item.
+  """
+  # pylint: disable=import-outside-toplevel
+  from latentfm.data.io import ManyErrors
   try:
     fn()
-  except NonFiniteLossError as e:
+  except FloatingPointError as e:  # NaN/Inf losses or states (the last good checkpoint is kept)
     fail(str(e), code=1)
-  except (ValueError, FileNotFoundError, ImportError) as e:
+  except ManyErrors as e:
+    fail(str(e).strip())
+  except (ValueError, ImportError) as e:
     fail(str(e).strip().splitlines()[0])
+  except OSError as e:
+    fail(_os_error_line(e))
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+def _os_error_line(e: OSError) -> str:
+  """One line for an OS-level failure, naming the path and what to do where that is clear."""
+  import errno  # pylint: disable=import-outside-toplevel
+  where = e.filename or ""
+  hints = {errno.ENOSPC: "the disk is full; free space and rerun (the last checkpoint is kept)",
+           errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+           errno.ELOOP: "symbolic link loop"}
+  reason = hints.get(e.errno, e.strerror or str(e).strip().splitlines()[0])
+  return f"{where}: {reason}" if where else reason
 
 
 def load_json(path: str) -> dict:
   with open(path, encoding="utf-8") as f:
     return json.load(f)
-
-
-def progress_bar(total: int, initial: int, desc: str, enabled: bool = True):
-  import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm.tqdm(total=total, initial=initial, desc=desc, disable=not enabled,
-                   dynamic_ncols=True, unit="step")
 
 
 def file_progress(desc: str, enabled: bool = True):

@@ -25,11 +25,10 @@ from latentfm.data import loader
 from latentfm.sample import integrate, velocity_from_model
 from latentfm.nn.unet3d import UNet3D
 from latentfm.nn.vqgan import from_model_range
-from latentfm.train import checkpoint, host_memory, parallel, stages
+from latentfm.train import runner, stages
 from latentfm.train.compiler import jit_train_step
 from latentfm.train.flow_step import create_state, encode_volumes, make_train_step
-from latentfm.train.loop import Periodic, check_nonfinite_policy, guard_step, resume, train_loop
-from latentfm.train.writer import MetricWriter
+from latentfm.train.loop import Periodic, check_nonfinite_policy, guard_step
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects impossible settings before any heavy work (ValueError naming the key)."""
@@ -100,67 +99,41 @@ def check_labels(labels: np.ndarray, num_classes: int, vqgan_workdir: str) -> No
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the flow model in `workdir`; returns the last logged metrics."""
-  parallel.maybe_initialize_distributed()
-  if config.train.get("reuse_host_memory", True):  # configs written before the option
-    host_memory.reuse_host_memory()
-  validate_config(config)
-  main_process = jax.process_index() == 0
-  latents, labels, stats, (_, vq_model, vq_vars) = prepare_latents(config, workdir,
-                                                                    main_process)
-  mesh = parallel.make_mesh()
-  state = parallel.replicate(
-      create_state(jax.random.PRNGKey(config.seed), config, latents.shape[1:]), mesh)
-  manager = checkpoint.open_manager(os.path.join(workdir, "ckpt"),
-                                    keep=config.train.keep_checkpoints)
-  dataset = loader.Dataset(latents, labels, tuple(map(str, range(len(latents)))))
-  data_iter = iter(loader.make_loader(
-      dataset, parallel.process_batch_size(config.train.batch_size), train=True,
-      seed=config.seed))
-  state, first_step = resume(manager, state, data_iter)
-  common.save_config(config, workdir)
-  extra = {"stage": "flow", "latent_stats": stats.to_dict(),
-           "latent_shape": list(latents.shape[1:])}
+  with runner.open_stage("flow", config, workdir, validate=validate_config) as run:
+    latents, labels, stats, (_, vq_model, vq_vars) = prepare_latents(config, workdir,
+                                                                      run.main_process)
+    dataset = loader.Dataset(latents, labels, tuple(map(str, range(len(latents)))))
+    state = run.start(create_state(jax.random.PRNGKey(config.seed), config, latents.shape[1:]),
+                      dataset)
+    step_fn = jit_train_step(guard_step(make_train_step(config), config.train.on_nonfinite),
+                             donate_argnums=0)
+    unet = UNet3D.from_config(config.model)
+    decode = jax.jit(lambda v, z: vq_model.apply(v, z, method=vq_model.decode))
+    num_classes = unet.num_classes
+    preview_labels = np.arange(4) % num_classes if num_classes else None
 
-  step_fn = jit_train_step(guard_step(make_train_step(config), config.train.on_nonfinite),
-                           donate_argnums=0)
-  writer = MetricWriter(workdir, tensorboard=config.train.tensorboard,
-                        resume_step=first_step, enabled=main_process)
-  unet = UNet3D.from_config(config.model)
-  decode = jax.jit(lambda v, z: vq_model.apply(v, z, method=vq_model.decode))
+    def samples(step, state):
+      z1 = jax.random.normal(jax.random.PRNGKey(config.seed + 1), (4,) + latents.shape[1:])
+      velocity = velocity_from_model(unet.apply, state["ema_params"], labels=preview_labels,
+                                     guidance=config.sample.get("guidance", 1.0),
+                                     null_label=num_classes or None)
+      z0, nfe = integrate(velocity, z1,
+                          solver=config.sample.solver, steps=config.sample.steps,
+                          rtol=config.sample.rtol, atol=config.sample.atol)
+      volumes = np.asarray(from_model_range(decode(vq_vars, flow.denormalize(z0, stats))))
+      if run.main_process:
+        viz.save_triplanar(os.path.join(workdir, "images", f"samples_{step:06d}.png"),
+                           volumes[..., 0], [f"sample {i}" if preview_labels is None else
+                                             f"class {preview_labels[i]}"
+                                             for i in range(len(volumes))],
+                           title=f"flow step {step}, {config.sample.solver} NFE {int(nfe)}")
+        run.writer.write_image(step, "samples", viz.triplanar_image(volumes))
+      return {"sample_nfe": float(nfe)}
 
-  num_classes = unet.num_classes
-  preview_labels = np.arange(4) % num_classes if num_classes else None
-
-  def samples(step, state):
-    z1 = jax.random.normal(jax.random.PRNGKey(config.seed + 1), (4,) + latents.shape[1:])
-    velocity = velocity_from_model(unet.apply, state["ema_params"], labels=preview_labels,
-                                   guidance=config.sample.get("guidance", 1.0),
-                                   null_label=num_classes or None)
-    z0, nfe = integrate(velocity, z1,
-                        solver=config.sample.solver, steps=config.sample.steps,
-                        rtol=config.sample.rtol, atol=config.sample.atol)
-    volumes = np.asarray(from_model_range(decode(vq_vars, flow.denormalize(z0, stats))))
-    if main_process:
-      viz.save_triplanar(os.path.join(workdir, "images", f"samples_{step:06d}.png"),
-                         volumes[..., 0], [f"sample {i}" if preview_labels is None else
-                                           f"class {preview_labels[i]}"
-                                           for i in range(len(volumes))],
-                         title=f"flow step {step}, {config.sample.solver} NFE {int(nfe)}")
-      writer.write_image(step, "samples", viz.triplanar_image(volumes))
-    return {"sample_nfe": float(nfe)}
-
-  with common.progress_bar(config.train.num_steps, first_step, "flow", main_process) as bar:
-    result = train_loop(
-        state, lambda s, b, i: step_fn(s, b), data_iter, mesh=mesh, first_step=first_step,
-        num_steps=config.train.num_steps, manager=manager, writer=writer,
-        log_every=config.train.log_every, ckpt_every=config.train.ckpt_every,
-        callbacks=[Periodic(config.train.sample_every, samples)], extra=extra, progress=bar,
-        max_consecutive_skips=config.train.max_consecutive_skips)
-  checkpoint.close(manager)
-  writer.close()
-  if result.stopped_by_signal is not None and main_process:
-    print(f"flow: stopped by signal {result.stopped_by_signal} at step {result.step}; "
-          "checkpoint saved, rerun the same command to resume", file=sys.stderr)
+    result = run.train(state, lambda s, b, i: step_fn(s, b),
+                       callbacks=[Periodic(config.train.sample_every, samples)],
+                       extra={"latent_stats": stats.to_dict(),
+                              "latent_shape": list(latents.shape[1:])})
   rows = [r for r in _rows(workdir) if "loss" in r]
   return {"step": result.step, "loss": rows[-1]["loss"] if rows else float("nan")}
 

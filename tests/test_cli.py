@@ -55,7 +55,7 @@ def test_vqgan_requires_workdir():
 def test_unknown_config_name(tmp_path):
   result = run("experiments.vqgan", "--config", "experiments/configs/vqgan.py:nope",
                "--workdir", str(tmp_path))
-  assert result.returncode == 2 and "nope" in result.stderr
+  one_line_exit_2(result, "unknown vqgan config 'nope'; choose thesis")
 
 
 def test_cohort_command(tmp_path):
@@ -68,3 +68,45 @@ def test_cohort_command(tmp_path):
   result = run("experiments.cohort", "--out", str(tmp_path / "other"), "--n", "4", "--size", "16")
   assert result.returncode == 2 and "refusing" in result.stderr
   assert (tmp_path / "other" / "keep.txt").read_text() == "x"
+
+
+def test_stray_argument_exits_2(tmp_path):
+  one_line_exit_2(run(*VQ, "--workdir", str(tmp_path / "w"), "stray"), "unexpected argument")
+
+
+def test_missing_config_file_is_named(tmp_path):
+  one_line_exit_2(run("experiments.vqgan", "--config", "experiments/configs/vqgn.py",
+                      "--workdir", str(tmp_path / "w")), "vqgn.py: no such file")
+
+
+@pytest.mark.parametrize("error,expected", [
+    (OSError(28, "No space left on device", "/w/ckpt/6"), "/w/ckpt/6: the disk is full"),
+    (OSError(30, "Read-only file system", "/w/.lock"), "/w/.lock: read-only file system"),
+    (OSError(40, "Too many levels of symbolic links", "/d/a.nii"),
+     "/d/a.nii: symbolic link loop"),
+])
+def test_os_errors_are_one_line_exit_2(capsys, error, expected):
+  from experiments import common  # pylint: disable=import-outside-toplevel
+
+  def fails():
+    raise error
+
+  with pytest.raises(SystemExit) as info:
+    common.run_guarded(fails)
+  assert info.value.code == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and expected in lines[0]
+
+
+def test_every_unusable_file_gets_its_own_line(capsys):
+  from experiments import common  # pylint: disable=import-outside-toplevel
+  from latentfm.data.io import ManyErrors  # pylint: disable=import-outside-toplevel
+
+  def fails():
+    raise ManyErrors("2 of 5 files in /d are unusable:", ["/d/a.nii: x", "/d/b.nii: y"])
+
+  with pytest.raises(SystemExit) as info:
+    common.run_guarded(fails)
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert info.value.code == 2 and len(lines) == 3
+  assert lines[0].endswith("2 of 5 files in /d are unusable:") and lines[2] == "  /d/b.nii: y"

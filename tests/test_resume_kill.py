@@ -109,10 +109,11 @@ def test_flow_nonfinite_loss_exits_1_and_keeps_checkpoint(vqgan_full, flow_full,
   shutil.copytree(flow_full, workdir)
   ckpt = workdir / "ckpt"
   before = sorted((p.relative_to(ckpt), p.stat().st_mtime_ns) for p in ckpt.rglob("*"))
-  # Resumed at step 60 with a learning rate of 1e30: step 61's update overflows, so step 62's
-  # loss or gradient is not finite.
+  # Resumed at step 60 with a learning rate of 1e30 (a change the resume must be allowed to
+  # make): step 61's update overflows, so step 62's loss or gradient is not finite.
   result = run(FLOW + [f"--config.vqgan_workdir={vqgan_full}", "--config.train.num_steps=68",
-                       "--config.optim.lr=1e30"], workdir, check=False)
+                       "--config.optim.lr=1e30", "--config.train.allow_changes=true"], workdir,
+               check=False)
   assert result.returncode == 1
   message = result.stderr.strip().splitlines()[-1]
   assert re.search(r"step 62: \w+ is (nan|inf); stopping with the last good checkpoint kept",

@@ -13,6 +13,8 @@ Any field can be overridden on the command line, e.g. `--config.train.num_steps=
 
 import ml_collections
 
+from experiments.configs import shared
+
 
 def _base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -59,28 +61,10 @@ def _base() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.995
-  # Learning-rate schedule (latentfm.train.schedules): linear warm-up, then constant or a half
-  # cosine down to final_lr_fraction x lr at train.num_steps.
-  c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"
-  c.optim.final_lr_fraction = 0.0
+  shared.schedule(c.optim)
 
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 2  # global batch: per-device batch x number of devices
-  c.train.num_steps = 100_000
-  c.train.log_every = 100
+  c.train = shared.train(batch_size=2, log_every=100, ckpt_every=5_000)
   c.train.sample_every = 5_000  # 0: no sample previews
-  c.train.ckpt_every = 5_000
-  c.train.keep_checkpoints = 3
-  # A NaN/Inf loss or gradient: "stop" (exit 1 naming the step and term, last good checkpoint
-  # kept) or "skip" (leave the state unchanged, count the skip; stop after this many in a row).
-  c.train.on_nonfinite = "stop"
-  c.train.max_consecutive_skips = 10
-  c.train.tensorboard = True  # also write tensorboard/ (metrics.jsonl is always written)
-  # CPU: reuse XLA's per-step host buffers instead of faulting them in every step
-  # (latentfm.train.host_memory; thesis autoencoder at 64³: 3.4-3.6 s -> 2.8-3.0 s per
-  # forward+backward). Applied only if JAX has not started yet.
-  c.train.reuse_host_memory = True
 
   c.sample = ml_collections.ConfigDict()
   c.sample.solver = "euler"  # euler | heun | midpoint (fixed step) | tsit5 | dopri5 (adaptive)

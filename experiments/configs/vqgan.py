@@ -10,6 +10,8 @@ under an hour with its flow). Any field can be overridden on the command line, e
 
 import ml_collections
 
+from experiments.configs import shared
+
 
 def _base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -29,6 +31,12 @@ def _base() -> ml_collections.ConfigDict:
   c.data.flip_axes = (2,)  # left-right only: the anatomy is not symmetric along the other axes
   c.data.intensity_range = (0.7, 1.0)
   c.data.worker_count = 0
+  # NaN/Inf voxels (FSL and SPM write NaN outside brain masks): "reject" the file or "zero" them
+  # (counted in the log).
+  c.data.nonfinite = "reject"
+  # Unusable files are listed all at once and stop the run; True trains without them and
+  # writes the list to the workdir's skipped_files.txt.
+  c.data.skip_bad_files = False
 
   c.model = ml_collections.ConfigDict()
   c.model.image_channels = 1
@@ -70,30 +78,12 @@ def _base() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.9
   c.optim.grad_clip = 1.0
   c.optim.accumulate = 2  # gradient accumulation steps (optax.MultiSteps)
-  # Learning-rate schedule (latentfm.train.schedules): linear warm-up, then constant or a half
-  # cosine down to final_lr_fraction x lr at train.num_steps.
-  c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"
-  c.optim.final_lr_fraction = 0.0
+  shared.schedule(c.optim)
 
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 8  # global batch: per-device batch x number of devices
-  c.train.num_steps = 100_000
-  c.train.log_every = 50
+  c.train = shared.train(batch_size=8, log_every=50, ckpt_every=1000)
   c.train.image_every = 1000
   c.train.eval_every = 1000
-  c.train.ckpt_every = 1000
-  c.train.keep_checkpoints = 3
   c.train.eval_volumes = 8
-  # A NaN/Inf loss or gradient: "stop" (exit 1 naming the step and term, last good checkpoint
-  # kept) or "skip" (leave the state unchanged, count the skip; stop after this many in a row).
-  c.train.on_nonfinite = "stop"
-  c.train.max_consecutive_skips = 10
-  c.train.tensorboard = True  # also write tensorboard/ (metrics.jsonl is always written)
-  # CPU: reuse XLA's per-step host buffers instead of faulting them in every step
-  # (latentfm.train.host_memory; thesis autoencoder at 64³: 3.4-3.6 s -> 2.8-3.0 s per
-  # forward+backward). Applied only if JAX has not started yet.
-  c.train.reuse_host_memory = True
   return c
 
 
