@@ -29,7 +29,7 @@ flags.DEFINE_list("proportions", None, "Stage weights normal,mild,moderate,advan
 VENTRICLE_LEVEL = (0.56, 0.45, 0.42)
 
 
-def run(out: str, n: int, size: int, seed: int, montage: str | None,
+def run(out: str, *, n: int = 40, size: int = 64, seed: int = 0, montage: str | None = None,
         proportions: list[str] | None = None) -> None:
   from latentfm import viz  # pylint: disable=import-outside-toplevel
   from latentfm.data import cohort  # pylint: disable=import-outside-toplevel
@@ -57,7 +57,8 @@ def run(out: str, n: int, size: int, seed: int, montage: str | None,
 
 def main(argv: list[str]) -> None:
   f = common.parse_plain_flags(argv)
-  common.run_guarded(lambda: run(f.out, f.n, f.size, f.seed, f.montage, f.proportions))
+  common.run_guarded(lambda: run(f.out, n=f.n, size=f.size, seed=f.seed, montage=f.montage,
+                                 proportions=f.proportions))
 
 
 if __name__ == "__main__":

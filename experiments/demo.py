@@ -5,7 +5,8 @@ r"""The whole pipeline on the embedded cohort, on 2 CPU cores.
 
 VQ-GAN `PRESET` → flow `PRESET` → samples (NIfTI + PNG) → evaluation report. Each stage resumes
 from its checkpoints if rerun (finished stages only re-validate). Outputs go to
-WORKDIR/{vqgan,flow,samples} and the report to WORKDIR/flow/eval/report.md.
+WORKDIR/{vqgan,flow} and the next free WORKDIR/samples[_N], and the report to
+WORKDIR/flow/eval/report.md.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def run(workdir: str, num_samples: int, preset: str = "demo") -> None:
   from experiments import evaluate, flow, sample, vqgan
   from experiments.configs import flow as flow_configs
   from experiments.configs import vqgan as vqgan_configs
+  from latentfm.atomic_write import next_free_dir
   vq_dir, flow_dir = os.path.join(workdir, "vqgan"), os.path.join(workdir, "flow")
   print(f"== stage 1/4: VQ-GAN ({preset} config)", flush=True)
   metrics = vqgan.train_and_evaluate(vqgan_configs.get_config(preset), vq_dir)
@@ -38,7 +40,7 @@ def run(workdir: str, num_samples: int, preset: str = "demo") -> None:
   metrics = flow.train_and_evaluate(config, flow_dir)
   print(f"flow: step {metrics['step']}, loss {metrics['loss']:.4f}", flush=True)
   print("== stage 3/4: samples", flush=True)
-  sample.run(flow_dir, os.path.join(workdir, "samples"), num_samples,
+  sample.run(flow_dir, out=next_free_dir(os.path.join(workdir, "samples")), num=num_samples,
              balanced=config.model.num_classes > 0)
   print("== stage 4/4: evaluation", flush=True)
   print(evaluate.run(flow_dir), flush=True)

@@ -49,7 +49,9 @@ def _figures(out: str, samples: np.ndarray, report: dict) -> None:
   ax.set_xlabel("RMSE to the nearest training volume")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "distances.png"), dpi=100)
+  from latentfm.atomic_write import atomic_path  # pylint: disable=import-outside-toplevel
+  with atomic_path(os.path.join(out, "distances.png")) as partial:
+    fig.savefig(partial, dpi=100)
   plt.close(fig)
 
 
@@ -61,14 +63,23 @@ def feature_extractors() -> dict:
   return {"vgg25d": vgg25d_features(), "random": random_conv_features(seed=0)}
 
 
-def run(workdir: str, num_samples: int = 0, samples_dir: str | None = None,
-        solver: str = "euler", steps: int = 50, seed: int = 1234, *, per_stage: int = 4,
+def run(workdir: str, *, num_samples: int = 0, samples_dir: str | None = None,
+        solver: str = "euler", steps: int = 50, seed: int = 1234, per_stage: int = 4,
         guidance: float = 1.0) -> str:
-  """Writes `workdir/eval/report.{json,md}` and figures; returns the Markdown report."""
+  """Evaluates the flow in `workdir` (holding its lock): writes `workdir/eval/report.{json,md}`
+  and figures; returns the Markdown report."""
+  common.check_writable(workdir)
+  with common.workdir_held(workdir, "evaluation"):
+    return _evaluate(workdir, num_samples, samples_dir, solver, steps, seed, per_stage,
+                     guidance)
+
+
+def _evaluate(workdir: str, num_samples: int, samples_dir: str | None, solver: str, steps: int,
+              seed: int, per_stage: int, guidance: float) -> str:
   # pylint: disable=import-outside-toplevel
   import jax
   import jax.numpy as jnp
-  from latentfm import sample
+  from latentfm import atomic_write, sample
   from latentfm.data import loader
   from latentfm.data.io import read_volume
   from latentfm.metrics import report as report_lib
@@ -76,7 +87,7 @@ def run(workdir: str, num_samples: int = 0, samples_dir: str | None = None,
   from latentfm.nn.vqgan import from_model_range, to_model_range
   from latentfm.train import stages
   models = sample.load(workdir)
-  vq_dir = stages.load_config(workdir).vqgan_workdir
+  vq_dir = stages.load_stage_config(workdir, "flow").vqgan_workdir
   vq_config = stages.load_config(vq_dir)
   train, val = loader.load_splits(vq_config.data, vq_dir, vq_config.seed)
   sampling = {}
@@ -108,20 +119,17 @@ def run(workdir: str, num_samples: int = 0, samples_dir: str | None = None,
   report["sampling"] = sampling
   report["checkpoints"] = {"flow_step": models.flow_step, "vqgan_step": models.vqgan_step}
   out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
   if models.num_classes:
     from experiments import stage_eval
     report["stages"] = stage_eval.run(
         models, jax.random.PRNGKey(seed + 1), train, val, vq_dir, vq_config.data.shape,
         extractors["vgg25d"], out, per_stage=per_stage, guidance=guidance, solver=solver,
         steps=steps)
-  with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  atomic_write.write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1))
   markdown = report_lib.to_markdown(report)
   if "stages" in report:
     markdown += "\n" + stage_eval.to_markdown(report["stages"])
-  with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-    f.write(markdown)
+  atomic_write.write_text(os.path.join(out, "report.md"), markdown)
   _figures(out, samples, report)
   return markdown
 
@@ -132,8 +140,8 @@ def main(argv: list[str]) -> None:
   if not f.workdir:
     common.fail("--workdir is required")
   common.run_guarded(lambda: print(run(
-      f.workdir, f.num_samples, f.samples, f.solver, f.steps, f.seed, per_stage=f.per_stage,
-      guidance=f.guidance)))
+      f.workdir, num_samples=f.num_samples, samples_dir=f.samples, solver=f.solver,
+      steps=f.steps, seed=f.seed, per_stage=f.per_stage, guidance=f.guidance)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ The VQ-GAN is found through the flow workdir's config (`vqgan_workdir`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -20,7 +21,8 @@ from experiments import common
 
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A trained flow stage's workdir.")
-  flags.DEFINE_string("out", None, "Output directory (default WORKDIR/samples).")
+  flags.DEFINE_string("out", None, "A new or empty output directory (default: the first new or "
+                      "empty of WORKDIR/samples, WORKDIR/samples_1, ...).")
   flags.DEFINE_integer("num", 8, "Number of volumes.")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
   flags.DEFINE_enum("solver", "euler", ["euler", "heun", "midpoint", "tsit5", "dopri5"],
@@ -33,27 +35,46 @@ def define_flags() -> None:
                      "1: conditional, >1: amplified).")
 
 
-def run(workdir: str, out: str, num: int, seed: int = 0, solver: str = "euler",
-        steps: int = 50, snap: bool = False, *, label: int | None = None,
-        balanced: bool = False, guidance: float = 1.0) -> None:
-  """Samples `num` volumes (of class `label`, or balanced over the classes) into `out`."""
+
+def choose_out(workdir: str, out: str | None) -> str:
+  """The output folder: `out` if new or empty (refused otherwise), or by default the first new
+  or empty one of WORKDIR/samples, WORKDIR/samples_1, ..."""
+  from latentfm.atomic_write import next_free_dir  # pylint: disable=import-outside-toplevel
+  if out is None:
+    return next_free_dir(os.path.join(workdir, "samples"))
+  if os.path.isdir(out) and os.listdir(out):
+    raise ValueError(f"--out {out} is not empty; choose a new folder (or leave out --out for "
+                     "the next free WORKDIR/samples_N)")
+  return out
+
+
+def run(workdir: str, *, out: str | None = None, num: int = 8, seed: int = 0,
+        solver: str = "euler", steps: int = 50, snap: bool = False, label: int | None = None,
+        balanced: bool = False, guidance: float = 1.0) -> str:
+  """Samples `num` volumes (of class `label`, or balanced over the classes) from the flow in
+  `workdir` into a new folder; returns the folder."""
   import jax  # pylint: disable=import-outside-toplevel
   from latentfm import sample  # pylint: disable=import-outside-toplevel
   if balanced and label is not None:
     raise ValueError("--label and --balanced exclude each other")
-  models = sample.load(workdir)
-  labels = sample.balanced_labels(num, models.num_classes) if balanced else label
-  start = time.perf_counter()
-  volumes, nfe = sample.sample(jax.random.PRNGKey(seed), models, num, labels=labels,
-                               guidance=guidance, solver=solver, steps=steps,
-                               snap_to_codebook=snap)
-  seconds = time.perf_counter() - start
-  per_volume = None if labels is None else np.broadcast_to(labels, (num,))
-  paths = sample.write_samples(out, volumes, labels=per_volume)
+  out = choose_out(workdir, out)
+  common.check_writable(os.path.dirname(os.path.abspath(out)))
+  inside = os.path.abspath(out).startswith(os.path.abspath(workdir) + os.sep)
+  with common.workdir_held(workdir, "sampling") if inside else contextlib.nullcontext():
+    models = sample.load(workdir)
+    labels = sample.balanced_labels(num, models.num_classes) if balanced else label
+    start = time.perf_counter()
+    volumes, nfe = sample.sample(jax.random.PRNGKey(seed), models, num, labels=labels,
+                                 guidance=guidance, solver=solver, steps=steps,
+                                 snap_to_codebook=snap)
+    seconds = time.perf_counter() - start
+    per_volume = None if labels is None else np.broadcast_to(labels, (num,))
+    paths = sample.write_samples(out, volumes, labels=per_volume)
   what = "" if per_volume is None else \
       f", classes {sorted(set(per_volume.tolist()))} at guidance {guidance:g}"
   print(f"sample: {len(paths)} volumes of {volumes.shape[1:]} in {out} ({solver}, NFE {nfe}, "
         f"{seconds:.1f} s including compilation{what})")
+  return out
 
 
 def main(argv: list[str]) -> None:
@@ -63,9 +84,9 @@ def main(argv: list[str]) -> None:
     common.fail("--workdir is required")
   if f.num < 1:
     common.fail(f"--num must be positive, got {f.num}")
-  common.run_guarded(lambda: run(f.workdir, f.out or os.path.join(f.workdir, "samples"), f.num,
-                                 f.seed, f.solver, f.steps, f.snap, label=f.label,
-                                 balanced=f.balanced, guidance=f.guidance))
+  common.run_guarded(lambda: run(f.workdir, out=f.out, num=f.num, seed=f.seed, solver=f.solver,
+                                 steps=f.steps, snap=f.snap, label=f.label, balanced=f.balanced,
+                                 guidance=f.guidance))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,8 @@ def integrate(velocity_fn: VelocityFn, z1: Array, *, solver: str = "euler", step
     raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
   if not 1 <= steps <= max_steps:
     raise ValueError(f"steps must be in [1, max_steps={max_steps}], got {steps}")
+  if not (rtol > 0 and atol > 0):
+    raise ValueError(f"rtol and atol must be positive, got {rtol} and {atol}")
   return _integrate(velocity_fn, z1, solver, jnp.asarray(steps, jnp.int32), float(rtol),
                     float(atol), float(t0), float(t1), int(max_steps))
 
@@ -189,7 +191,7 @@ def load(workdir: str, vqgan_workdir: str | None = None) -> Models:
   """
   from latentfm.nn.unet3d import UNet3D  # pylint: disable=import-outside-toplevel
   from latentfm.train import flow_step, stages  # pylint: disable=import-outside-toplevel
-  config = stages.load_config(workdir)
+  config = stages.load_stage_config(workdir, "flow")
   vq_config, vq_model, vq_vars, vq_step = stages.restore_vqgan(
       vqgan_workdir or config.vqgan_workdir)
   meta = stages.read_extra(workdir)
@@ -226,18 +228,47 @@ def _decode(model, variables, z, snap):
   return from_model_range(model.apply(variables, z, method=model.decode))[..., 0]
 
 
+# Inputs may overshoot [0, 1] by this much (interpolation, float rounding) before it is an error.
+RANGE_TOLERANCE = 0.05
+
+
+def volume_shape(models: Models) -> tuple[int, int, int]:
+  """The (D, H, W) of the volumes the VQ-GAN encodes to `models.latent_shape`."""
+  return tuple(int(s) * int(f) for s, f in zip(models.latent_shape[:3],
+                                                 models.vqgan.downsample))
+
+
+def _check_batch(name: str, array: Array, expected: tuple[int, ...]) -> None:
+  if tuple(array.shape[1:]) != tuple(expected) or array.ndim != len(expected) + 1:
+    raise ValueError(f"{name} must have shape [N, {', '.join(map(str, expected))}] for this "
+                     f"model, got {tuple(array.shape)}")
+
+
 def decode(models: Models, z0: Array, snap_to_codebook: bool = False) -> Array:
-  """Normalised latents → volumes [N, D, H, W] in [0, 1] (optionally snapped to the codebook)."""
+  """Normalised latents → volumes [N, D, H, W] in [0, 1] (optionally snapped to the codebook).
+
+  Args:
+    models: from `load`.
+    z0: normalised latents [N, *models.latent_shape] (as `integrate` returns them).
+    snap_to_codebook: replace each latent vector by its nearest code first.
+
+  Returns:
+    Volumes [N, *volume_shape(models)], float32 in [0, 1].
+  """
+  _check_batch("z0", z0, models.latent_shape)
   z = denormalize(z0, models.stats)
   return _decode(models.vqgan, models.vqgan_variables, z, bool(snap_to_codebook))
 
 
 def sample(key: Array, models: Models, num: int, *, labels: Any = None, guidance: float = 1.0,
            solver: str = "euler", steps: int = 50, rtol: float = 1e-5, atol: float = 1e-5,
-           snap_to_codebook: bool = False, batch_size: int = 8) -> tuple[np.ndarray, int]:
+           snap_to_codebook: bool = False, batch_size: int = 8,
+           max_steps: int = 4096) -> tuple[np.ndarray, int]:
   """`num` synthetic volumes and the NFE per batch.
 
-  Noise z1 ~ N(0, I) is integrated from t = 1 to t = 0 with `solver`, un-normalised and decoded.
+  Noise z1 ~ N(0, I) is integrated from t = 1 to t = 0 with `solver` (see `integrate` for
+  `steps`, `rtol`, `atol` and `max_steps`), un-normalised and decoded, `batch_size` volumes
+  at a time.
 
   Args:
     labels: None (unconditional), one class or `num` classes (a class-conditional flow only).
@@ -249,6 +280,8 @@ def sample(key: Array, models: Models, num: int, *, labels: Any = None, guidance
   """
   if num < 1:
     raise ValueError(f"num must be positive, got {num}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
   labels = _check_labels(models, labels, num)
   out, nfe = [], 0
   for i, k in enumerate(jax.random.split(key, -(-num // batch_size))):
@@ -256,7 +289,8 @@ def sample(key: Array, models: Models, num: int, *, labels: Any = None, guidance
     n = min(batch_size, num - lo)
     z1 = jax.random.normal(k, (n,) + models.latent_shape)
     velocity = guided(models.velocity, None if labels is None else labels[lo:lo + n], guidance)
-    z0, used = integrate(velocity, z1, solver=solver, steps=steps, rtol=rtol, atol=atol)
+    z0, used = integrate(velocity, z1, solver=solver, steps=steps, rtol=rtol, atol=atol,
+                         max_steps=max_steps)
     out.append(np.asarray(decode(models, z0, snap_to_codebook)))
     nfe = max(nfe, int(used))
   return np.concatenate(out), nfe
@@ -278,12 +312,21 @@ def encode_to_noise(models: Models, volumes: Array, *, labels: Any = None,
   """Inverts real volumes: encode, normalise, integrate t = 0 → `t_end` (1: pure noise).
 
   Args:
-    volumes: `[N, D, H, W]` in [0, 1] at the model's size.
+    models: from `load`.
+    volumes: `[N, *volume_shape(models)]` in [0, 1] (preprocessed as the VQ-GAN's data);
+      shapes and values are checked.
     labels: None, or the volumes' classes (one or N) for a class-conditional flow.
+    solver, steps, rtol, atol: as for `integrate`.
   Returns:
     latents at `t_end`, `(N, d, h, w, C)` (N(0, I)-like at `t_end = 1`), and the NFE used.
   """
-  x = to_model_range(jnp.asarray(volumes, jnp.float32)[..., None])
+  volumes = jnp.asarray(volumes, jnp.float32)
+  _check_batch("volumes", volumes, volume_shape(models))
+  low, high = float(jnp.min(volumes)), float(jnp.max(volumes))
+  if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+    raise ValueError(f"volumes must hold values in [0, 1], got [{low:.4g}, {high:.4g}]; "
+                     "preprocess them as the VQ-GAN's data (latentfm.data.preprocess)")
+  x = to_model_range(volumes[..., None])
   labels = _check_labels(models, labels, x.shape[0])
   z = models.vqgan.apply(models.vqgan_variables, x, method=models.vqgan.encode)
   return integrate(guided(models.velocity, labels, guidance), normalize(z, models.stats),
@@ -320,22 +363,23 @@ def write_samples(directory: str, volumes: np.ndarray, *, spacing: float = 1.0,
   """Writes volumes [N, D, H, W] as NIfTI (`spacing` mm) plus one tri-planar PNG; returns paths.
 
   With `labels` int `(N,)` (the classes they were sampled for) the file names carry the class,
-  `<prefix>_<i>_class<k>.nii.gz`, and `labels.csv` lists file and class.
+  `<prefix>_<i>_class<k>.nii.gz`, and `labels.csv` lists file and class. `directory` must be
+  new or empty (a ValueError otherwise); it appears only once complete.
   """
-  from latentfm import viz  # pylint: disable=import-outside-toplevel
+  from latentfm import atomic_write, viz  # pylint: disable=import-outside-toplevel
   from latentfm.data.io import write_volume  # pylint: disable=import-outside-toplevel
-  os.makedirs(directory, exist_ok=True)
-  paths = []
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise ValueError(f"{directory} is not empty; samples are written only to a new or empty "
+                     "folder, so that no set mixes old and new samples")
   suffix = lambda i: "" if labels is None else f"_class{int(labels[i])}"
-  for i, vol in enumerate(np.asarray(volumes)):
-    path = os.path.join(directory, f"{prefix}_{i:04d}{suffix(i)}.nii.gz")
-    write_volume(path, vol, spacing=(spacing,) * 3)
-    paths.append(path)
-  if labels is not None:
-    with open(os.path.join(directory, "labels.csv"), "w", encoding="utf-8") as f:
-      f.write("file,label\n" + "".join(f"{os.path.basename(p)},{int(l)}\n"
-                                        for p, l in zip(paths, labels)))
-  viz.save_triplanar(os.path.join(directory, f"{prefix}s.png"), volumes[:8],
-                     [f"{prefix} {i}{suffix(i).replace('_', ' ')}"
-                      for i in range(min(8, len(volumes)))])
-  return paths
+  names = [f"{prefix}_{i:04d}{suffix(i)}.nii.gz" for i in range(len(volumes))]
+  with atomic_write.atomic_dir(directory) as partial:
+    for name, vol in zip(names, np.asarray(volumes)):
+      write_volume(os.path.join(partial, name), vol, spacing=(spacing,) * 3)
+    if labels is not None:
+      with open(os.path.join(partial, "labels.csv"), "w", encoding="utf-8") as f:
+        f.write("file,label\n" + "".join(f"{n},{int(l)}\n" for n, l in zip(names, labels)))
+    viz.save_triplanar(os.path.join(partial, f"{prefix}s.png"), volumes[:8],
+                       [f"{prefix} {i}{suffix(i).replace('_', ' ')}"
+                        for i in range(min(8, len(volumes)))])
+  return [os.path.join(directory, name) for name in names]

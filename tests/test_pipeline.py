@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -103,7 +104,8 @@ def test_sampling_api(trained, tmp_path):
 
 
 def test_sample_command(trained, tmp_path):
-  sample_cli.run(str(trained / "flow"), str(tmp_path / "s"), 2, 0, "euler", 4, False)
+  sample_cli.run(str(trained / "flow"), out=str(tmp_path / "s"), num=2, seed=0, solver="euler",
+                 steps=4)
   assert sorted(os.listdir(tmp_path / "s")) == ["sample_0000.nii.gz", "sample_0001.nii.gz",
                                                 "samples.png"]
 
@@ -144,13 +146,13 @@ def test_conditional_sampling_and_editing(trained):
 
 
 def test_sample_command_balanced(trained, tmp_path):
-  sample_cli.run(str(trained / "flow"), str(tmp_path / "s"), 6, steps=4, balanced=True,
+  sample_cli.run(str(trained / "flow"), out=str(tmp_path / "s"), num=6, steps=4, balanced=True,
                  guidance=2.0)
   rows = (tmp_path / "s" / "labels.csv").read_text().splitlines()
   assert rows[0] == "file,label" and [r.split(",")[1] for r in rows[1:]] == list("001123")
   assert (tmp_path / "s" / "sample_0005_class3.nii.gz").is_file()
   with pytest.raises(ValueError, match="exclude"):
-    sample_cli.run(str(trained / "flow"), str(tmp_path / "t"), 2, label=1, balanced=True)
+    sample_cli.run(str(trained / "flow"), out=str(tmp_path / "t"), num=2, label=1, balanced=True)
 
 
 def test_flow_rejects_unlabelled_data_for_a_conditional_model():
@@ -166,7 +168,8 @@ def test_flow_rejects_missing_vqgan(tmp_path):
 
 def test_evaluate_report(trained):
   from experiments import evaluate
-  markdown = evaluate.run(str(trained / "flow"), 4, None, "euler", 4, 0, per_stage=1)
+  markdown = evaluate.run(str(trained / "flow"), num_samples=4, solver="euler", steps=4, seed=0,
+                          per_stage=1)
   report = json.loads((trained / "flow" / "eval" / "report.json").read_text())
   assert report["sizes"] == {"samples": 4, "train": 6, "held_out": 2}
   assert set(report["thesis_table"]["model"]) == {"mse", "nmse", "psnr", "ssim", "ms_ssim"}
@@ -184,3 +187,58 @@ def test_evaluate_report(trained):
   assert sorted(stages["per_stage"]) == [str(s) for s in stages["classes"]]
   assert set(stages["editing"]) == {"edit", "round_trip"}
   assert "## Per stage" in markdown and "| guidance w |" in markdown
+
+
+def test_samples_are_never_overwritten_or_mixed(tmp_path):
+  volumes = np.random.default_rng(0).random((2, 6, 6, 6), dtype=np.float32)
+  out = str(tmp_path / "s")
+  sample.write_samples(out, volumes)
+  first = (tmp_path / "s" / "sample_0000.nii.gz").read_bytes()
+  with pytest.raises(ValueError, match="is not empty"):
+    sample.write_samples(out, volumes[:1] * 0.5)
+  with pytest.raises(ValueError, match="--out .* is not empty"):
+    sample_cli.choose_out(str(tmp_path), out)
+  assert sorted(os.listdir(out)) == ["sample_0000.nii.gz", "sample_0001.nii.gz", "samples.png"]
+  assert (tmp_path / "s" / "sample_0000.nii.gz").read_bytes() == first
+  workdir = tmp_path / "flow"
+  numbered = []
+  for _ in range(3):  # the default is the next free WORKDIR/samples[_N]
+    numbered.append(sample_cli.choose_out(str(workdir), None))
+    sample.write_samples(numbered[-1], volumes[:1])
+  assert [os.path.basename(p) for p in numbered] == ["samples", "samples_1", "samples_2"]
+
+
+def test_api_checks_inputs_against_the_model(trained):
+  models = sample.load(str(trained / "flow"))
+  assert sample.volume_shape(models) == (16, 16, 16)
+  with pytest.raises(ValueError, match=r"volumes must have shape \[N, 16, 16, 16\].*32, 32, 32"):
+    sample.encode_to_noise(models, np.zeros((1, 32, 32, 32)))
+  with pytest.raises(ValueError, match=r"values in \[0, 1\], got \[0, 255\]"):
+    sample.encode_to_noise(models, np.linspace(0, 255, 16 ** 3).reshape(1, 16, 16, 16))
+  with pytest.raises(ValueError, match=r"got \[-0.5"):
+    sample.encode_to_noise(models, np.full((1, 16, 16, 16), -0.5))
+  with pytest.raises(ValueError, match=r"z0 must have shape \[N, 8, 8, 8, 8\]"):
+    sample.decode(models, np.zeros((1, 4, 4, 4, 8)))
+  with pytest.raises(ValueError, match="batch_size must be positive"):
+    sample.sample(jax.random.PRNGKey(0), models, 2, batch_size=0)
+  with pytest.raises(ValueError, match="max_steps=3"):
+    sample.sample(jax.random.PRNGKey(0), models, 1, steps=4, max_steps=3)
+
+
+def test_wrong_stage_workdirs_are_named(trained):
+  with pytest.raises(ValueError, match="is a vqgan workdir, but a flow workdir is needed"):
+    sample.load(str(trained / "vqgan"))
+  with pytest.raises(ValueError, match="is a flow workdir, but a vqgan workdir is needed"):
+    sample.load(str(trained / "flow"), vqgan_workdir=str(trained / "flow"))
+
+
+def test_workdirs_work_from_anywhere_and_move_together(trained, tmp_path, monkeypatch):
+  stored = json.loads((trained / "flow" / "config.json").read_text())["vqgan_workdir"]
+  assert stored == os.path.join("..", "vqgan")
+  moved = tmp_path / "moved"
+  moved.mkdir()
+  for stage in ("vqgan", "flow"):
+    shutil.copytree(trained / stage, moved / stage, ignore=shutil.ignore_patterns(".lock"))
+  monkeypatch.chdir(tmp_path)
+  models = sample.load(os.path.join("moved", "flow"))
+  assert models.flow_step == 3 and models.latent_shape == (8, 8, 8, 8)
