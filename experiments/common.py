@@ -34,7 +34,28 @@ def parse_plain_flags(argv: list[str]) -> flags.FlagValues:
   except flags.Error as e:
     fail(str(e))
   _refuse_positional(rest)
+  show_library_warnings()
   return FLAGS
+
+
+def show_library_warnings() -> None:
+  """Prints the library's logged warnings (replaced NaN voxels, rounded directions, skipped
+  files) as `warning: ...` lines on stderr; absl's handler would hide them below FATAL."""
+  import logging  # pylint: disable=import-outside-toplevel
+  import tqdm  # pylint: disable=import-outside-toplevel
+
+  class AboveProgressBars(logging.Handler):
+
+    def emit(self, record):
+      tqdm.tqdm.write(self.format(record), file=sys.stderr)
+
+  logger = logging.getLogger("latentfm")
+  if not logger.handlers:
+    handler = AboveProgressBars()
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
 
 
 def _refuse_positional(rest: list[str]) -> None:
@@ -66,6 +87,7 @@ def parse_flags(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
     missing = _missing_config_file(argv)
     fail(f"--config {missing}: no such file" if missing else _config_error_line(e))
   _refuse_positional(rest)
+  show_library_warnings()
   missing = _missing_config_file(argv)
   if missing:  # ml_collections defers this error to the first use of the config
     fail(f"--config {missing}: no such file")

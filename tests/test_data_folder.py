@@ -85,16 +85,16 @@ def test_interrupted_cohort_write_blocks_nothing(tmp_path, monkeypatch):
   written = []
 
   def write_then_die(path, volume):
-    if len(written) == 2:
+    if len(written) == 1:
       raise KeyboardInterrupt
     written.append(path)
     write_volume(path, volume)
 
   monkeypatch.setattr(cohort, "write_volume", write_then_die)
   with pytest.raises(KeyboardInterrupt):
-    cohort.write_cohort(str(tmp_path / "cohort"), 3, (16, 16, 16))
+    cohort.write_cohort(str(tmp_path / "cohort"), 2, (16, 16, 16))
   assert os.listdir(tmp_path) == []  # neither the cohort nor its partial folder
   monkeypatch.undo()
-  directory = cohort.write_cohort(str(tmp_path / "cohort"), 3, (16, 16, 16))
+  directory = cohort.write_cohort(str(tmp_path / "cohort"), 2, (16, 16, 16))
   assert sorted(os.listdir(directory)) == ["cohort.json", "manifest.csv", "subject_0000.nii.gz",
-                                           "subject_0001.nii.gz", "subject_0002.nii.gz"]
+                                           "subject_0001.nii.gz"]

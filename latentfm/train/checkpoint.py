@@ -308,7 +308,8 @@ def restore(
   except CheckpointMismatchError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # tensorstore/orbax/json errors
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = first.split(" See full TensorStore details")[0][:200]
     raise CorruptCheckpointError(
         f"checkpoint step {step} in {manager.directory} is unreadable "
         f"({type(e).__name__}: {first})") from None
