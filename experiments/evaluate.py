@@ -119,6 +119,7 @@ def _evaluate(workdir: str, num_samples: int, samples_dir: str | None, solver: s
   report["sampling"] = sampling
   report["checkpoints"] = {"flow_step": models.flow_step, "vqgan_step": models.vqgan_step}
   out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
   if models.num_classes:
     from experiments import stage_eval
     report["stages"] = stage_eval.run(
