@@ -36,7 +36,8 @@ SCRIPT = textwrap.dedent("""
   c.model.channels = 8
   c.model.time_embed_dim = 16
   c.model.channel_mults, c.model.attention_levels = (1,), ()
-  z = {"image": rng.standard_normal((4, 4, 4, 4, 8)).astype(np.float32)}
+  z = {"image": rng.standard_normal((4, 4, 4, 4, 8)).astype(np.float32),
+       "label": np.arange(4, dtype=np.int32)}  # the demo flow is stage-conditional
   state = flow_step.create_state(jax.random.PRNGKey(0), c, (4, 4, 4, 8))
   print("flow", *compare(state, flow_step.make_train_step(c), z))
 

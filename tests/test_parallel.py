@@ -150,7 +150,9 @@ _TRAIN_FEW_STEPS = textwrap.dedent("""
     rng, share, losses = np.random.default_rng(0), 4 // n, []
     for _ in range(3):
       z = rng.standard_normal((4, 4, 4, 4, 8)).astype(np.float32)
-      batch = parallel.shard_batch({"image": z[pid * share:(pid + 1) * share]}, mesh)
+      labels = np.arange(4, dtype=np.int32)  # the demo flow is stage-conditional
+      batch = parallel.shard_batch({"image": z[pid * share:(pid + 1) * share],
+                                    "label": labels[pid * share:(pid + 1) * share]}, mesh)
       state, metrics = step(state, batch)
       losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
     manager = ckpt.open_manager(sys.argv[1])

@@ -75,8 +75,14 @@ def test_flow_outputs(trained):
   assert np.isfinite(rows[-1]["loss"]) and rows[-1]["sample_nfe"] == 4
   assert (fl / "images" / "samples_000003.png").is_file()
   with np.load(fl / "latents.npz") as f:  # the 6 training volumes and their mirror images
-    latents, flips = f["latents"], tuple(f["flip_axes"])
+    latents, flips, labels = f["latents"], tuple(f["flip_axes"]), f["labels"]
   assert latents.shape == (12, 8, 8, 8, 8) and flips == (2,)
+  # The manifest's stages reach the latent dataset, mirror images keeping their subject's.
+  from latentfm.data import loader
+  vq_config = tiny_vqgan(2)
+  train, _ = loader.load_splits(vq_config.data, str(trained / "vqgan"), vq_config.seed)
+  assert len(set(train.labels.tolist())) > 1
+  np.testing.assert_array_equal(labels, np.tile(train.labels, 2))
   assert not np.allclose(latents[:6], latents[6:])
   config = tiny_flow(trained / "vqgan")
   config.flow.flip_latents = False

@@ -181,10 +181,11 @@ def test_skip_nonfinite_on_a_real_flow_step():
   state = flow_step.create_state(jax.random.PRNGKey(0), c, (4, 4, 4, 8))
   step = jax.jit(skip_nonfinite(flow_step.make_train_step(c)))
   z = np.random.default_rng(0).standard_normal((2, 4, 4, 4, 8)).astype(np.float32)
-  good, m_good = step(state, {"image": z})
+  labels = np.array([0, 3], np.int32)  # the demo flow is stage-conditional
+  good, m_good = step(state, {"image": z, "label": labels})
   z_bad = z.copy()  # not in place: the first step may still be reading `z`
   z_bad[1, 2, 3, 1, 5] = np.inf
-  bad, m_bad = step(good, {"image": z_bad})
+  bad, m_bad = step(good, {"image": z_bad, "label": labels})
   assert float(m_good["skipped"]) == 0.0 and float(m_bad["skipped"]) == 1.0
   assert not np.isfinite(float(m_bad["loss"]))
   assert int(bad["step"]) == 2
