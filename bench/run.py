@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import timing
-from latentfm.nn.layers import conv_impl, get_conv_impl
+from latentfm.nn.layers import resolve_conv_impl, use_conv_impl
 from latentfm.train import host_memory
 from latentfm.train.compiler import jit_train_step
 
@@ -102,8 +102,8 @@ def compile_step(fn, *args, donate_state: bool = False):
   compiled = lowered.compile()
   print(f"  (compiled in {time.perf_counter() - start:.1f} s)", flush=True)
   try:
-    if get_conv_impl() != "lax":  # accelerators run "lax" already: no second trace there
-      with conv_impl("lax"):  # a fresh function: no trace of the other formulation is reused
+    if resolve_conv_impl() != "lax":  # accelerators run "lax" already: no second trace there
+      with use_conv_impl("lax"):  # a fresh function: no trace of the other formulation is reused
         lowered = jax.jit(lambda *a: fn(*a)).lower(*args)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

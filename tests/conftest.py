@@ -55,7 +55,7 @@ def blob_volume(shape=(12, 14, 10), seed=0) -> np.ndarray:
 def slab_input_gradient(monkeypatch):
   """The slab convolutions' own input gradient for every cotangent: tiny test shapes would
   otherwise all take `tap_products.input_gradient`."""
-  monkeypatch.setattr("latentfm.nn.slab_conv._TAPS_MIN_FULL_RATIO", float("inf"))
+  monkeypatch.setattr("latentfm.nn.cpu.slab_conv._TAPS_MIN_FULL_RATIO", float("inf"))
 
 
 @pytest.fixture

@@ -32,10 +32,10 @@ def test_compile_step_counts_the_models_flops_whichever_formulation_runs():
   x, w = jnp.ones((1, 9, 9, 9, 4)), jnp.ones((3, 3, 3, 4, 6))
   conv = lambda a, b: layers.conv(a, b, (2, 2, 2), ((0, 0),) * 3)
   plain = 2 * 4**3 * 3**3 * 4 * 6
-  with layers.conv_impl("fast"):
+  with layers.use_conv_impl("fast"):
     fast = jax.jit(conv).lower(x, w).cost_analysis()["flops"]
     compiled, flops = run.compile_step(conv, x, w)
-    assert layers.get_conv_impl() == "fast"
+    assert layers.resolve_conv_impl() == "fast"
   assert fast > 1.2 * plain  # the fast formulation's own count
   assert flops == pytest.approx(plain, rel=0.01)
   assert compiled(x, w).shape == (1, 4, 4, 4, 6)

@@ -1,11 +1,11 @@
-"""`latentfm.nn.edge_pad` against `jnp.pad(mode="edge")` and its autodiff gradient."""
+"""`latentfm.nn.cpu.edge_pad` against `jnp.pad(mode="edge")` and its autodiff gradient."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latentfm.nn import edge_pad as ep
+from latentfm.nn.cpu import edge_pad as ep
 from testing_arrays import normal as _normal
 
 

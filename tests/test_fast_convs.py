@@ -1,5 +1,6 @@
 """The "fast" convolution formulations against plain `lax.conv_general_dilated` ("lax")."""
 
+import contextlib
 import itertools
 import math
 
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latentfm.nn import layers, slab_conv
+from latentfm.nn import layers
+from latentfm.nn.cpu import slab_conv, strided
 from latentfm.train.compiler import jit_train_step
 from testing_arrays import assert_close as _assert_close, normal as _normal, value_and_grads
 
@@ -50,7 +52,7 @@ def _outputs_and_grads(impl, params, xs, cts):
     (_, y), grads = jax.value_and_grad(f, (0, 1), has_aux=True)(p, x)
     return y, grads
 
-  with layers.conv_impl(impl):
+  with layers.use_conv_impl(impl):
     return jax.jit(lambda *args: [one(c[1], *a) for c, *a in zip(MODULE_CASES, *args)])(
         params, xs, cts)
 
@@ -116,7 +118,7 @@ def test_conv_functions_match_lax_on_a_sweep():
 
 def test_conv_transpose_subpixel_kernel_has_no_empty_taps():
   """k4 s2 crop 3: each output phase reads 2 inputs per axis (a 2x2x2 conv, no zero taps)."""
-  offset, d_lo, taps = layers._subpixel_plan(4, 2, 3)  # pylint: disable=protected-access
+  offset, d_lo, taps = strided.subpixel_plan(4, 2, 3)
   assert (offset, d_lo) == (1, 0)
   assert taps.tolist() == [[2, 3], [0, 1]]
 
@@ -294,28 +296,52 @@ def test_edge_pad_value_and_gradient_match():
 
 def test_space_to_depth_round_trip():
   x = _normal((2, 4, 6, 2, 3))
-  y = layers.space_to_depth(x, (2, 3, 1))
+  y = strided.space_to_depth(x, (2, 3, 1))
   assert y.shape == (2, 2, 2, 2, 18)
   np.testing.assert_array_equal(y[0, 1, 0, 1, 3 * 3 + 2], x[0, 2 + 1, 0 + 0, 1, 2])
-  np.testing.assert_array_equal(layers.depth_to_space(y, (2, 3, 1)), x)
+  np.testing.assert_array_equal(strided.depth_to_space(y, (2, 3, 1)), x)
 
 
 def test_impl_switch():
-  assert layers.get_conv_impl() == "fast"
-  with layers.conv_impl("lax"):
-    assert layers.get_conv_impl() == "lax"
-  assert layers.get_conv_impl() == "fast"
-  with pytest.raises(ValueError):
-    layers.set_conv_impl("cudnn")
-  with pytest.raises(ValueError):
+  assert layers.resolve_conv_impl() == "fast"
+  with layers.use_conv_impl("lax"):
+    assert layers.resolve_conv_impl("auto") == "lax"
+    assert layers.resolve_conv_impl("fast") == "fast"  # an explicit choice wins
+    with layers.use_conv_impl("fast"):
+      assert layers.resolve_conv_impl() == "fast"
+    assert layers.resolve_conv_impl() == "lax"
+  assert layers.resolve_conv_impl() == "fast"
+  with pytest.raises(ValueError, match="use_conv_impl"):
+    with layers.use_conv_impl("auto"):
+      pass
+  with pytest.raises(ValueError, match="conv_impl 'eigen'"):
     layers.conv(jnp.ones((1, 4, 1)), jnp.ones((2, 1, 1)), (1,), ((0, 0),), impl="eigen")
 
 
 def test_default_impl_follows_backend(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert layers.get_conv_impl() == "lax"  # cuDNN's convolutions, not the CPU formulation
-  with layers.conv_impl("fast"):
-    assert layers.get_conv_impl() == "fast"
-  assert layers.get_conv_impl() == "lax"
+  assert layers.resolve_conv_impl() == "lax"  # cuDNN's convolutions, not the CPU formulation
+  with layers.use_conv_impl("fast"):
+    assert layers.resolve_conv_impl() == "fast"
+  assert layers.resolve_conv_impl() == "lax"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert layers.get_conv_impl() == "fast"
+  assert layers.resolve_conv_impl() == "fast"
+
+
+def _runs_slab_convs(module, x, impl=None):
+  """Whether `module`'s traced forward pass holds the CPU formulation's custom VJP."""
+  params = module.init(jax.random.PRNGKey(0), x)
+  context = layers.use_conv_impl(impl) if impl else contextlib.nullcontext()
+  with context:
+    return "custom_vjp" in str(jax.make_jaxpr(module.apply)(params, x))
+
+
+def test_module_field_picks_the_implementation():
+  """A module's `conv_impl` decides its formulation, whatever `use_conv_impl` says around it;
+  "auto" follows `use_conv_impl`."""
+  x = jnp.ones((1, 4, 4, 4, 2))
+  assert not _runs_slab_convs(layers.SamePadConv(3, conv_impl="lax"), x, impl="fast")
+  assert _runs_slab_convs(layers.SamePadConv(3, conv_impl="fast"), x, impl="lax")
+  assert _runs_slab_convs(layers.SamePadConv(3), x)
+  assert not _runs_slab_convs(layers.SamePadConv(3), x, impl="lax")
+  assert not _runs_slab_convs(layers.ResBlock(1, conv_impl="lax"), x, impl="fast")

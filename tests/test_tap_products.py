@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from latentfm.nn import slab_conv, tap_products
+from latentfm.nn.cpu import slab_conv, tap_products
 from testing_arrays import assert_close, max_relative_error, normal, value_and_grads
 
 

@@ -130,7 +130,8 @@ def test_attention_mixes_distant_voxels(attention):
     with nn.intercept_methods(_frozen_group_stats):
       return model.apply({"params": params}, z, jnp.full((1,), 0.5))
 
-  with layers.conv_impl("lax"):  # forward-mode autodiff needs the plain lax convolutions
+  model = model.clone(conv_impl="lax")  # forward-mode autodiff needs the plain lax convolutions
+  with layers.use_conv_impl("fast"):  # the module's own choice wins
     out, tangent = jax.jit(lambda z, dz: jax.jvp(f, (z,), (dz,)))(z, dz)
   np.testing.assert_allclose(out, model.apply({"params": params}, z, jnp.full((1,), 0.5)),
                              atol=1e-5)
@@ -164,6 +165,20 @@ def test_from_config_time_scale():
   del old["time_scale"]  # a config.json written before the option existed
   import ml_collections  # pylint: disable=import-outside-toplevel
   assert UNet3D.from_config(ml_collections.ConfigDict(old)).time_scale == 1000.0
+
+
+@pytest.mark.parametrize("impl", ["lax", "auto"])
+def test_from_config_conv_impl_reaches_every_convolution(impl):
+  """`model.conv_impl` from the config decides every convolution of the UNet: "lax" leaves
+  none of the CPU formulations' custom VJPs in the trace, "auto" (the CPU's) does."""
+  cfg = get_config("demo")
+  cfg.model.conv_impl = impl
+  model = UNet3D.from_config(cfg)
+  z, t = jnp.zeros((1, 4, 4, 4, 2)), jnp.zeros((1,))
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), z, t)
+  with layers.use_conv_impl("fast"):  # what "auto" means here; an explicit "lax" must win
+    text = str(jax.make_jaxpr(jax.grad(lambda p: model.apply(p, z, t).sum()))(params))
+  assert ("custom_vjp" in text) == (impl == "auto")
 
 
 def _loss_and_grads(model, params, z):
@@ -211,8 +226,8 @@ def test_bfloat16_compute_keeps_float32_parameters(reference):
 def test_fast_convolutions_match_lax(reference):
   """The UNet's default (fast) convolutions compute what `lax.conv_general_dilated` does."""
   model, params, z, (l_fast, g_fast) = reference
-  assert layers.get_conv_impl() == "fast"
-  with layers.conv_impl("lax"):
+  assert layers.resolve_conv_impl() == "fast"
+  with layers.use_conv_impl("lax"):
     l_lax, g_lax = _loss_and_grads(model, params, z)
   np.testing.assert_allclose(float(l_fast), float(l_lax), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_lax)):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_vqgan_config
+from latentfm.nn.layers import use_conv_impl
+from latentfm.nn.lpips import LPIPS
 from latentfm.train.vqgan_step import create_state, make_eval_step, make_train_step
 
 
@@ -109,3 +111,17 @@ def test_codebook_survives_checkpoint_round_trip(batch, tmp_path):
   for name in ("embeddings", "cluster_size", "embed_sum"):
     np.testing.assert_array_equal(np.asarray(rb[name]), np.asarray(cb[name]))
   assert _leaves_equal(restored, trained)
+
+
+@pytest.mark.parametrize("impl", ["lax", "auto"])
+def test_config_conv_impl_reaches_every_convolution(impl, batch):
+  """`model.conv_impl` decides the autoencoder's, both discriminators' and LPIPS' convolutions:
+  "lax" leaves none of the CPU formulations' custom VJPs in the step, "auto" (the CPU's) does."""
+  config = tiny_config(perceptual_weight=1.0, discriminator_start=0)
+  config.model.conv_impl = impl
+  state = jax.eval_shape(lambda: create_state(jax.random.PRNGKey(0), config))
+  image = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  lpips_params = jax.eval_shape(LPIPS().init, jax.random.PRNGKey(0), image, image)
+  with use_conv_impl("fast"):  # what "auto" means here; an explicit "lax" must win over it
+    text = str(jax.make_jaxpr(make_train_step(config, use_gan=True))(state, batch, lpips_params))
+  assert ("custom_vjp" in text) == (impl == "auto")

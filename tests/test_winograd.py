@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latentfm.nn import slab_conv, winograd
+from latentfm.nn.cpu import slab_conv, winograd
 from testing_arrays import assert_close as _assert_close, normal as _normal, value_and_grads
 
 

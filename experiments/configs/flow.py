@@ -37,12 +37,15 @@ def _base() -> ml_collections.ConfigDict:
   c.model.time_scale = 1000.0
   c.model.dtype = "float32"  # "bfloat16": mixed precision (parameters, Adam and EMA in float32)
   c.model.remat = False  # recompute residual blocks in backward (less memory, ~1.3x compute)
-  # Recompute only the GroupNorm + SiLU intermediates (16³x8, batch 2, CPU: 506 -> 456 MB
-  # temporary memory, slower: 1,237 -> 1,476 ms).
+  # Recompute only the GroupNorm + SiLU intermediates (less memory, slower: bench/RESULTS.md,
+  # "recompute_norms").
   c.model.recompute_norms = False
   # Class-conditional field (labels from the data's manifest.csv `stage`/`label` column):
   # 0 = unconditional; K adds a label embedding for classes 0..K-1 plus a learned null class.
   c.model.num_classes = 0
+  # Convolution implementation (latentfm.nn.layers): "auto" (XLA:CPU formulations on the CPU,
+  # XLA's own elsewhere), "fast" or "lax" (needed for forward-mode autodiff). Same numbers.
+  c.model.conv_impl = "auto"
 
   c.flow = ml_collections.ConfigDict()
   c.flow.loss = "hybrid"  # "l2" | "l1" | "hybrid" (0.9 L1 + 0.1 L2)

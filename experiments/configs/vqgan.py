@@ -55,11 +55,15 @@ def _base() -> ml_collections.ConfigDict:
   # Mixed precision and memory (accelerators): computation dtype of the autoencoder and both
   # discriminators ("bfloat16"; parameters, optimizer state, quantiser and losses stay float32)
   # and recomputation of the residual blocks in the backward pass, or of the GroupNorm + SiLU
-  # intermediates only (64³ forward + backward, batch 2, CPU: 2.09 -> 1.41 GB temporary memory,
-  # about 7% slower). Same parameter layout.
+  # intermediates only (less memory, slower: bench/RESULTS.md, "recompute_norms"). Same
+  # parameter layout.
   c.model.dtype = "float32"
   c.model.remat = False
   c.model.recompute_norms = False
+  # Convolution implementation of the autoencoder, both discriminators and LPIPS
+  # (latentfm.nn.layers): "auto" (XLA:CPU formulations on the CPU, XLA's own elsewhere), "fast"
+  # or "lax". Same numbers and parameters; "lax" is needed for forward-mode autodiff.
+  c.model.conv_impl = "auto"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.l1_weight = 4.0

@@ -7,7 +7,8 @@ Layers (kernel 4, zero padding 2 on every side):
   logits:                conv s1 -> 1 channel
 with min(channels * 2^n, 512) channels in block n. BatchNorm uses PyTorch's defaults
 (momentum 0.1, i.e. flax momentum 0.9; eps 1e-5); running statistics live in `"batch_stats"`.
-`dtype` is the computation dtype (parameters and statistics stay float32; outputs are float32).
+`dtype` is the computation dtype (parameters and statistics stay float32; outputs are float32);
+`conv_impl` the convolutions' implementation (`latentfm.nn.layers`).
 """
 
 from typing import Any
@@ -28,6 +29,7 @@ class PatchDiscriminator(nn.Module):
   num_layers: int = 3
   spatial_dims: int = 3
   dtype: Any = None
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> tuple[Array, list[Array]]:
@@ -35,7 +37,8 @@ class PatchDiscriminator(nn.Module):
     if x.ndim != self.spatial_dims + 2:
       raise ValueError(f"expected {self.spatial_dims + 2}-d input, got shape {x.shape}")
     features = []
-    conv = lambda f, s, name: ZeroPadConv(f, 4, s, 2, dtype=self.dtype, name=name)
+    conv = lambda f, s, name: ZeroPadConv(f, 4, s, 2, dtype=self.dtype,
+                                             conv_impl=self.conv_impl, name=name)
     h = conv(self.channels, 2, "conv_0")(x)
     h = nn.leaky_relu(h, 0.2)
     features.append(h)
@@ -53,9 +56,9 @@ class PatchDiscriminator(nn.Module):
 def make_discriminators(
     model: ml_collections.ConfigDict) -> tuple[PatchDiscriminator, PatchDiscriminator]:
   """The (2D slice, 3D volume) discriminators of a VQ-GAN config's `model` section."""
-  dtype = jnp.dtype(model.get("dtype", "float32"))
-  return (PatchDiscriminator(model.disc_channels, model.disc_layers, 2, dtype),
-          PatchDiscriminator(model.disc_channels, model.disc_layers, 3, dtype))
+  dtype, impl = jnp.dtype(model.get("dtype", "float32")), model.get("conv_impl", "auto")
+  return (PatchDiscriminator(model.disc_channels, model.disc_layers, 2, dtype, impl),
+          PatchDiscriminator(model.disc_channels, model.disc_layers, 3, dtype, impl))
 
 
 def output_size(size: int, num_layers: int) -> int:

@@ -1,17 +1,17 @@
-"""Convolution building blocks shared by the VQ-GAN and the discriminators.
+"""Convolution building blocks shared by the VQ-GAN, the flow UNet and the discriminators.
 
 All layers are channels-last and work for any number of spatial axes (2D slices and 3D
 volumes). Every convolution keeps its weights as one `kernel` of shape
 `(*kernel_size, in_features, out_features)` plus a `bias`, whatever formulation computes it, so
 that the arithmetic in `conv` / `conv_transpose` can change without changing checkpoints.
 
-Two formulations give the same numbers (`set_conv_impl`): "lax", one `lax.conv_general_dilated`
-per layer (the default on accelerators; the reference), and "fast" (the default on the CPU) for
-XLA:CPU, which differentiates
-strided, transposed and 3D convs slowly: strided convs run as space-to-depth + a stride-1 conv,
-transposed convs as sub-pixel convs, stride-1 convs as 2D convs over depth slabs with a custom
-VJP (`slab_conv.py`; reverse mode only: use "lax" for `jax.jvp`). Replicate padding has a
-memory-light gradient (`edge_pad.py`).
+Two implementations give the same numbers, chosen per module by its `conv_impl` field (fed from
+a config's `model.conv_impl`): "lax", one `lax.conv_general_dilated` per layer (the reference;
+forward and reverse mode), and "fast", the XLA:CPU formulations of `latentfm.nn.cpu` (XLA:CPU
+differentiates strided, transposed and 3D convolutions slowly; reverse mode only). "auto", the
+default, is "fast" on the CPU and "lax" on accelerators; inside `with use_conv_impl(...)` (for
+tests and benchmarks) "auto" means the implementation given there. The choice is read when a
+function is traced: a module built with "fast" or "lax" always runs that implementation.
 
 Initialisation follows PyTorch's defaults for `ConvNd` / `ConvTransposeNd` (uniform with bound
 1/sqrt(fan_in)), as in the reference implementation.
@@ -26,16 +26,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
 from latentfm.nn import group_norm
-from latentfm.nn.edge_pad import edge_pad as fast_edge_pad
-from latentfm.nn.slab_conv import conv_padded, dimension_numbers, zero_pad
+from latentfm.nn.cpu import edge_pad as cpu_edge_pad
+from latentfm.nn.cpu import strided
+from latentfm.nn.cpu.slab_conv import dimension_numbers
 
 Array = jax.Array
 IntOrSeq = int | Sequence[int]
-_IMPLS = ("fast", "lax")
-_impl: str | None = None  # None: "fast" on the CPU, "lax" on accelerators
+CONV_IMPLS = ("auto", "fast", "lax")
+_auto_override: list[str] = []  # innermost `use_conv_impl` last
 
 
 def _tuple(v: IntOrSeq, n: int) -> tuple[int, ...]:
@@ -72,134 +72,60 @@ def _to_dtype(x: Array, dtype: Any) -> Array:
   return x if dtype is None else x.astype(dtype)
 
 
-def _check(impl: str | None) -> str:
-  impl = get_conv_impl() if impl is None else impl
-  if impl not in _IMPLS:
-    raise ValueError(f"unknown conv impl {impl!r}; choose one of {_IMPLS}")
-  return impl
+def resolve_conv_impl(impl: str = "auto") -> str:
+  """"fast" or "lax" for a `conv_impl` value of `CONV_IMPLS`; a clear ValueError otherwise.
 
-
-def set_conv_impl(impl: str | None) -> None:
-  """Selects "fast" or "lax" convolutions, or None for the backend's default; read when
-  tracing, so re-jit after."""
-  global _impl
-  _impl = None if impl is None else _check(impl)
-
-
-def get_conv_impl() -> str:
-  """The formulation in use: the one set by `set_conv_impl`, else the default backend's."""
-  if _impl is not None:
-    return _impl
+  "auto" is the implementation of the innermost `use_conv_impl`, else "fast" on the CPU and
+  "lax" on accelerators (`jax.default_backend()`).
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"unknown conv_impl {impl!r}; choose one of {CONV_IMPLS}")
+  if impl != "auto":
+    return impl
+  if _auto_override:
+    return _auto_override[-1]
   return "fast" if jax.default_backend() == "cpu" else "lax"
 
 
 @contextlib.contextmanager
-def conv_impl(impl: str) -> Iterator[None]:
-  """Selects `impl` (see `set_conv_impl`) inside a `with` block."""
-  previous = _impl
-  set_conv_impl(impl)
+def use_conv_impl(impl: str) -> Iterator[None]:
+  """Makes "auto" mean `impl` ("fast" or "lax") for functions traced inside the block.
+
+  For tests and benchmarks that compare the implementations on one module; code that runs a
+  model picks its implementation with the module's `conv_impl` field instead.
+  """
+  if impl not in CONV_IMPLS[1:]:
+    raise ValueError(f"use_conv_impl takes 'fast' or 'lax', got {impl!r}")
+  _auto_override.append(impl)
   try:
     yield
   finally:
-    set_conv_impl(previous)
-
-
-def space_to_depth(x: Array, block: Sequence[int]) -> Array:
-  """(B, *s*n, C) -> (B, *n, prod(s) * C); channel index (r_1, ..., r_nd, c), row-major."""
-  nd, (b, c) = x.ndim - 2, (x.shape[0], x.shape[-1])
-  n = [size // s for size, s in zip(x.shape[1:-1], block)]
-  x = x.reshape(b, *[d for pair in zip(n, block) for d in pair], c)
-  x = x.transpose(0, *range(1, 2 * nd, 2), *range(2, 2 * nd + 1, 2), 2 * nd + 1)
-  return x.reshape(b, *n, math.prod(block) * c)
-
-
-def depth_to_space(x: Array, block: Sequence[int]) -> Array:
-  """Inverse of `space_to_depth`: (B, *n, prod(s) * C) -> (B, *s*n, C)."""
-  nd, b, n = x.ndim - 2, x.shape[0], x.shape[1:-1]
-  x = x.reshape(b, *n, *block, x.shape[-1] // math.prod(block))
-  x = x.transpose(0, *[a for i in range(nd) for a in (1 + i, 1 + nd + i)], 2 * nd + 1)
-  return x.reshape(b, *[m * s for m, s in zip(n, block)], x.shape[-1])
-
-
-def _strided_conv_fast(x: Array, kernel: Array, strides: Sequence[int],
-                       padding: Sequence[tuple[int, int]]) -> Array:
-  """`conv` as zero padding, space-to-depth by the stride and a stride-1 VALID conv.
-
-  Output m reads padded inputs s*m + t, t < k. With the kernel zero-padded to kb*s taps
-  (kb = ceil(k/s)) and t = s*j + r, that is block m + j, phase r. Inputs past the last block a
-  tap reaches are cropped; missing ones are zeros, which only meet zero taps. Blocks of padding
-  alone go to `conv_padded`, which skips their gradient.
-  """
-  nd, ks = x.ndim - 2, kernel.shape[:x.ndim - 2]
-  kb = [-(-k // s) for k, s in zip(ks, strides)]
-  pads = [(lo, ((n + lo + hi - k) // s + b) * s - n - lo)
-          for n, k, s, b, (lo, hi) in zip(x.shape[1:-1], ks, strides, kb, padding)]
-  zero_blocks = tuple((lo // s, max(hi, 0) // s) for (lo, hi), s in zip(pads, strides))
-  x = zero_pad(x, [(lo - s * zl, hi - s * zh)
-                    for (lo, hi), s, (zl, zh) in zip(pads, strides, zero_blocks)])
-  if all(s == 1 for s in strides):
-    return conv_padded(x, kernel, zero_blocks)
-  kernel = jnp.pad(kernel, [(0, b * s - k) for k, s, b in zip(ks, strides, kb)] + [(0, 0)] * 2)
-  cin, cout = kernel.shape[-2:]
-  kernel = kernel.reshape(*[d for pair in zip(kb, strides) for d in pair], cin, cout)
-  kernel = kernel.transpose(*range(0, 2 * nd, 2), *range(1, 2 * nd, 2), 2 * nd, 2 * nd + 1)
-  return conv_padded(space_to_depth(x, strides),
-                     kernel.reshape(*kb, math.prod(strides) * cin, cout), zero_blocks)
-
-
-def _subpixel_plan(k: int, s: int, c: int) -> tuple[int, int, np.ndarray]:
-  """Offsets e, d_lo and tap table of a sub-pixel transposed conv along one axis.
-
-  Transposed-conv output o = s*p + t - c (input p, tap t). Writing o = s*q + r - e, output
-  phase r at q reads inputs q + d through tap t = r - e + c - s*d. Picks the e in [0, s) that
-  needs the fewest offsets d; `taps[j, r]` is t for d = d_lo + j, or -1 where no tap exists.
-  """
-  plans = []
-  for e in range(s):
-    ts = [r - e + c for r in range(s)]
-    d_lo = min(-((k - 1 - t) // s) for t in ts)  # ceil((t - k + 1) / s)
-    taps = np.array([[t - s * d if 0 <= t - s * d < k else -1 for t in ts]
-                     for d in range(d_lo, max(t // s for t in ts) + 1)])
-    plans.append((len(taps), e, d_lo, taps))
-  return min(plans, key=lambda p: p[:2])[1:]
-
-
-def _conv_transpose_fast(x: Array, kernel: Array, strides: Sequence[int],
-                         crop: Sequence[int]) -> Array:
-  """`conv_transpose` as one stride-1 conv yielding all output phases, then depth-to-space."""
-  nd, ks = x.ndim - 2, kernel.shape[:x.ndim - 2]
-  pads, crops = [], []
-  for axis, (size, k, s, c) in enumerate(zip(x.shape[1:-1], ks, strides, crop)):
-    e, d_lo, taps = _subpixel_plan(k, s, c)
-    out = (size - 1) * s + k - 2 * c
-    pads.append((-d_lo, -(-(out + e) // s) - 1 + d_lo + len(taps) - size))
-    crops.append(slice(e, e + out))
-    # Phase kernels along this axis: (k,) -> (T, s); index k picks an appended zero tap.
-    kernel = jnp.pad(kernel, [(0, int(a == 2 * axis)) for a in range(kernel.ndim)])
-    kernel = jnp.take(kernel, jnp.asarray(np.where(taps < 0, k, taps)), axis=2 * axis)
-  # (T_1, s_1, ..., T_nd, s_nd, in, out) -> (T_1, ..., T_nd, in, s_1 * ... * s_nd * out).
-  cin, cout = kernel.shape[-2:]
-  kernel = kernel.transpose(*range(0, 2 * nd, 2), 2 * nd, *range(1, 2 * nd, 2), 2 * nd + 1)
-  kernel = kernel.reshape(*kernel.shape[:nd], cin, math.prod(strides) * cout)
-  grown = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
-  x = zero_pad(x, [(min(lo, 0), min(hi, 0)) for lo, hi in pads])  # the crops
-  y = depth_to_space(conv_padded(x, kernel, grown), strides)
-  return y[(slice(None), *crops, slice(None))]
+    _auto_override.pop()
 
 
 def conv(x: Array, kernel: Array, strides: Sequence[int],
-         padding: Sequence[tuple[int, int]], impl: str | None = None) -> Array:
-  """Cross-correlation of channels-last `x` with a `(*k, in, out)` kernel, zero padding."""
+         padding: Sequence[tuple[int, int]], impl: str = "auto") -> Array:
+  """Cross-correlation of channels-last `x` with a `(*k, in, out)` kernel, zero padding.
+
+  Args:
+    x: (B, *spatial, in) input.
+    kernel: (*k, in, out) weights, cast to `x.dtype`.
+    strides: the stride per spatial axis.
+    padding: (lo, hi) zeros per spatial axis.
+    impl: one of `CONV_IMPLS` (see `resolve_conv_impl`).
+  Returns:
+    (B, *out_spatial, out), out_spatial = (n + lo + hi - k) // s + 1.
+  """
   kernel = kernel.astype(x.dtype)
-  if _check(impl) == "fast":
-    return _strided_conv_fast(x, kernel, tuple(strides), tuple(padding))
+  if resolve_conv_impl(impl) == "fast":
+    return strided.strided_conv(x, kernel, tuple(strides), tuple(padding))
   return lax.conv_general_dilated(x, kernel, window_strides=tuple(strides),
                                   padding=tuple(padding),
                                   dimension_numbers=dimension_numbers(x.ndim - 2))
 
 
 def conv_transpose(x: Array, kernel: Array, strides: Sequence[int],
-                   crop: Sequence[int], impl: str | None = None) -> Array:
+                   crop: Sequence[int], impl: str = "auto") -> Array:
   """PyTorch-style transposed convolution (`ConvTransposeNd` with `padding=crop`).
 
   `kernel[t, i, o]` scatters input channel i at position p to output position
@@ -208,8 +134,8 @@ def conv_transpose(x: Array, kernel: Array, strides: Sequence[int],
   kernel; "fast" is a sub-pixel convolution.
   """
   nd, kernel = x.ndim - 2, kernel.astype(x.dtype)
-  if _check(impl) == "fast":
-    return _conv_transpose_fast(x, kernel, tuple(strides), tuple(crop))
+  if resolve_conv_impl(impl) == "fast":
+    return strided.conv_transpose(x, kernel, tuple(strides), tuple(crop))
   pad = tuple((k - 1 - c, k - 1 - c) for k, c in zip(kernel.shape[:nd], crop))
   return lax.conv_general_dilated(
       x, kernel[(slice(None, None, -1),) * nd], window_strides=(1,) * nd, padding=pad,
@@ -222,10 +148,10 @@ def same_pad_widths(kernel_size: Sequence[int],
   return tuple(((k - s + 1) // 2, (k - s) // 2) for k, s in zip(kernel_size, strides))
 
 
-def edge_pad(x: Array, widths: Sequence[tuple[int, int]], impl: str | None = None) -> Array:
-  """Replicate-pads the spatial axes of a channels-last array."""
-  if _check(impl) == "fast":
-    return fast_edge_pad(x, widths)
+def edge_pad(x: Array, widths: Sequence[tuple[int, int]], impl: str = "auto") -> Array:
+  """Replicate-pads the spatial axes of a channels-last array by `widths` ((lo, hi) per axis)."""
+  if resolve_conv_impl(impl) == "fast":
+    return cpu_edge_pad.edge_pad(x, widths)
   return jnp.pad(x, ((0, 0), *widths, (0, 0)), mode="edge")
 
 
@@ -235,6 +161,7 @@ class SamePadConv(nn.Module):
   kernel_size: IntOrSeq = 3
   strides: IntOrSeq = 1
   dtype: Any = None  # computation dtype; parameters stay float32
+  conv_impl: str = "auto"  # one of CONV_IMPLS
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -244,7 +171,8 @@ class SamePadConv(nn.Module):
     kernel = self.param("kernel", torch_kernel_init(), (*ks, x.shape[-1], self.features))
     bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
     x = _to_dtype(x, self.dtype)
-    y = conv(edge_pad(x, same_pad_widths(ks, st)), kernel, st, ((0, 0),) * nd)
+    impl = self.conv_impl
+    y = conv(edge_pad(x, same_pad_widths(ks, st), impl), kernel, st, ((0, 0),) * nd, impl)
     return y + bias.astype(y.dtype)
 
 
@@ -258,6 +186,7 @@ class SamePadConvTranspose(nn.Module):
   kernel_size: IntOrSeq = 4
   strides: IntOrSeq = 2
   dtype: Any = None  # computation dtype; parameters stay float32
+  conv_impl: str = "auto"  # one of CONV_IMPLS
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -268,8 +197,9 @@ class SamePadConvTranspose(nn.Module):
                         (*ks, x.shape[-1], self.features))
     bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
     x = _to_dtype(x, self.dtype)
-    y = conv_transpose(edge_pad(x, same_pad_widths(ks, st)), kernel, st,
-                       tuple(k - 1 for k in ks))
+    impl = self.conv_impl
+    y = conv_transpose(edge_pad(x, same_pad_widths(ks, st), impl), kernel, st,
+                       tuple(k - 1 for k in ks), impl)
     return y + bias.astype(y.dtype)
 
 
@@ -286,6 +216,7 @@ class ZeroPadConv(nn.Module):
   kernel_init: nn.initializers.Initializer | None = None
   bias_init: nn.initializers.Initializer | None = None
   dtype: Any = None
+  conv_impl: str = "auto"  # one of CONV_IMPLS
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -296,7 +227,7 @@ class ZeroPadConv(nn.Module):
     kernel = self.param("kernel", self.kernel_init or torch_kernel_init(),
                         (*ks, x.shape[-1], self.features))
     bias = self.param("bias", self.bias_init or torch_bias_init(fan_in), (self.features,))
-    y = conv(_to_dtype(x, self.dtype), kernel, st, pads)
+    y = conv(_to_dtype(x, self.dtype), kernel, st, pads, self.conv_impl)
     return y + bias.astype(y.dtype)
 
 
@@ -313,12 +244,13 @@ class ResBlock(nn.Module):
   norm_groups: int = 32
   dtype: Any = None  # computation dtype; parameters stay float32
   recompute_norms: bool = False  # GroupNorm + SiLU keep only their input for the backward pass
+  conv_impl: str = "auto"  # one of CONV_IMPLS
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    c, light = x.shape[-1], self.recompute_norms
+    c, light, impl = x.shape[-1], self.recompute_norms, self.conv_impl
     h = GroupNorm(c, self.norm_groups, "norm1", self.dtype, silu=True, recompute=light)(x)
-    h = SamePadConv(c, 3, 1, self.dtype, name="conv1")(h)
+    h = SamePadConv(c, 3, 1, self.dtype, impl, name="conv1")(h)
     h = GroupNorm(c, self.norm_groups, "norm2", self.dtype, silu=True, recompute=light)(h)
-    h = SamePadConv(c, 3, 1, self.dtype, name="conv2")(h)
+    h = SamePadConv(c, 3, 1, self.dtype, impl, name="conv2")(h)
     return x.astype(h.dtype) + h

@@ -64,6 +64,7 @@ class VGG16Features(nn.Module):
   slices: the input gradient of one LPIPS call (2 + 2 slices) took 55 ms against 190 ms with
   flax's `nn.Conv`; on 64² slices 144 against 125 ms (bench/RESULTS.md).
   """
+  conv_impl: str = "auto"  # see `latentfm.nn.layers`
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -72,7 +73,8 @@ class VGG16Features(nn.Module):
       if b:
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
       for c, features in enumerate(block):
-        x = ZeroPadConv(features, 3, 1, 1, name=f"conv{b + 1}_{c + 1}")(x)
+        x = ZeroPadConv(features, 3, 1, 1, conv_impl=self.conv_impl,
+                        name=f"conv{b + 1}_{c + 1}")(x)
         x = nn.relu(x)
       taps.append(x)
     return taps
@@ -88,7 +90,9 @@ class LPIPS(nn.Module):
   ``x`` and ``y`` are NHWC images in [-1, 1] with 1 or 3 channels (1-channel
   images are repeated to RGB), at least 16x16. Use ``load_params()`` for
   weights; ``init`` only makes sense for shapes (``jax.eval_shape``).
+  ``conv_impl`` picks the convolutions' implementation (``latentfm.nn.layers``).
   """
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -100,7 +104,7 @@ class LPIPS(nn.Module):
     if xy.shape[-1] == 1:
       xy = jnp.repeat(xy, 3, axis=-1)
     xy = (xy - jnp.asarray(SHIFT)) / jnp.asarray(SCALE)
-    taps = VGG16Features(name="vgg")(xy)
+    taps = VGG16Features(self.conv_impl, name="vgg")(xy)
     n = x.shape[0]
     total = jnp.zeros((n,), jnp.float32)
     for i, f in enumerate(taps):

@@ -11,8 +11,9 @@ decoder whose blocks take the concatenated skip connections (`num_res_blocks + 1
 with nearest-neighbour upsampling + conv3; GroupNorm + SiLU + zero-initialised conv3 back to
 the input channels.
 
-Convolutions run through `latentfm.nn.layers.conv` (fast CPU formulation by default, reverse
-mode only): for `jax.jvp` through the network, trace it inside `layers.conv_impl("lax")`.
+Convolutions run through `latentfm.nn.layers.conv` in the implementation `conv_impl` names
+("auto": the CPU formulation on the CPU, reverse mode only): `jax.jvp` through the network
+needs `conv_impl="lax"`.
 """
 
 from collections.abc import Sequence
@@ -67,11 +68,11 @@ def conv_init(key: Array, shape: Sequence[int], dtype=jnp.float32) -> Array:
 
 def _conv(features: int, name: str | None = None, kernel: int = 3, strides: int = 1,
           kernel_init: nn.initializers.Initializer = conv_init,
-          dtype: Any = jnp.float32) -> layers.ZeroPadConv:
-  """Zero-padded ("same" at stride 1) conv with `nn.Conv`'s parameters, through `layers.conv`,
-  whose default formulation avoids XLA:CPU's slow strided and 3D convolution gradients."""
+          dtype: Any = jnp.float32, impl: str = "auto") -> layers.ZeroPadConv:
+  """Zero-padded ("same" at stride 1) conv with `nn.Conv`'s parameters, through `layers.conv`
+  in implementation `impl` (`layers.CONV_IMPLS`)."""
   return layers.ZeroPadConv(features, kernel, strides, kernel // 2, kernel_init,
-                            nn.initializers.zeros, dtype, name=name)
+                            nn.initializers.zeros, dtype, impl, name=name)
 
 
 class ResBlock(nn.Module):
@@ -81,12 +82,13 @@ class ResBlock(nn.Module):
   norm_groups: int = 32
   dtype: Any = jnp.float32  # computation dtype; parameters stay float32
   recompute_norms: bool = False  # GroupNorm + SiLU keep only their input for the backward pass
+  conv_impl: str = "auto"  # see `latentfm.nn.layers`
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, train: bool) -> Array:
-    light = self.recompute_norms
+    light, impl = self.recompute_norms, self.conv_impl
     h = _norm(x.shape[-1], self.norm_groups, "norm1", self.dtype, silu=True, recompute=light)(x)
-    h = _conv(self.features, "conv1", dtype=self.dtype)(h)
+    h = _conv(self.features, "conv1", dtype=self.dtype, impl=impl)(h)
     h = h + nn.Dense(self.features, name="time_proj", dtype=self.dtype)(
         nn.silu(temb))[:, None, None, None, :]
     h = _norm(self.features, self.norm_groups, "norm2", self.dtype, silu=True, recompute=light)(h)
@@ -94,9 +96,9 @@ class ResBlock(nn.Module):
       # Inverted dropout drawn flat: XLA:CPU compiles rank-5 random draws slowly.
       keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, (h.size,))
       h = jnp.where(keep.reshape(h.shape), h / (1.0 - self.dropout), 0.0)
-    h = _conv(self.features, "conv2", dtype=self.dtype)(h)
+    h = _conv(self.features, "conv2", dtype=self.dtype, impl=impl)(h)
     if x.shape[-1] != self.features:
-      x = _conv(self.features, "skip", kernel=1, dtype=self.dtype)(x)
+      x = _conv(self.features, "skip", kernel=1, dtype=self.dtype, impl=impl)(x)
     return x + h
 
 
@@ -124,21 +126,23 @@ class AttentionBlock(nn.Module):
 class Downsample(nn.Module):
   """Stride-2 conv3 (padding 1): halves every spatial axis."""
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    return _conv(x.shape[-1], "conv", strides=2, dtype=self.dtype)(x)
+    return _conv(x.shape[-1], "conv", strides=2, dtype=self.dtype, impl=self.conv_impl)(x)
 
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2 upsampling followed by conv3."""
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for axis in (1, 2, 3):
       x = jnp.repeat(x, 2, axis=axis)
-    return _conv(x.shape[-1], "conv", dtype=self.dtype)(x)
+    return _conv(x.shape[-1], "conv", dtype=self.dtype, impl=self.conv_impl)(x)
 
 
 class UNet3D(nn.Module):
@@ -167,6 +171,7 @@ class UNet3D(nn.Module):
   remat: bool = False
   recompute_norms: bool = False
   num_classes: int = 0  # 0: unconditional (no label parameters)
+  conv_impl: str = "auto"  # the convolutions' implementation, see `latentfm.nn.layers`
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "UNet3D":
@@ -178,7 +183,8 @@ class UNet3D(nn.Module):
         num_heads=m.num_heads, dropout=m.dropout, time_embed_dim=m.time_embed_dim,
         norm_groups=m.norm_groups, time_scale=m.get("time_scale", 1000.0),
         dtype=m.get("dtype", "float32"), remat=m.get("remat", False),
-        recompute_norms=m.get("recompute_norms", False), num_classes=m.get("num_classes", 0))
+        recompute_norms=m.get("recompute_norms", False), num_classes=m.get("num_classes", 0),
+        conv_impl=m.get("conv_impl", "auto"))
 
   @nn.compact
   def __call__(self, z: Array, t: Array, train: bool = False,
@@ -207,13 +213,13 @@ class UNet3D(nn.Module):
     # Explicit names keep the parameter layout (checkpoints) the same with and without remat.
     block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     count = itertools.count()
-    light = self.recompute_norms
-    res = lambda f: block(f, self.dropout, self.norm_groups, dtype, light,
+    light, impl = self.recompute_norms, self.conv_impl
+    res = lambda f: block(f, self.dropout, self.norm_groups, dtype, light, impl,
                           name=f"ResBlock_{next(count)}")
     attn = lambda: AttentionBlock(self.num_heads, self.norm_groups, dtype, light)
     attn_levels = set(self.attention_levels)
 
-    h = _conv(self.channels, "stem", dtype=dtype)(z)
+    h = _conv(self.channels, "stem", dtype=dtype, impl=impl)(z)
     skips = [h]
     for level, mult in enumerate(self.channel_mults):
       for _ in range(self.num_res_blocks):
@@ -222,7 +228,7 @@ class UNet3D(nn.Module):
           h = attn()(h)
         skips.append(h)
       if level < levels - 1:
-        h = Downsample(dtype)(h)
+        h = Downsample(dtype, impl)(h)
         skips.append(h)
 
     h = res(h.shape[-1])(h, temb, train)
@@ -237,10 +243,10 @@ class UNet3D(nn.Module):
         if level in attn_levels:
           h = attn()(h)
       if level > 0:
-        h = Upsample(dtype)(h)
+        h = Upsample(dtype, impl)(h)
 
     h = _norm(h.shape[-1], self.norm_groups, "out_norm", dtype, silu=True, recompute=light)(h)
-    out = _conv(z.shape[-1], "out", kernel_init=nn.initializers.zeros, dtype=dtype)(h)
+    out = _conv(z.shape[-1], "out", kernel_init=nn.initializers.zeros, dtype=dtype, impl=impl)(h)
     return out.astype(z.dtype)
 
 

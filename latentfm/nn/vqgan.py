@@ -67,14 +67,15 @@ class Encoder(nn.Module):
   dtype: Any = None  # computation dtype; parameters stay float32
   remat: bool = False
   recompute_norms: bool = False
+  conv_impl: str = "auto"  # see `latentfm.nn.layers`
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    block = _res_block(self.remat)
-    h = SamePadConv(self.n_hiddens, 3, 1, self.dtype, name="conv_in")(x)
+    block, impl = _res_block(self.remat), self.conv_impl
+    h = SamePadConv(self.n_hiddens, 3, 1, self.dtype, impl, name="conv_in")(x)
     for i, s in enumerate(stage_strides(self.downsample)):
-      h = SamePadConv(self.n_hiddens * 2**(i + 1), 4, s, self.dtype, name=f"down_{i}")(h)
-      h = block(self.norm_groups, self.dtype, self.recompute_norms, name=f"res_{i}")(h)
+      h = SamePadConv(self.n_hiddens * 2**(i + 1), 4, s, self.dtype, impl, name=f"down_{i}")(h)
+      h = block(self.norm_groups, self.dtype, self.recompute_norms, impl, name=f"res_{i}")(h)
     return GroupNorm(h.shape[-1], self.norm_groups, "norm_out", self.dtype, silu=True,
                      recompute=self.recompute_norms)(h)
 
@@ -105,22 +106,23 @@ class Decoder(nn.Module):
   remat: bool = False
   recompute_norms: bool = False
   upsampler: str = "transposed"
+  conv_impl: str = "auto"  # see `latentfm.nn.layers`
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    block = _res_block(self.remat)
+    block, impl = _res_block(self.remat), self.conv_impl
     h = GroupNorm(x.shape[-1], self.norm_groups, "norm_in", self.dtype, silu=True,
                   recompute=self.recompute_norms)(x)
     strides = stage_strides(self.upsample)
     for i, s in enumerate(strides):
       features = self.n_hiddens * 2**(len(strides) - i)
       if self.upsampler == "resize":
-        h = SamePadConv(features, 3, 1, self.dtype, name=f"up_{i}")(nearest_upsample(h, s))
+        h = SamePadConv(features, 3, 1, self.dtype, impl, name=f"up_{i}")(nearest_upsample(h, s))
       else:
-        h = SamePadConvTranspose(features, 4, s, self.dtype, name=f"up_{i}")(h)
-      h = block(self.norm_groups, self.dtype, self.recompute_norms, name=f"res_{i}_0")(h)
-      h = block(self.norm_groups, self.dtype, self.recompute_norms, name=f"res_{i}_1")(h)
-    return SamePadConv(self.image_channels, 3, 1, self.dtype, name="conv_out")(h)
+        h = SamePadConvTranspose(features, 4, s, self.dtype, impl, name=f"up_{i}")(h)
+      h = block(self.norm_groups, self.dtype, self.recompute_norms, impl, name=f"res_{i}_0")(h)
+      h = block(self.norm_groups, self.dtype, self.recompute_norms, impl, name=f"res_{i}_1")(h)
+    return SamePadConv(self.image_channels, 3, 1, self.dtype, impl, name="conv_out")(h)
 
 
 class VQGAN(nn.Module):
@@ -130,7 +132,8 @@ class VQGAN(nn.Module):
   `dtype` "bfloat16" computes the encoder and decoder in bfloat16 (parameters, the quantiser, the
   latents and the reconstruction stay float32); `remat` recomputes every residual block in the
   backward pass instead of storing its activations; `recompute_norms` only the GroupNorm + SiLU
-  intermediates (`group_norm.py`). None changes the parameter layout.
+  intermediates (`group_norm.py`); `conv_impl` picks the convolutions' implementation
+  (`latentfm.nn.layers`). None changes the parameter layout.
   """
   image_channels: int = 1
   n_hiddens: int = 16
@@ -144,6 +147,7 @@ class VQGAN(nn.Module):
   remat: bool = False
   recompute_norms: bool = False
   upsampler: str = "transposed"
+  conv_impl: str = "auto"
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> "VQGAN":
@@ -155,20 +159,21 @@ class VQGAN(nn.Module):
         codebook_decay=model.codebook_decay, restart_dead_codes=model.restart_dead_codes,
         dtype=model.get("dtype", "float32"), remat=model.get("remat", False),
         recompute_norms=model.get("recompute_norms", False),
-        upsampler=model.get("upsampler", "transposed"))
+        upsampler=model.get("upsampler", "transposed"), conv_impl=model.get("conv_impl", "auto"))
 
   def setup(self):
     stages = len(stage_strides(self.downsample))
     dtype = jnp.dtype(self.dtype)
+    impl = self.conv_impl
     self.encoder = Encoder(self.n_hiddens, tuple(self.downsample), self.norm_groups, dtype,
-                           self.remat, self.recompute_norms)
+                           self.remat, self.recompute_norms, impl)
     if self.upsampler not in UPSAMPLERS:
       raise ValueError(f"model.upsampler must be one of {UPSAMPLERS}, got {self.upsampler!r}")
     self.decoder = Decoder(self.n_hiddens, tuple(self.downsample), self.image_channels,
                            self.norm_groups, dtype, self.remat, self.recompute_norms,
-                           self.upsampler)
-    self.pre_vq_conv = SamePadConv(self.embedding_dim, 1, 1, dtype)
-    self.post_vq_conv = SamePadConv(self.n_hiddens * 2**stages, 1, 1, dtype)
+                           self.upsampler, impl)
+    self.pre_vq_conv = SamePadConv(self.embedding_dim, 1, 1, dtype, impl)
+    self.post_vq_conv = SamePadConv(self.n_hiddens * 2**stages, 1, 1, dtype, impl)
     self.quantizer = VectorQuantizer(self.n_codes, self.embedding_dim, self.codebook_decay,
                                      self.restart_dead_codes)
 

@@ -85,7 +85,7 @@ def make_train_step(config: ml_collections.ConfigDict, *, use_gan: bool
   model, image_disc, volume_disc = models(config)
   cfg = config.loss
   g_tx, d_tx = optimizers(config)
-  lpips_model = LPIPS()
+  lpips_model = LPIPS(config.model.get("conv_impl", "auto"))
 
   def disc(module, params, stats, x):
     (logits, feats), upd = module.apply({"params": params, "batch_stats": stats}, x, train=True,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from latentfm.nn import tap_products, winograd
+from latentfm.nn.cpu import tap_products, winograd
 
 Array = jax.Array
 
