@@ -57,7 +57,7 @@ import numpy as np
 from bench import timing
 from latentfm.nn.layers import resolve_conv_impl, use_conv_impl
 from latentfm.train import host_memory
-from latentfm.train.compiler import jit_train_step
+from latentfm.train import compiler
 
 # Dense peak FLOP/s by device kind (substring, first match) and compute dtype: bf16 and TF32
 # tensor cores. The PCIe and NVL cards of the H100 run at lower clocks than the SXM one.
@@ -98,7 +98,7 @@ def compile_step(fn, *args, donate_state: bool = False):
   hands to cuDNN (on an H200 it gave 1/40 of the flow step's FLOPs). Prints the compile time."""
   jit_kwargs = {"donate_argnums": 0} if donate_state else {}
   start = time.perf_counter()
-  lowered = jit_train_step(fn, **jit_kwargs).lower(*args)
+  lowered = compiler.jit(fn, **jit_kwargs).lower(*args)
   compiled = lowered.compile()
   print(f"  (compiled in {time.perf_counter() - start:.1f} s)", flush=True)
   try:
@@ -119,7 +119,7 @@ def cpu_matmul_rate(dtype: str, n: int = 2048) -> float:
   median of 5 after a warm-up: the ceiling that CPU rows are put against, as no peak is known
   for a CPU (a virtual one least of all)."""
   a = jnp.ones((n, n), dtype)
-  product = jit_train_step(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  product = compiler.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   return 2 * n**3 / timeit(lambda: product(a, a), 5)
 
 
@@ -174,7 +174,7 @@ def bench_vqgan_ae(args) -> list[Work]:
   model = VQGAN.from_config(config.model)
   shape = (args.batch,) + (args.size,) * 3 + (1,)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape), jnp.float32)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  variables = compiler.jit(model.init)(jax.random.PRNGKey(0), x)
 
   def loss(params, x):
     z = model.apply({**variables, "params": params}, x, method=model.encode)
@@ -246,7 +246,7 @@ def _piece(stage: str, make_module: Callable[[int], Any], args) -> list[Work]:
   module = make_module(width)
   x = jnp.asarray(np.random.default_rng(0).standard_normal(
       (args.batch,) + (args.size,) * 3 + (width,)), jnp.float32)
-  params = jax.jit(module.init)(jax.random.PRNGKey(0), x)
+  params = compiler.jit(module.init)(jax.random.PRNGKey(0), x)
   loss = lambda p, x: jnp.mean(jnp.abs(module.apply(p, x).astype(jnp.float32)))
   step, flops = compile_step(jax.grad(loss, argnums=(0, 1)), params, x)
   return [Work(stage, f"{stage} fwd+bwd {args.size}^3x{width} b{args.batch} {args.dtype}",
@@ -277,9 +277,9 @@ def bench_sample(args) -> list[Work]:
   vq_config.model.dtype = args.dtype
   vq = VQGAN.from_config(vq_config.model)
   z1 = jax.random.normal(jax.random.PRNGKey(0), (1,) + (args.size // args.downsample,) * 3 + (8,))
-  params = jax.jit(lambda k: unet.init(k, z1, jnp.zeros((1,))))(jax.random.PRNGKey(1))["params"]
-  vq_vars = jax.jit(vq.init)(jax.random.PRNGKey(2), jnp.zeros((1,) + (args.size,) * 3 + (1,)))
-  decode = jax.jit(lambda v, z: vq.apply(v, z, method=vq.decode))
+  params = compiler.jit(lambda k: unet.init(k, z1, jnp.zeros((1,))))(jax.random.PRNGKey(1))["params"]
+  vq_vars = compiler.jit(vq.init)(jax.random.PRNGKey(2), jnp.zeros((1,) + (args.size,) * 3 + (1,)))
+  decode = compiler.jit(lambda v, z: vq.apply(v, z, method=vq.decode))
   velocity = velocity_from_model(unet.apply, params)
   return [Work("sample", f"sample {solver} + decode {args.size}^3 {args.dtype} f{args.downsample}",
                lambda s=solver: decode(vq_vars, integrate(velocity, z1, solver=s, steps=50)[0]), 1)

@@ -26,7 +26,7 @@ def child(args) -> None:
   from bench.run import timeit
   from experiments.configs.flow import get_config
   from latentfm.train import flow_step, host_memory, parallel
-  from latentfm.train.compiler import jit_train_step
+  from latentfm.train import compiler
   host_memory.reuse_host_memory()  # as the trainers do
   config = get_config(args.config)
   mesh = parallel.make_mesh(jax.devices()[:args.child])
@@ -35,7 +35,7 @@ def child(args) -> None:
   batch = args.per_device_batch * args.child
   z = np.random.default_rng(0).standard_normal((batch,) + latent).astype(np.float32)
   data = parallel.shard_batch({"image": z}, mesh)
-  step = jit_train_step(flow_step.make_train_step(config), donate_argnums=0)  # as the trainer
+  step = compiler.jit(flow_step.make_train_step(config), donate_argnums=0)  # as the trainer
   holder = {"s": state}
 
   def call():

@@ -25,8 +25,7 @@ from latentfm.data import loader
 from latentfm.sample import integrate, velocity_from_model
 from latentfm.nn.unet3d import UNet3D
 from latentfm.nn.vqgan import from_model_range
-from latentfm.train import runner, stages
-from latentfm.train.compiler import jit_train_step
+from latentfm.train import compiler, runner, stages
 from latentfm.train.flow_step import create_state, encode_volumes, make_train_step
 from latentfm.train.loop import Periodic, check_nonfinite_policy, guard_step
 
@@ -105,10 +104,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dataset = loader.Dataset(latents, labels, tuple(map(str, range(len(latents)))))
     state = run.start(create_state(jax.random.PRNGKey(config.seed), config, latents.shape[1:]),
                       dataset)
-    step_fn = jit_train_step(guard_step(make_train_step(config), config.train.on_nonfinite),
-                             donate_argnums=0)
+    step_fn = compiler.jit(guard_step(make_train_step(config), config.train.on_nonfinite),
+                           donate_argnums=0)
     unet = UNet3D.from_config(config.model)
-    decode = jax.jit(lambda v, z: vq_model.apply(v, z, method=vq_model.decode))
+    decode = compiler.jit(lambda v, z: vq_model.apply(v, z, method=vq_model.decode))
     num_classes = unet.num_classes
     preview_labels = np.arange(4) % num_classes if num_classes else None
 

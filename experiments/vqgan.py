@@ -20,8 +20,7 @@ import numpy as np
 from experiments import common
 from latentfm import viz
 from latentfm.data import loader
-from latentfm.train import parallel, runner
-from latentfm.train.compiler import jit_train_step
+from latentfm.train import compiler, parallel, runner
 from latentfm.train.loop import Periodic, check_nonfinite_policy, guard_step
 from latentfm.train.vqgan_step import create_state, make_eval_step, make_train_step
 
@@ -75,16 +74,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       from latentfm.nn.lpips import load_params  # pylint: disable=import-outside-toplevel
       lpips_params = parallel.replicate(load_params(), mesh)
     policy = config.train.on_nonfinite
-    warm = jit_train_step(guard_step(make_train_step(config, use_gan=False), policy),
-                          donate_argnums=0)
-    full = jit_train_step(guard_step(make_train_step(config, use_gan=True), policy),
-                          donate_argnums=0)
+    warm = compiler.jit(guard_step(make_train_step(config, use_gan=False), policy),
+                        donate_argnums=0)
+    full = compiler.jit(guard_step(make_train_step(config, use_gan=True), policy),
+                        donate_argnums=0)
     start = config.loss.discriminator_start
 
     def train_step(state, batch, step):
       return (full if step >= start else warm)(state, batch, lpips_params)
 
-    eval_fn = jax.jit(make_eval_step(config))
+    eval_fn = compiler.jit(make_eval_step(config))
     limit = config.train.eval_volumes
 
     def validation(step, state):

@@ -14,12 +14,10 @@ initial step. Each returns the number of velocity evaluations actually made.
 
 from collections.abc import Callable
 import dataclasses
-import functools
 import os
 from typing import Any
 
 import diffrax
-import equinox as eqx
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -27,6 +25,7 @@ import numpy as np
 
 from latentfm.flow import LatentStats, denormalize, normalize
 from latentfm.nn.vqgan import from_model_range, to_model_range
+from latentfm.train import compiler
 
 Array = jax.Array
 VelocityFn = Callable[[Array, Array], Array]
@@ -72,7 +71,7 @@ def _evaluations_per_run(solver: Any, num_steps: Array) -> Array:
   return tableau.num_stages * num_steps
 
 
-@eqx.filter_jit
+@compiler.filter_jit
 def _integrate(velocity_fn, z1, solver_name, steps, rtol, atol, t0, t1, max_steps):
   cls, adaptive = _SOLVERS[solver_name]
   solver = cls()
@@ -221,7 +220,7 @@ def _check_labels(models: Models, labels: Any, num: int) -> np.ndarray | None:
   return out.astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@compiler.jit(static_argnums=(0, 3))
 def _decode(model, variables, z, snap):
   if snap:
     z = model.apply(variables, z, method=lambda m, v: m.quantize(v)["quantized"])

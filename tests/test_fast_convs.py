@@ -11,7 +11,7 @@ import pytest
 
 from latentfm.nn import layers
 from latentfm.nn.cpu import slab_conv, strided
-from latentfm.train.compiler import jit_train_step
+from latentfm.train import compiler
 from testing_arrays import assert_close as _assert_close, normal as _normal, value_and_grads
 
 
@@ -163,7 +163,7 @@ def test_kernel_gradient_chunks_get_buffers_of_their_own(monkeypatch):
   monkeypatch.setattr(slab_conv, "_CHUNK_DW", 60)
   x, w = _normal((2, 6, 5, 7, 3), 1), _normal((3, 2, 3, 3, 4), 2)
   ct = _normal((2, 4, 4, 5, 4), 3)
-  compiled = jit_train_step(jax.grad(_stride1_loss(ct, "fast"), 1)).lower(x, w).compile()
+  compiled = compiler.jit(jax.grad(_stride1_loss(ct, "fast"), 1)).lower(x, w).compile()
   assert compiled.as_text().count(" conditional(") == 2  # kept by JAX and XLA
   for y in (x.at[0, 0, 0, 0, 0].set(jnp.nan), x.at[0, 0, 0, 0, 0].set(-0.0)):
     np.testing.assert_array_equal(np.asarray(jax.jit(slab_conv._own_buffer)(y)).view(np.uint32),

@@ -44,6 +44,8 @@ import numpy as np
 import scipy.ndimage as ndi
 from jax import lax
 
+from latentfm.train import compiler
+
 FeatureExtractor = Callable[[np.ndarray], np.ndarray]
 """Maps volumes ``[N, D, H, W]`` in [0, 1] to feature vectors ``[N, F]``."""
 
@@ -100,7 +102,7 @@ def _texture_stats(x: jax.Array) -> jax.Array:
                     grad.std(axes)], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("scales", "bins"))
+@compiler.jit(static_argnames=("scales", "bins"))
 def _random_conv_apply(weights: list[jax.Array], x: jax.Array,
                        scales: tuple[int, ...], bins: int) -> jax.Array:
   """Features of a batch ``[N, D, H, W]``; see :func:`random_conv_features`."""

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from latentfm.train import compiler
+
 Array = jax.Array
 
 # Wang, Simoncelli & Bovik (2003), finest to coarsest scale.
@@ -57,14 +59,14 @@ def _mean_per_volume(a: Array) -> Array:
   return jnp.mean(a, axis=tuple(range(1, a.ndim)))
 
 
-@jax.jit
+@compiler.jit
 def mse(x: Array, y: Array) -> Array:
   """Mean squared error per volume, shape ``(B,)``."""
   x, y = _prepare(x, y)
   return _mean_per_volume(jnp.square(x - y))
 
 
-@jax.jit
+@compiler.jit
 def nmse(x: Array, y: Array) -> Array:
   """Normalised MSE ``||x - y||^2 / ||y||^2`` per volume, shape ``(B,)``.
 
@@ -78,7 +80,7 @@ def nmse(x: Array, y: Array) -> Array:
   return jnp.sum(jnp.square(x - y), axis=axes) / jnp.sum(jnp.square(y), axes)
 
 
-@jax.jit
+@compiler.jit
 def psnr(x: Array, y: Array, data_range: float = 1.0) -> Array:
   """Peak signal-to-noise ratio ``10 log10(data_range^2 / mse)`` in dB.
 
@@ -126,7 +128,7 @@ def _ssim_and_cs(x: Array, y: Array, data_range, window: np.ndarray,
 
 
 @functools.partial(
-    jax.jit, static_argnames=("sigma", "win_size", "k1", "k2", "return_cs"))
+    compiler.jit, static_argnames=("sigma", "win_size", "k1", "k2", "return_cs"))
 def ssim(x: Array, y: Array, data_range: float = 1.0, sigma: float = 1.5,
          win_size: int = 11, k1: float = 0.01, k2: float = 0.03,
          return_cs: bool = False) -> Array | tuple[Array, Array]:
@@ -185,7 +187,7 @@ def _avg_pool2(x: Array) -> Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("sigma", "win_size", "k1", "k2", "weights"))
+    compiler.jit, static_argnames=("sigma", "win_size", "k1", "k2", "weights"))
 def ms_ssim(x: Array, y: Array, data_range: float = 1.0, sigma: float = 1.5,
             win_size: int = 11, k1: float = 0.01, k2: float = 0.03,
             weights: tuple[float, ...] = MS_SSIM_WEIGHTS) -> Array:

@@ -27,6 +27,7 @@ import numpy as np
 
 from latentfm.metrics.features import FeatureExtractor, batched
 from latentfm.nn import lpips
+from latentfm.train import compiler
 
 DEFAULT_TAPS = (3, 4)  # relu4_3, relu5_3: the most semantic VGG16 layers
 
@@ -64,7 +65,7 @@ def _planes(volumes: jax.Array, num_slices: int, central_fraction: float,
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("num_slices", "central_fraction", "size", "taps"))
+@compiler.jit(static_argnames=("num_slices", "central_fraction", "size", "taps"))
 def _features(variables, volumes: jax.Array, num_slices: int, central_fraction: float,
               size: int, taps: tuple[int, ...]) -> jax.Array:
   vgg = lpips.VGG16Features()

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentfm.nn.layers import ZeroPadConv
+from latentfm.train import compiler
 
 # Scaling-layer constants of the lpips package (inputs are in [-1, 1]).
 SHIFT = (-0.030, -0.088, -0.188)
@@ -219,5 +220,5 @@ def lpips_fn(params: Params | None = None
   arguments (not baked-in constants), so compilation stays cheap.
   """
   variables = load_params() if params is None else params
-  apply = jax.jit(LPIPS().apply)
+  apply = compiler.jit(LPIPS().apply)
   return lambda x, y: apply(variables, x, y)

@@ -18,7 +18,7 @@ import optax
 from latentfm import flow
 from latentfm.nn.unet3d import UNet3D
 from latentfm.nn.vqgan import to_model_range
-from latentfm.train import schedules
+from latentfm.train import compiler, schedules
 
 State = dict[str, Any]
 
@@ -37,7 +37,7 @@ def create_state(key: jax.Array, config: ml_collections.ConfigDict,
   model = UNet3D.from_config(config.model)
   k_init, k_rng = jax.random.split(key)
   z = jnp.zeros((1,) + tuple(latent_shape), jnp.float32)
-  params = jax.jit(lambda k: model.init(k, z, jnp.zeros((1,)), train=False))(k_init)["params"]
+  params = compiler.jit(lambda k: model.init(k, z, jnp.zeros((1,)), train=False))(k_init)["params"]
   return {"step": jnp.zeros((), jnp.int32), "params": params,
           "ema_params": jax.tree.map(jnp.copy, params),
           "opt": make_optimizer(config.optim, config.train.num_steps).init(params), "rng": k_rng}
@@ -67,7 +67,7 @@ def make_train_step(config: ml_collections.ConfigDict
 def encode_volumes(model, variables: dict, volumes: np.ndarray, batch_size: int = 4,
                    progress: Callable | None = None) -> np.ndarray:
   """Continuous (pre-quantisation) latents of volumes [N, D, H, W] in [0, 1]."""
-  encode = jax.jit(lambda v, x: model.apply(v, to_model_range(x), method=model.encode))
+  encode = compiler.jit(lambda v, x: model.apply(v, to_model_range(x), method=model.encode))
   chunks = range(0, len(volumes), batch_size)
   out = [np.asarray(encode(variables, jnp.asarray(volumes[i:i + batch_size, ..., None])))
          for i in (progress(chunks) if progress else chunks)]

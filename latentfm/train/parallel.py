@@ -1,6 +1,6 @@
 """Data parallelism: a 1-D device mesh, shardings and host-to-device transfer.
 
-Both training stages use plain `jax.jit` over a `Mesh` with one axis, `"data"`.
+Both training stages use `latentfm.train.compiler.jit` over a `Mesh` with one axis, `"data"`.
 The batch is split along its leading axis over that axis and the train state
 is replicated. The same code runs on one CPU, one GPU, several local devices
 and several hosts (after `maybe_initialize_distributed`).

@@ -20,7 +20,7 @@ from latentfm.metrics import image as image_metrics
 from latentfm.nn.discriminators import make_discriminators
 from latentfm.nn.lpips import LPIPS
 from latentfm.nn.vqgan import VQGAN, from_model_range, to_model_range
-from latentfm.train import schedules
+from latentfm.train import compiler, schedules
 
 State = dict[str, Any]
 
@@ -58,9 +58,9 @@ def create_state(key: jax.Array, config: ml_collections.ConfigDict) -> State:
   shape = (1,) + tuple(config.data.shape) + (config.model.image_channels,)
   k_model, k_img, k_vol, k_rng = jax.random.split(key, 4)
   x = jnp.zeros(shape, jnp.float32)
-  variables = jax.jit(model.init)(k_model, x)
-  img_vars = jax.jit(image_disc.init)(k_img, x[:, 0])
-  vol_vars = jax.jit(volume_disc.init)(k_vol, x)
+  variables = compiler.jit(model.init)(k_model, x)
+  img_vars = compiler.jit(image_disc.init)(k_img, x[:, 0])
+  vol_vars = compiler.jit(volume_disc.init)(k_vol, x)
   g_tx, d_tx = optimizers(config)
   disc_params = {"image": img_vars["params"], "volume": vol_vars["params"]}
   return {
