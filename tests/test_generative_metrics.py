@@ -270,6 +270,25 @@ def test_memorisation_flags_copies_only(cohort48, conv_features):
   assert feat["space"] == "feature" and list(feat["flagged_indices"]) == [0]
 
 
+def test_memorisation_thresholds_are_percentiles_of_held_out_distances():
+  """The privacy threshold is the minimum and `threshold_p5` the 5th percentile of the held-out
+  scans' nearest-training distances, by `np.percentile` on a brute-force search; the fractions
+  count generated samples below each."""
+  rng = np.random.default_rng(12)
+  train = rng.random((6, 3, 3, 3))
+  held_out = rng.random((40, 3, 3, 3)) * rng.uniform(0.2, 1.5, (40, 1, 1, 1))
+  generated = rng.random((30, 3, 3, 3)) * rng.uniform(0.2, 1.5, (30, 1, 1, 1))
+  rep = gm.memorisation_report(generated, train, held_out)
+  nearest = lambda a: np.sqrt(((a[:, None] - train[None]) ** 2).mean(axis=(2, 3, 4))).min(1)
+  held, gen = nearest(held_out), nearest(generated)
+  p5 = np.percentile(held, 5)
+  assert rep["threshold_p5"] == pytest.approx(p5, rel=1e-6)  # volumes are read as float32
+  assert rep["privacy_threshold"] == pytest.approx(held.min(), rel=1e-6)
+  assert rep["fraction_below_p5"] == pytest.approx(np.mean(gen < p5))
+  assert rep["fraction_flagged"] == pytest.approx(np.mean(gen < held.min()))
+  assert np.percentile(held, 95) > 1.5 * p5  # another percentile would not pass
+
+
 # --------------------------------------------------------------- bootstrap --
 
 

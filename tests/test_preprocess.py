@@ -100,3 +100,26 @@ def test_train_val_split_deterministic():
     pp.train_val_split(1)
   with pytest.raises(ValueError):
     pp.train_val_split(10, 1.5)
+
+
+def _ball(shape, spacing_zyx, radius_mm=16.0):
+  """A ball of `radius_mm`, brightest at its centre and fading smoothly to 0 at its surface, in
+  a (D, H, W) grid of `spacing_zyx` mm voxels."""
+  axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing_zyx)]
+  r = np.sqrt(sum(g ** 2 for g in np.meshgrid(*axes, indexing="ij")))
+  return (100.0 * np.maximum(0.0, 1.0 - (r / radius_mm) ** 2)).astype(np.float32)
+
+
+def test_preprocess_volume_resamples_anisotropic_voxels():
+  """A ball scanned with 4 x 2 x 1 mm voxels comes out as the same ball scanned with 1 mm
+  ones: the pipeline resamples to the target spacing before cropping and resizing."""
+  spacing_zyx = (4.0, 2.0, 1.0)
+  scan = Volume(_ball((10, 20, 40), spacing_zyx), spacing=spacing_zyx[::-1])  # spacing is x, y, z
+  iso = Volume(_ball((40, 40, 40), (1.0, 1.0, 1.0)), spacing=(1.0, 1.0, 1.0))
+  out = pp.preprocess_volume(scan, (16, 16, 16), spacing=1.0)
+  want = pp.preprocess_volume(iso, (16, 16, 16), spacing=1.0)
+  assert np.abs(out - want).mean() < 0.05
+  unresampled = pp.preprocess_volume(scan, (16, 16, 16), spacing=None)
+  assert np.abs(unresampled - want).mean() > 0.12  # the voxel grid alone is a flat ellipsoid
+  swapped = pp.preprocess_volume(Volume(scan.array, spacing=spacing_zyx), (16, 16, 16))
+  assert np.abs(swapped - want).mean() > 0.12  # and so is the spacing read in array order

@@ -8,7 +8,9 @@ import pytest
 from conftest import tiny_vqgan_config
 from latentfm.nn.layers import use_conv_impl
 from latentfm.nn.lpips import LPIPS
-from latentfm.train.vqgan_step import create_state, make_eval_step, make_train_step
+from latentfm import losses
+from latentfm.nn.vqgan import to_model_range
+from latentfm.train.vqgan_step import create_state, make_eval_step, make_train_step, models
 
 
 def tiny_config(**loss):
@@ -50,16 +52,84 @@ def test_warmup_step_trains_autoencoder_only(batch):
   assert losses[-1] < losses[0]
 
 
-def test_gan_step_updates_discriminators(batch):
-  adaptive = True  # the adaptive path exercises everything the plain GAN path does, and more
-  config = tiny_config(adaptive_weight=adaptive, discriminator_start=0)
+@pytest.fixture(scope="module")
+def gan_step(batch):
+  """(config, state before, state after, metrics) of one adaptive GAN step."""
+  config = tiny_config(adaptive_weight=True, discriminator_start=0)
   state = create_state(jax.random.PRNGKey(0), config)
+  for disc in state["disc_params"].values():  # logits well away from 0: real and fake differ
+    disc["conv_out"]["kernel"] = disc["conv_out"]["kernel"] * 30.0
   new, metrics = jax.jit(make_train_step(config, use_gan=True))(state, batch, None)
+  return config, state, new, metrics
+
+
+def test_gan_step_updates_discriminators(gan_step):
+  _, state, new, metrics = gan_step  # the adaptive path exercises all of the plain GAN path
   assert not _leaves_equal(new["disc_params"], state["disc_params"])
   assert not _leaves_equal(new["disc_stats"], state["disc_stats"])
   assert np.isfinite(float(metrics["d_loss"])) and float(metrics["feature_matching"]) > 0
   weight = float(metrics["gan_weight"])
   assert weight > 0 and np.isfinite(weight) and weight != 1.0
+
+
+def _written_out(config, state, batch):
+  """The GAN step's discriminator losses and adaptive weight recomputed from their definitions:
+  the step's own inputs (x, its slices, the reconstruction with the step's codebook key), the
+  discriminators' logits on them, `hinge_d_loss(real, fake)`, and λ from `jax.grad` with respect
+  to the decoder's last kernel. Each also in the wrong order, to show the test can tell."""
+  cfg = config.loss
+  assert cfg.gan_loss == "hinge" and cfg.perceptual_weight == 0
+  model, image_disc, volume_disc = models(config)
+  x = to_model_range(batch["image"])
+  k_code, k_slice = jax.random.split(jax.random.fold_in(state["rng"], state["step"]))
+
+  def forward(kernel):
+    params = losses.replace_last_layer(state["params"], kernel)
+    out, _ = model.apply({"params": params, "codebook": state["codebook"]}, x, train=True,
+                         mutable=["codebook"], rngs={"codebook": k_code})
+    return out["recon"]
+
+  def logits(name, module, inputs):
+    variables = {"params": state["disc_params"][name], "batch_stats": state["disc_stats"][name]}
+    return module.apply(variables, inputs, train=True, mutable=["batch_stats"])[0][0]
+
+  kernel = losses.last_layer(state["params"])
+  recon = forward(kernel)
+  xs, rs = losses.random_slices(k_slice, x, recon)
+  ri, fi = logits("image", image_disc, xs), logits("image", image_disc, rs)
+  rv, fv = logits("volume", volume_disc, x), logits("volume", volume_disc, recon)
+
+  def gan(recon):
+    fake_slices = losses.random_slices(k_slice, x, recon)[1]
+    return (cfg.image_gan_weight * losses.hinge_g_loss(logits("image", image_disc, fake_slices))
+            + cfg.volume_gan_weight * losses.hinge_g_loss(logits("volume", volume_disc, recon)))
+
+  g_rec = jnp.linalg.norm(jax.grad(lambda k: cfg.l1_weight * losses.l1_loss(x, forward(k)))(
+      kernel))
+  g_gan = jnp.linalg.norm(jax.grad(lambda k: gan(forward(k)))(kernel))
+  return {"d_image": (losses.hinge_d_loss(ri, fi), losses.hinge_d_loss(fi, ri)),
+          "d_volume": (losses.hinge_d_loss(rv, fv), losses.hinge_d_loss(fv, rv)),
+          "gan_weight": (g_rec / (g_gan + 1e-6), g_gan / (g_rec + 1e-6))}
+
+
+@pytest.mark.parametrize("term", ["d_image", "d_volume", "gan_weight"])
+def test_gan_step_terms_match_their_definitions(gan_step, batch, term):
+  """d_image / d_volume are `hinge_d_loss(real, fake)` on the discriminators' own logits, and
+  the adaptive weight is ‖∇ rec‖ / ‖∇ GAN‖ on the decoder's last kernel (factor 1 here)."""
+  config, state, _, metrics = gan_step
+  want, wrong_order = (float(v) for v in _written_out_jit(config, state, batch)[term])
+  np.testing.assert_allclose(float(metrics[term]), want, rtol=1e-5)
+  assert abs(wrong_order - want) > 100 * 1e-5 * abs(want)  # the order shows at this tolerance
+
+
+_WRITTEN_OUT = {}
+
+
+def _written_out_jit(config, state, batch):
+  """`_written_out`, computed once per module (one compile)."""
+  if not _WRITTEN_OUT:
+    _WRITTEN_OUT.update(jax.jit(lambda s, b: _written_out(config, s, b))(state, batch))
+  return _WRITTEN_OUT
 
 
 def test_bfloat16_remat_step_keeps_float32_state(batch):
