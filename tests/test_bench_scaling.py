@@ -6,7 +6,7 @@ import re
 import pytest
 
 from bench import scaling
-from conftest import run_module
+from testing_support import run_module
 
 
 def test_times_the_sharded_flow_step_on_two_forced_devices():

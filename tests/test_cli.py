@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run_module as run
+from testing_support import run_module as run
 
 
 VQ = ("experiments.vqgan", "--config", "experiments/configs/vqgan.py:demo")

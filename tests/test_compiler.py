@@ -106,7 +106,7 @@ def _filled(shapes, value=0.01):
 def test_sampling_and_metrics_compile_with_the_options(compiles):
   """Sampling (the Diffrax solve, decode), image metrics and the random-conv features compile
   with the CPU options (shapes no other test compiles)."""
-  from conftest import tiny_vqgan_config  # pylint: disable=import-outside-toplevel
+  from testing_support import tiny_vqgan_config  # pylint: disable=import-outside-toplevel
   from latentfm import flow, sample  # pylint: disable=import-outside-toplevel
   from latentfm.metrics import features, image  # pylint: disable=import-outside-toplevel
   from latentfm.nn.vqgan import VQGAN  # pylint: disable=import-outside-toplevel

@@ -10,7 +10,7 @@ import pytest
 from latentfm.data import loader, split_record
 from latentfm.data.io import ManyErrors, VolumeError, write_volume
 from latentfm.data.preprocess import train_val_split
-from conftest import blob_volume
+from testing_support import blob_volume
 
 
 def write_manifest(directory, text, bom=False):

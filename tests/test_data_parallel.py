@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent("""
   from latentfm.train import flow_step, vqgan_step
   import sys
   sys.path.insert(0, "tests")
-  from conftest import tiny_vqgan_config as tiny_config
+  from testing_support import tiny_vqgan_config as tiny_config
   assert jax.device_count() == 4
   rng = np.random.default_rng(0)
 

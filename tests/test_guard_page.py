@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FAST_COMPILE_XLA_FLAGS
+from testing_support import FAST_COMPILE_XLA_FLAGS
 from latentfm.nn.vqgan import from_model_range, to_model_range
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ import sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, {tests!r})
 from test_guard_page import guarded_array
-from conftest import tiny_vqgan_config
+from testing_support import tiny_vqgan_config
 from latentfm.nn.vqgan import to_model_range
 what, side, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 host = guarded_array((2, size, size, size, 1), side)

@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 
 from latentfm.data.io import Volume, VolumeError, is_volume_file, read_volume, write_volume
-from conftest import blob_volume
+from testing_support import blob_volume
 
 DIRECTION = tuple(np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]], float).ravel())
 

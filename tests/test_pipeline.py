@@ -20,7 +20,7 @@ from latentfm.flow import normalize
 from latentfm.nn.vqgan import to_model_range
 from latentfm.data.io import read_volume
 from latentfm.train.writer import read_metrics
-from conftest import tiny_vqgan_config
+from testing_support import tiny_vqgan_config
 
 
 def tiny_vqgan(num_steps):

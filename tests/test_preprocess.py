@@ -3,7 +3,7 @@ import pytest
 
 from latentfm.data import preprocess as pp
 from latentfm.data.io import Volume, VolumeError
-from conftest import blob_volume
+from testing_support import blob_volume
 
 
 def test_resample_to_target_spacing_keeps_geometry():

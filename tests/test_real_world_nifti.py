@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from latentfm.data.io import VolumeError, read_volume
-from conftest import blob_volume
+from testing_support import blob_volume
 
 
 def write_nifti(path, array_zyx, affine, qform=True):

@@ -189,6 +189,8 @@ def test_skip_nonfinite_on_a_real_flow_step():
   assert float(m_good["skipped"]) == 0.0 and float(m_bad["skipped"]) == 1.0
   assert not np.isfinite(float(m_bad["loss"]))
   assert int(bad["step"]) == 2
+  # Retrace guard: a new state and new batch values reuse the one compiled step.
+  assert step._cache_size() == 1  # pylint: disable=protected-access
   changed = lambda a, b: any(np.any(np.asarray(x) != np.asarray(y))
                              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   assert changed(state["params"], good["params"])

@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_vqgan_config
+from testing_support import tiny_vqgan_config
 from latentfm.nn.layers import use_conv_impl
 from latentfm.nn.lpips import LPIPS
 from latentfm import losses
 from latentfm.nn.vqgan import to_model_range
+from latentfm.train import compiler
+from latentfm.train.loop import guard_step
 from latentfm.train.vqgan_step import create_state, make_eval_step, make_train_step, models
 
 
@@ -38,7 +40,7 @@ def test_state_layout():
 def test_warmup_step_trains_autoencoder_only(batch):
   config = tiny_config(adaptive_weight=True)  # `default`: the adaptive weight is not needed yet
   state = create_state(jax.random.PRNGKey(0), config)
-  step = jax.jit(make_train_step(config, use_gan=False))
+  step = compiler.jit(guard_step(make_train_step(config, use_gan=False), "stop"))  # as trained
   new, metrics = step(state, batch, None)
   assert int(new["step"]) == 1
   assert bool(new["codebook"]["quantizer"]["initialized"])
@@ -50,6 +52,8 @@ def test_warmup_step_trains_autoencoder_only(batch):
     new, metrics = step(new, batch, None)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0]
+  # Retrace guard: new states and the same batch shape reuse the one compiled step.
+  assert step._cache_size() == 1  # pylint: disable=protected-access
 
 
 @pytest.fixture(scope="module")

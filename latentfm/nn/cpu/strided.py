@@ -81,7 +81,7 @@ def subpixel_plan(k: int, s: int, c: int) -> tuple[int, int, np.ndarray]:
 
 def conv_transpose(x: Array, kernel: Array, strides: Sequence[int],
                    crop: Sequence[int]) -> Array:
-  """`layers.conv_transpose` as one stride-1 conv yielding all output phases, then depth-to-space."""
+  """`layers.conv_transpose` as one stride-1 conv giving all output phases, then depth-to-space."""
   nd, ks = x.ndim - 2, kernel.shape[:x.ndim - 2]
   pads, crops = [], []
   for axis, (size, k, s, c) in enumerate(zip(x.shape[1:-1], ks, strides, crop)):
