@@ -38,7 +38,7 @@ def _base() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # "bfloat16": mixed precision (parameters, Adam and EMA in float32)
   c.model.remat = False  # recompute residual blocks in backward (less memory, ~1.3x compute)
   # Recompute only the GroupNorm + SiLU intermediates (less memory, slower: bench/RESULTS.md,
-  # "recompute_norms").
+  # "CPU kernel choices", row "recompute_norms").
   c.model.recompute_norms = False
   # Class-conditional field (labels from the data's manifest.csv `stage`/`label` column):
   # 0 = unconditional; K adds a label embedding for classes 0..K-1 plus a learned null class.

@@ -17,8 +17,9 @@ def train(batch_size: int, log_every: int, ckpt_every: int) -> ml_collections.Co
   t.on_nonfinite = "stop"
   t.max_consecutive_skips = 10
   t.tensorboard = True  # also write tensorboard/ (metrics.jsonl is always written)
-  # CPU: reuse XLA's per-step host buffers instead of faulting them in every step
-  # (latentfm.train.host_memory). Applied only if JAX has not started yet.
+  # CPU: reuse XLA's per-step host buffers instead of faulting them in every step, which is
+  # faster (latentfm.train.host_memory; bench/RESULTS.md, "CPU kernel choices", row "host-memory
+  # reuse"). Applied only if JAX has not started yet.
   t.reuse_host_memory = True
   # Resuming with settings other than the workdir's is refused unless this is set; the change
   # is then recorded in config_history.jsonl (latentfm.train.run_record). Run length, logging,

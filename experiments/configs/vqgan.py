@@ -55,8 +55,8 @@ def _base() -> ml_collections.ConfigDict:
   # Mixed precision and memory (accelerators): computation dtype of the autoencoder and both
   # discriminators ("bfloat16"; parameters, optimizer state, quantiser and losses stay float32)
   # and recomputation of the residual blocks in the backward pass, or of the GroupNorm + SiLU
-  # intermediates only (less memory, slower: bench/RESULTS.md, "recompute_norms"). Same
-  # parameter layout.
+  # intermediates only (less memory, slower: bench/RESULTS.md, "CPU kernel choices", row
+  # "recompute_norms"). Same parameter layout.
   c.model.dtype = "float32"
   c.model.remat = False
   c.model.recompute_norms = False

@@ -7,9 +7,9 @@ GroupNorm + SiLU keeps the centred input and the SiLU's sigmoid for the backward
 activation-sized buffers per norm. The custom VJP of `group_norm` (`GroupNorm(recompute=True)`,
 the models' `recompute_norms`) keeps only the input and the per-group statistics and recomputes
 the rest inside the backward pass, which needs just two per-channel sums (they give the
-parameter gradients and the input gradient's group means at once). The thesis autoencoder's
-forward + backward at 64³, batch 2, then needs a third less temporary memory, and on the CPU
-about 7% more time (`bench/RESULTS.md`). Reverse mode only (`jax.jvp` raises), like the "fast"
+parameter gradients and the input gradient's group means at once): less temporary memory for
+a little more time (bench/RESULTS.md, "CPU kernel choices", row "recompute_norms"). Reverse mode
+only (`jax.jvp` raises), like the "fast"
 convolutions.
 """
 

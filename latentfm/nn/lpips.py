@@ -62,8 +62,7 @@ class VGG16Features(nn.Module):
 
   The convolutions are `layers.ZeroPadConv`s, so on the CPU they take the library's fast
   formulation, which keeps XLA:CPU's slow padded convolution off the 2x2 last block of 32²
-  slices: the input gradient of one LPIPS call (2 + 2 slices) took 55 ms against 190 ms with
-  flax's `nn.Conv`; on 64² slices 144 against 125 ms (bench/RESULTS.md).
+  slices (bench/RESULTS.md, "CPU kernel choices", row "LPIPS convolutions").
   """
   conv_impl: str = "auto"  # see `latentfm.nn.layers`
 

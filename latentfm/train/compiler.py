@@ -3,9 +3,9 @@
 On the CPU, XLA hands some convolutions to its YNNPACK backend, which runs each one on a single
 core; the weight-gradient convolutions of `latentfm.nn.layers` are among them and then dominate
 a training step, several times slower than on XLA's own multi-core convolutions
-(bench/RESULTS.md, "compiler options"). Everything the library compiles (training and
-evaluation steps, sampling, decoding, metrics, LPIPS) therefore keeps YNNPACK for reductions
-only. Other backends compile with their defaults.
+(bench/RESULTS.md, "CPU kernel choices", row "compiler options"). Everything the library
+compiles (training and evaluation steps, sampling, decoding, metrics, LPIPS) therefore keeps
+YNNPACK for reductions only. Other backends compile with their defaults.
 
 For your own functions of the library's models, use the same:
 

@@ -1,10 +1,10 @@
 """Host-memory reuse for training on the CPU.
 
-XLA:CPU allocates one temporary buffer per execution of a step (2.57 GB for the thesis
-autoencoder's forward+backward at 64³, batch 2). It is allocated on a worker thread, whose glibc
-heap cannot hold it, so glibc maps fresh pages for it and unmaps them when the step ends: every
-step faults in and zeroes the whole buffer again (650,000 page faults and about 1 s of system
-time per step there). Every intermediate of the step then runs at the speed of fresh memory.
+XLA:CPU allocates one temporary buffer per execution of a step (gigabytes for the thesis
+autoencoder at 64³). It is allocated on a worker thread, whose glibc heap cannot hold it, so
+glibc maps fresh pages for it and unmaps them when the step ends: every step faults in and zeroes
+the whole buffer again, and every intermediate of the step runs at the speed of fresh memory
+(bench/RESULTS.md, "CPU kernel choices", row "host-memory reuse").
 
 `reuse_host_memory` lets the buffer be allocated once and reused:
 
@@ -14,10 +14,9 @@ time per step there). Every intermediate of the step then runs at the speed of f
   0)`) and keeps freed heap memory instead of returning it (`mallopt(M_TRIM_THRESHOLD, -1)`).
 
 The heap settles within the first steps: until then a step may still find no freed block it can
-reuse and grow the heap by a fresh buffer (seen in up to four of the first calls on a loaded
-machine, rarely later). The costs: the process holds on to its peak host memory until it exits,
-and Python waits for each CPU execution instead of running ahead of it. Accelerator executions
-are not affected.
+reuse and grow the heap by a fresh buffer. The costs: the process holds on to its peak host
+memory until it exits, and Python waits for each CPU execution instead of running ahead of it.
+Accelerator executions are not affected.
 """
 
 import ctypes

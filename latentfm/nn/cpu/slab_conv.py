@@ -41,24 +41,17 @@ def lax_valid(x: Array, kernel: Array) -> Array:
 
 
 # Stride-1 3D convs as 2D convs over (H, W) with the depth folded into the batch or the
-# contraction: XLA:CPU runs 2D convolutions several times faster than 3D ones (measured).
-# The weight-gradient convs slow down when their contraction grows, hence chunks of about
-# _CHUNK_DW pixels per depth slice range.
+# contraction: XLA:CPU runs 2D convolutions several times faster than 3D ones. The kernel-gradient
+# convs slow down as their contraction grows, so they run in chunks of about _CHUNK_DW pixels per
+# depth slice range.
 _CHUNK_DW = 16384
-# The forward and input gradient of depth kernels with kd taps (a key below) on float32 volumes
-# with at least this many output slices and channels on both sides run as Winograd F(m, kd)
-# tiles along the depth (`winograd.py`), m = _WINOGRAD_TILE[kd]; 2-tap kernels only where the
-# channels do not shrink. Batch 2, fwd+bwd, direct against Winograd (bench/RESULTS.md): 3x3x3
-# at 64³ x 32 458 -> 361 ms; the 2x2x2 sub-pixel kernel of the 32³ -> 64³ upsampling 433 -> 266;
-# the discriminator's 4x4x4 at 10³ x 256 -> 512 950 -> 455. Fewer slices, fewer channels, and
-# 2-tap kernels that shrink the channels (32³ x 128 -> 32: 78 -> 84) measured level or slower.
-# The kernel gradient runs as Winograd F(kd, t) tiles of t cotangent slices (t =
-# _WINOGRAD_DW_TILE[kd]) where both sides have at least _WINOGRAD_DW_MIN_CHANNELS channels:
-# 3x3x3 on 16³ x 240 62.9 -> 35.3 ms, on 32³ x 64 40.3 -> 26.8; the discriminator's 4x4x4 256 ->
-# 512 on 10³ 93.4 -> 61.9. With 32 channels it was slower (64³: 88.7 -> 152.2; 32³: 12.1 ->
-# 12.8), and 2-tap kernels level (33³ x 64 -> 256: 51.8 -> 52.3).
-# Whole steps (2 cores): the flow UNet's on the 16³ latent 608 -> 558 ms, the 64³ autoencoder's
-# forward + backward 1,903 -> 1,835, the VQ-GAN's at 32³ 540 -> 505.
+# Depth taps as Winograd tiles (`winograd.py`) where they beat the direct form (bench/RESULTS.md,
+# "CPU kernel choices", rows "Winograd forward" and "Winograd kernel gradient"): the forward and
+# input gradient of kd-tap depth kernels on float32 volumes with at least _WINOGRAD_MIN_SLICES
+# output slices and _WINOGRAD_MIN_CHANNELS channels on both sides run as F(m, kd) tiles,
+# m = _WINOGRAD_TILE[kd], 2-tap kernels only where the channels do not shrink; the kernel gradient
+# runs as F(kd, t) tiles of t = _WINOGRAD_DW_TILE[kd] cotangent slices where both sides also have
+# at least _WINOGRAD_DW_MIN_CHANNELS channels. Below these bounds the tiles are level or slower.
 _WINOGRAD_TILE = {2: 3, 3: 4, 4: 3}
 _WINOGRAD_MIN_SLICES = 6
 _WINOGRAD_MIN_CHANNELS = 8
@@ -71,11 +64,7 @@ _WINOGRAD_DW_MIN_CHANNELS = 64
 # Where that gives at least _TAPS_MIN_FULL_RATIO times as many outputs as the cotangent has
 # positions, most of its products meet the zero border, and `tap_products.input_gradient`, which
 # skips them, is faster if its tap columns (cotangent positions x taps x input channels) fit in
-# _TAPS_MAX_BYTES. Batch 2, against the slab form (bench/RESULTS.md): the 3D discriminator's 4x4x4
-# 256 -> 512 on 6³ outputs 74 -> 26 ms, on 10³ 148 -> 98; 3x3x3 256 -> 256 on 8³ 16.6 -> 11.0.
-# Ratios of 1.73 (4x4x4 on 13³: 52 -> 59) and 1.42 (3x3x3 on 16³: 15 -> 23) were slower.
-# Whole train steps (2 cores): the VQ-GAN's at 32³ 615 -> 554 ms, at 64³ 3,283 -> 3,203; the flow
-# UNet's on the 8³ and 16³ latents 188 -> 174 and 630 -> 610.
+# _TAPS_MAX_BYTES (row "tap-product input gradient" of bench/RESULTS.md, "CPU kernel choices").
 _TAPS_MIN_FULL_RATIO = 1.9
 _TAPS_MAX_BYTES = 1 << 28
 
@@ -105,9 +94,9 @@ def padded_conv_is_slow(kernel_shape: Sequence[int], input_shape: Sequence[int],
                         pads: Sequence[tuple[int, int]]) -> bool:
   """Whether XLA:CPU runs a convolution with zero padding `pads` ((lo, hi) per spatial axis)
   many times slower than a VALID one on the padded input: where the kernel is longer than the
-  unpadded input along a padded axis. 4 x 256 channels, 3x3 kernel on 2x2 padded by 1: 3.6
-  against 0.13 ms; 4x4 kernel on 3x3 padded by 1: 11.5 against 0.5 ms; 5x5 on 4x4 padded by 2:
-  69 against 1.6 ms (bench/RESULTS.md). Kernels no longer than the input were level."""
+  unpadded input along a padded axis (bench/RESULTS.md, "CPU kernel choices", row "padded tiny
+  inputs").
+  Kernels no longer than the input run level either way."""
   return any(k > n and (lo or hi) for k, n, (lo, hi) in zip(kernel_shape, input_shape, pads))
 
 
@@ -143,9 +132,8 @@ def _slab_fwd(x: Array, w: Array) -> Array:
   Few input channels, or few output slices of a kernel with more than 2 depth taps: the kd
   depth neighbours become input channels (one 2D conv). Otherwise the taps become output
   channels and a shifted sum adds them up; with under _WINOGRAD_MIN_SLICES output slices that
-  computes slices that are not needed (batch 2, 3x3x3 480 -> 480 on 4³ outputs: 9.6 against
-  7.9 ms; 4x4x4 512 -> 256 on 5³: 18.4 against 14.8 ms). With 2 depth taps it was level
-  (the strided convs' 2x2x2 kernels after space-to-depth: 28.3 against 30.6 ms over 8 layers).
+  computes slices that are not needed, so those take the first form, except 2-tap kernels, where
+  both forms run level (row "few depth slices" of bench/RESULTS.md, "CPU kernel choices").
   """
   kd, kh, kw, ci, co = w.shape
   (b, d), n = x.shape[:2], x.shape[1] - kd + 1
@@ -156,8 +144,8 @@ def _slab_fwd(x: Array, w: Array) -> Array:
     x2, w2 = _depth_taps_on_input(x, kd, n), w.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kd * ci, co)
   else:
     x2, w2 = x.reshape(b * d, *x.shape[2:]), w.transpose(1, 2, 3, 0, 4).reshape(kh, kw, ci, kd * co)
-  # A VALID conv. Padding W by kw and cropping the extra columns, once faster on XLA:CPU, now
-  # measures slower: the flow train step at 16³x8 took 1,733 against 1,517 ms.
+  # A VALID conv, not one padded along W and cropped (slower; row "W padding" of
+  # bench/RESULTS.md, "CPU kernel choices").
   z = _conv2d(x2, w2, ((0, 0), (0, 0)))
   if depth_as_input:
     return z.reshape(b, n, *z.shape[1:])
@@ -190,8 +178,8 @@ def _slab_dx(w: Array, g: Array, pads=((0, 0),) * 3) -> Array:
 
   Padded: a VALID correlation of the cotangent, zero-padded by k - 1 - pad (a negative width
   crops), with the flipped kernel, as `_slab_fwd`. This skips the gradient of the padding, which
-  a full correlation computes and discards (batch 2, the 3D discriminator's 4x4x4 256 -> 512 on
-  5³ inputs: 19.8 -> 14.7 ms, on 9³ 84.1 -> 28.0; 3x3x3 240 -> 240 on 16³ 44.5 -> 30.4).
+  a full correlation computes and discards (bench/RESULTS.md, "CPU kernel choices", row "padded
+  input gradient").
   Unpadded: a full 2D conv of `g` with the flipped kernel, depth taps as in `_slab_fwd`
   (small cotangents: `tap_products.input_gradient`); input slice d receives tap a from
   cotangent slice d - a.
@@ -214,8 +202,9 @@ def _slab_dx(w: Array, g: Array, pads=((0, 0),) * 3) -> Array:
     return z.reshape(b, n + kd - 1, *z.shape[1:])
   # The taps as output channels, each shifted by its depth offset, then summed. With 32 or more
   # slices the cotangent is zero-padded first (lead = kd - 1; the conv grows by at most 1/8), so
-  # that every shift is a crop, which XLA fuses into the sum; otherwise each tap's output is
-  # padded into its own full-size array (64³ 32-channel ResBlock fwd+bwd: 1,130 against 1,212 ms).
+  # that every shift is a crop, which XLA fuses into the sum, faster than padding each tap's
+  # output into its own full-size array (row "shifted taps" of bench/RESULTS.md, "CPU kernel
+  # choices").
   lead = kd - 1 if n >= 16 * (kd - 1) else 0
   w2 = w.transpose(1, 2, 4, 0, 3).reshape(kh, kw, co, kd * ci)
   z = _conv2d(_pad_depth(g, lead, lead).reshape(-1, *g.shape[2:]), w2, pad)
@@ -226,7 +215,7 @@ def _slab_dx(w: Array, g: Array, pads=((0, 0),) * 3) -> Array:
 def _own_buffer(x: Array) -> Array:
   """`x`, computed into a buffer of its own: the operand of a conditional, which XLA always
   materialises. XLA:CPU transposes a whole buffer with a fast copy but a slice fused into the
-  transpose element by element (one core, 10.7 MB: 2.4 against 13.9 ms), and it fuses such
+  transpose element by element, several times slower, and it fuses such
   slices even across an optimization barrier. Both branches return `x` bit for bit, one of them
   by negating twice: JAX drops a conditional whose branches all return their operand as it is,
   and the slice would be fused again."""
@@ -241,8 +230,8 @@ def _slab_dw(x: Array, g: Array, kd: int) -> Array:
   when every cotangent slice is zero-padded to the input's H. The H taps are the kernel's output
   channels: tap i is the cotangent shifted down by i rows inside that padding (a negative conv
   padding instead gave wrong, run-dependent values on XLA:CPU). So one conv per chunk packs the
-  input windows once for all H taps, not once per tap (same values; batch 2, 64³ x 32 channels:
-  211 against 231 ms, 32³ x 64: 96 against 118 ms). Each input chunk is copied into a buffer of
+  input windows once for all H taps, not once per tap (same values, faster: row "H taps as
+  outputs" of bench/RESULTS.md, "CPU kernel choices"). Each input chunk is copied into a buffer of
   its own and transposed once, channels first, and no operand is repeated along the channels.
   """
   b, n, h, w, co = g.shape
@@ -285,8 +274,8 @@ def _slab_conv(x: Array, w: Array, pads) -> Array:
 
 
 def _slab_conv_bwd(pads, res, g):
-  # Also for the transposed convs' sub-pixel kernels (8x the outputs), whose 3D kernel gradient
-  # was slower: the 64³ 64 -> 32 upsampling layer's fwd+bwd took 402 ms with it, 216 ms without.
+  # Also for the transposed convs' sub-pixel kernels (8x the outputs): a 3D kernel gradient is
+  # slower there too (row "sub-pixel kernel gradient" of bench/RESULTS.md, "CPU kernel choices").
   x, w = res
   dw = _kernel_gradient(zero_pad(x, pads), g, w.shape[0])
   return _slab_dx(w, g, pads).astype(x.dtype), dw.astype(w.dtype)
@@ -298,8 +287,9 @@ _slab_conv.defvjp(lambda x, w, pads: (_slab_conv(x, w, pads), (x, w)), _slab_con
 def conv_padded(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> Array:
   """`conv_valid(zero_pad(x, pads), kernel)`, `pads` >= 0, with the gradient of `x` alone.
 
-  1-3 spatial axes run as slabs (2D: one slab), one output channel as `tap_products` (64³ x
-  32 -> 1, batch 2, fwd+bwd: 150 -> 45 ms; with two output channels slower, 157 -> 169 ms).
+  1-3 spatial axes run as slabs (2D: one slab), one output channel as `tap_products` (faster
+  there, slower from two output channels: row "one output channel" of bench/RESULTS.md,
+  "CPU kernel choices").
   """
   nd, pads = x.ndim - 2, tuple((int(lo), int(hi)) for lo, hi in pads)
   if min(min(p) for p in pads) < 0:

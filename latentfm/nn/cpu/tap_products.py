@@ -7,11 +7,9 @@ rounding):
 - forward: `Z = x @ W`, one column per (tap, output channel), then `y[p] = sum_t Z[p + t, t]`;
 - backward: the cotangent's shifted copies `C[t, q] = g[q - t]`, one row per (tap, output
   channel), give both `dx = C^T @ W` and `dW = C @ x`.
-Batch 2, 2 CPU cores, against `slab_conv` (bench/RESULTS.md): the thesis decoder's 3x3x3
-32 -> 1 output layer at 64³ 150 -> 45 ms forward + backward (forward alone 54 -> 17 ms); the
-3D discriminator's 4x4x4 512 -> 1 logits on 13³ 17 -> 5 ms, the 2D one's on 4 slices of 35²
-37 -> 3 ms. With two output channels the taps were slower (157 -> 169 ms at 64³). Reverse mode
-only, like `slab_conv`.
+With one output channel this beats `slab_conv` several times over; from two output channels it
+is slower (bench/RESULTS.md, "CPU kernel choices", row "one output channel"). Reverse mode only,
+like `slab_conv`.
 
 `input_gradient` is the input gradient of any stride-1 VALID convolution the same way:
 `Z = g @ W^T`, one column per (tap, input channel), then `dx[p] = sum_t Z[p - t, t]`. It does
