@@ -26,19 +26,36 @@ def _per_example(t: Array, like: Array) -> Array:
 
 
 def interpolate(z0: Array, z1: Array, t: Array) -> Array:
-  """Straight path z_t = (1 - t) z0 + t z1, with `t` a scalar or one time per example."""
+  """Straight path z_t = (1 - t) z0 + t z1.
+
+  Args:
+    z0: (B, ...) data latents (t = 0).
+    z1: (B, ...) noise, the same shape (t = 1).
+    t: a scalar or (B,) times in [0, 1].
+  Returns:
+    (B, ...) points on the paths, z0's shape and dtype.
+  """
   t = _per_example(t, z0)
   return (1.0 - t) * z0 + t * z1
 
 
 def target_velocity(z0: Array, z1: Array) -> Array:
-  """Velocity of the straight path, dz_t/dt = z1 - z0."""
+  """Velocity of the straight path, dz_t/dt = z1 - z0: (B, ...) from two (B, ...) latents."""
   return z1 - z0
 
 
 def sample_time(key: Array, batch: int, kind: str = "uniform", mean: float = 0.0,
                 std: float = 1.0) -> Array:
-  """`(batch,)` times in [0, 1]: `uniform`, or `logit_normal` = sigmoid(N(mean, std^2))."""
+  """Training times for one batch.
+
+  Args:
+    key: PRNG key.
+    batch: number of times B.
+    kind: `uniform` on [0, 1], or `logit_normal` = sigmoid(N(mean, std^2)) in (0, 1).
+    mean, std: the logit-normal's location and scale (ignored for `uniform`).
+  Returns:
+    (B,) float32 times in [0, 1].
+  """
   if kind == "uniform":
     return jax.random.uniform(key, (batch,))
   if kind == "logit_normal":
@@ -47,7 +64,14 @@ def sample_time(key: Array, batch: int, kind: str = "uniform", mean: float = 0.0
 
 
 def fm_loss(pred: Array, target: Array, kind: str = "l2") -> Array:
-  """Mean over all elements: `l2` (squared error), `l1`, or `hybrid` = 0.9 L1 + 0.1 L2."""
+  """Flow-matching regression loss, a float32 scalar >= 0.
+
+  Args:
+    pred, target: predicted and target velocities of the same shape.
+    kind: `l2` (mean squared error), `l1` (mean absolute error) or `hybrid` = 0.9 L1 + 0.1 L2.
+  Returns:
+    The mean over all elements.
+  """
   diff = (pred - target).astype(jnp.float32)
   if kind == "l2":
     return jnp.mean(diff ** 2)
@@ -79,6 +103,14 @@ def make_fm_loss_fn(apply_fn: Callable[..., Array], flow_cfg: Mapping[str, Any],
   C)`; `key` draws the noise, the times, the dropout masks and the dropped labels. With
   `num_classes > 0`, `labels` int `(B,)` in [0, num_classes) are required; each is replaced
   by the null class `num_classes` with probability `p_uncond` while training.
+
+  Args:
+    apply_fn: the velocity network's apply, (B, D, H, W, C) latents and (B,) times -> velocities.
+    flow_cfg: a flow config's `flow` section.
+    num_classes: the network's classes (0: unconditional).
+  Returns:
+    `loss_fn(params, z0 (B, D, H, W, C), key, train, labels) -> (loss, {"loss", "l1", "l2"})`,
+    all float32 scalars.
   """
   kind = flow_cfg["loss"]
   sampling = flow_cfg["time_sampling"]
@@ -137,7 +169,14 @@ class LatentStats:
 
 
 def compute_latent_stats(latents: Array | np.ndarray, eps: float = 1e-6) -> LatentStats:
-  """Per-channel statistics over every axis but the last (channel) one; std floored at eps."""
+  """Per-channel statistics of encoder latents.
+
+  Args:
+    latents: (..., C) latents; statistics are taken over every axis but the last.
+    eps: floor of the standard deviation, so that normalising never divides by zero.
+  Returns:
+    `LatentStats` with float32 (C,) `mean` and `std` (>= eps), computed in float64.
+  """
   x = np.asarray(latents, np.float64)
   axes = tuple(range(x.ndim - 1))
   mean = x.mean(axis=axes)
@@ -146,10 +185,10 @@ def compute_latent_stats(latents: Array | np.ndarray, eps: float = 1e-6) -> Late
 
 
 def normalize(z: Array, stats: LatentStats) -> Array:
-  """(z - mean) / std per channel."""
+  """(z - mean) / std per channel: (..., C) latents -> (..., C), z's dtype."""
   return (z - jnp.asarray(stats.mean, z.dtype)) / jnp.asarray(stats.std, z.dtype)
 
 
 def denormalize(z: Array, stats: LatentStats) -> Array:
-  """Inverse of `normalize`: z * std + mean per channel."""
+  """Inverse of `normalize`, z * std + mean per channel: (..., C) -> (..., C), z's dtype."""
   return z * jnp.asarray(stats.std, z.dtype) + jnp.asarray(stats.mean, z.dtype)
