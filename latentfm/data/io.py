@@ -57,20 +57,25 @@ class Volume:
 
 
 def is_volume_file(path: str | os.PathLike) -> bool:
-  """Whether `path` has one of the supported volume suffixes."""
+  """Whether `path` (str or path-like) ends in one of `SUFFIXES`, case-insensitively."""
   name = os.fspath(path).lower()
   return any(name.endswith(s) for s in SUFFIXES)
 
 
 def read_volume(path: str | os.PathLike, nonfinite: str = "reject") -> Volume:
-  """Reads a 3D scalar volume; raises `VolumeError` naming the file for anything unusable.
+  """Reads a 3D scalar volume (a 4D file with one time point counts as 3D).
 
   Args:
-    path: a NIfTI, MHA/MHD or NRRD file.
+    path: a NIfTI (.nii, .nii.gz), MHA/MHD or NRRD file.
     nonfinite: NaN/Inf voxels are an error ("reject") or become 0 with a logged count ("zero").
 
   Returns:
-    The `Volume`: float32 array (D, H, W) and its geometry.
+    A `Volume`: float32 `array` (D, H, W), at least 2 voxels per axis, finite and not constant,
+    in the file's intensity units; `spacing` (mm), `origin` and `direction` in (x, y, z) order.
+
+  Raises:
+    VolumeError: naming the file, for a missing, truncated, unreadable, non-scalar, non-3D,
+      non-finite (with "reject") or constant volume.
   """
   path = os.fspath(path)
   if nonfinite not in NONFINITE_POLICIES:
@@ -199,7 +204,8 @@ def _check_not_truncated(path: str) -> None:
 
 
 def check_finite_nonconstant(array: np.ndarray, name: str) -> None:
-  """Raises `VolumeError` if `array` holds NaN/Inf or a single value."""
+  """Raises `VolumeError` naming `name` if `array` (any shape) holds NaN/Inf or a single
+  value."""
   if not np.all(np.isfinite(array)):
     bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     raise VolumeError(f"{name}: volume contains {bad} NaN/Inf voxels")
@@ -209,7 +215,15 @@ def check_finite_nonconstant(array: np.ndarray, name: str) -> None:
 
 def write_volume(path: str | os.PathLike, volume: Volume | np.ndarray,
                  spacing: Sequence[float] | None = None) -> None:
-  """Writes a volume (or a bare (D, H, W) array, with `spacing` in mm) to NIfTI/MHA/NRRD."""
+  """Writes a volume to NIfTI/MHA/NRRD (the suffix decides; .gz compresses), making directories.
+
+  Args:
+    path: the file to write, with one of `SUFFIXES`.
+    volume: a `Volume`, or a bare (D, H, W) array (any values; written as float32).
+    spacing: (x, y, z) voxel size in mm for a bare array (default 1 mm); ignored for a `Volume`.
+  Raises:
+    VolumeError: naming the file, for an unsupported suffix or an array that is not 3D.
+  """
   path = os.fspath(path)
   if not is_volume_file(path):
     raise VolumeError(f"{path}: unsupported suffix; use one of {', '.join(SUFFIXES)}")
