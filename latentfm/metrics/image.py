@@ -61,7 +61,13 @@ def _mean_per_volume(a: Array) -> Array:
 
 @compiler.jit
 def mse(x: Array, y: Array) -> Array:
-  """Mean squared error per volume, shape ``(B,)``."""
+  """Mean squared error per volume.
+
+  Args:
+    x, y: volumes ``(B, D, H, W)`` or ``(B, D, H, W, 1)`` of the same shape, any range.
+  Returns:
+    ``(B,)`` values >= 0, in squared intensity units.
+  """
   x, y = _prepare(x, y)
   return _mean_per_volume(jnp.square(x - y))
 
@@ -74,6 +80,11 @@ def nmse(x: Array, y: Array) -> Array:
   the metric is not symmetric. A perfect reconstruction gives 0 and ``x = 0``
   gives 1; unpaired comparisons (a generated sample against an unrelated real
   volume) are routinely above 1.
+
+  Args:
+    x, y: volumes ``(B, D, H, W)`` or ``(B, D, H, W, 1)``; ``y`` not all zero.
+  Returns:
+    ``(B,)`` values >= 0.
   """
   x, y = _prepare(x, y)
   axes = tuple(range(1, x.ndim))
@@ -84,7 +95,11 @@ def nmse(x: Array, y: Array) -> Array:
 def psnr(x: Array, y: Array, data_range: float = 1.0) -> Array:
   """Peak signal-to-noise ratio ``10 log10(data_range^2 / mse)`` in dB.
 
-  Identical volumes give ``inf``.
+  Args:
+    x, y: volumes ``(B, D, H, W)`` or ``(B, D, H, W, 1)``, intensities in [0, data_range].
+    data_range: the intensities' range (1 for volumes in [0, 1]).
+  Returns:
+    ``(B,)`` PSNR in dB; identical volumes give ``inf``.
   """
   return 10.0 * jnp.log10(jnp.square(data_range) / mse(x, y))
 
