@@ -122,7 +122,11 @@ def _random_conv_apply(weights: list[jax.Array], x: jax.Array,
 
 def batched(fn: Callable[[jax.Array], jax.Array],
              batch_size: int) -> FeatureExtractor:
-  """Applies ``fn`` in fixed-size batches (the last one is padded)."""
+  """Applies ``fn`` in fixed-size batches (the last one is padded).
+
+  Args: fn maps a batch `(batch_size, ...)` to `(batch_size, F)`.
+  Returns: a function of `(N, ...)` giving `(N, F)`.
+  """
 
   def extract(volumes) -> np.ndarray:
     v = as_volumes(volumes)
@@ -175,6 +179,8 @@ def intensity_histogram_features(bins: int = 32,
   ``(foreground, 1]``; the counts are normalised to sum to 1 (a volume with no
   foreground gives zeros). The last feature is the foreground fraction of the
   volume. Output ``[N, bins + 1]``, float64.
+
+  Returns: a feature extractor `[N, D, H, W] in [0, 1] -> (N, bins + 1)`.
   """
 
   def extract(volumes) -> np.ndarray:
@@ -196,6 +202,8 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
   The histogram spans ``[min(values), max(values)]``; the threshold is the
   upper edge of the last bin of the lower class (values ``< t`` are class 0).
+
+  Args: values, any shape (flattened). Returns: the threshold, a float within their range.
   """
   values = np.asarray(values, np.float64).ravel()
   lo, hi = float(values.min()), float(values.max())

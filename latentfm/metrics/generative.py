@@ -60,6 +60,11 @@ def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b,
   stable for singular (rank-deficient) covariances. ``eps`` is added to both
   diagonals; it cancels exactly for equal covariances and otherwise changes
   the result by ``O(eps)``.
+
+  Args:
+    mu_a, mu_b: means `(F,)`; cov_a, cov_b: covariances `(F, F)`.
+  Returns:
+    the distance, a float >= 0 (0: equal Gaussians).
   """
   mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
   eye = eps * np.eye(len(mu_a))
@@ -98,6 +103,11 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
   dimensions the covariances are singular; the symmetric eigen formulation
   (see :func:`frechet_distance_from_stats`) handles that, but the estimate is
   then strongly biased upwards. Lower is better; 0 means equal statistics.
+
+  Args:
+    feats_a, feats_b: features `(N_a, F)` and `(N_b, F)`, N >= 2 each.
+  Returns:
+    the distance, a float >= 0.
   """
   a, b = _as_features(feats_a), _as_features(feats_b)
   if min(len(a), len(b)) < 2 or a.shape[1] != b.shape[1]:
@@ -109,13 +119,20 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-  """The KID kernel ``k(x, y) = (x . y / d + 1)^3``."""
+  """The KID kernel ``k(x, y) = (x . y / d + 1)^3``.
+
+  Args: x `(N, F)`, y `(M, F)`. Returns: `(N, M)`.
+  """
   return (x @ y.T / x.shape[1] + 1.0) ** 3
 
 
 def mmd2_unbiased(k_aa: np.ndarray, k_bb: np.ndarray,
                   k_ab: np.ndarray) -> float:
-  """Unbiased MMD^2 from kernel matrices (diagonals of k_aa, k_bb excluded)."""
+  """Unbiased MMD^2 from kernel matrices (diagonals of k_aa, k_bb excluded).
+
+  Args: k_aa `(M, M)`, k_bb `(N, N)`, k_ab `(M, N)`, M, N >= 2.
+  Returns: the estimate, a float (can be slightly negative).
+  """
   m, n = len(k_aa), len(k_bb)
   if min(m, n) < 2:
     raise ValueError("The unbiased MMD^2 needs >= 2 samples per set.")
@@ -134,6 +151,11 @@ def kernel_inception_distance(feats_a, feats_b, subset_size: int | None = None,
   the reference implementations). When ``subset_size`` equals both set sizes
   every round gives the full-set estimate and the std is 0. Lower is better;
   values near 0 (possibly negative) mean the sets are indistinguishable.
+
+  Args:
+    feats_a, feats_b: features `(N_a, F)`, `(N_b, F)`.
+  Returns:
+    (mean, std) of MMD^2 over the subsets, floats.
   """
   a, b = _as_features(feats_a), _as_features(feats_b)
   m = min(len(a), len(b), 1000) if subset_size is None else int(subset_size)
@@ -161,6 +183,9 @@ def mmd_rbf(feats_a, feats_b, bandwidth: float | None = None) -> float:
   all distinct pairs of the pooled sample. Lower is better; the unbiased
   estimate is near 0 (possibly negative) for equal distributions and at most
   2.
+
+  Args: feats_a `(N_a, F)`, feats_b `(N_b, F)`; bandwidth h > 0 or None.
+  Returns: the estimate, a float in about [-0.1, 2].
   """
   a, b = _as_features(feats_a), _as_features(feats_b)
   if bandwidth is None:
@@ -210,7 +235,10 @@ def diversity(generated, real, max_pairs: int | None = None,
 
 
 def wasserstein_1(a, b) -> float:
-  """1-Wasserstein (earth mover's) distance between two 1-D samples."""
+  """1-Wasserstein (earth mover's) distance between two 1-D samples.
+
+  Args: a `(N,)`, b `(M,)` (flattened if not 1-D). Returns: a float >= 0, in a's units.
+  """
   return float(scipy.stats.wasserstein_distance(np.ravel(a), np.ravel(b)))
 
 
@@ -224,6 +252,11 @@ def morphometry_distance(generated, real, **tissue_kwargs) -> dict[str, float]:
   Measures are those of :func:`~latentfm.metrics.features.tissue_volumes`
   (``tissue_kwargs`` are passed on); absolute volumes are in voxels, or ml
   with ``voxel_size``. 0 means matching distributions; lower is better.
+
+  Args:
+    generated `[N, D, H, W]`, real `[M, D, H, W]` in [0, 1].
+  Returns:
+    {measure: W1} for each of `MORPHOMETRY_MEASURES`.
   """
   gen = tissue_volumes(generated, **tissue_kwargs)
   ref = tissue_volumes(real, **tissue_kwargs)
@@ -345,6 +378,12 @@ def bootstrap_ci(values_or_fn: np.ndarray | Callable[..., float],
   which shrinks the effective sample size; for biased statistics such as the
   Fréchet distance the interval is shifted upwards and is best read as a
   measure of spread, not of the population value.
+
+  Args:
+    values_or_fn: per-sample values `(N,)`, or a statistic `fn(*samples) -> float`.
+    samples: with `fn`, the sets it takes, each resampled along axis 0.
+  Returns:
+    (low, high), floats.
   """
   rng = np.random.default_rng(seed)
   if callable(values_or_fn):

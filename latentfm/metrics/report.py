@@ -35,7 +35,11 @@ def _summary(values: np.ndarray, seed: int = 0) -> dict:
 
 
 def paired_image_metrics(queries: np.ndarray, references: np.ndarray) -> dict[str, dict]:
-  """Each query against its nearest reference (voxel RMSE): the thesis table, done per volume."""
+  """Each query against its nearest reference (voxel RMSE): the thesis table, done per volume.
+
+  Args: queries `[N, D, H, W]`, references `[M, D, H, W]`, both in [0, 1].
+  Returns: {metric: {"mean", "ci95": [low, high], "n"}} for mse, nmse, psnr (dB), ssim, ms_ssim.
+  """
   _, idx = generative.nearest_neighbour_distances(queries, references)
   matched = references[idx]
   return {name: _summary(np.asarray(fn(queries, matched))) for name, fn in IMAGE_METRICS.items()}
@@ -47,6 +51,9 @@ def reconstruction_metrics(recon: np.ndarray, real: np.ndarray,
 
   `periods` are the decoder's stride periods, for `checkerboard_p<period>`: the
   reconstructions' spectral prominence there over the inputs' (1 = no added pattern).
+
+  Args: recon, real `[N, D, H, W]` in [0, 1], paired.
+  Returns: {metric: {"mean", "ci95", "n"}} plus `checkerboard_p<period>` floats (1: none).
   """
   out = {name: _summary(np.asarray(fn(recon, real))) for name, fn in IMAGE_METRICS.items()}
   out["l1"] = _summary(np.abs(recon - real).mean(axis=(1, 2, 3)))
@@ -65,6 +72,9 @@ def distribution_metrics(samples: np.ndarray, train: np.ndarray,
   """Per extractor Fréchet distance and KID, then morphometry W1, against the training volumes.
 
   Keys: `fd_<name>`, `kid_<name>` for each named extractor (in order), `w1_<measure>`.
+
+  Args: samples `[N, D, H, W]`, train `[M, D, H, W]` in [0, 1]; features: name -> extractor.
+  Returns: {key: {"value", "ci95": [low, high]}}.
   """
   kid = lambda a, b: generative.kernel_inception_distance(a, b, num_subsets=20)[0]
   out = {}
@@ -80,7 +90,10 @@ def distribution_metrics(samples: np.ndarray, train: np.ndarray,
 
 def once_per_set(extract: FeatureExtractor) -> FeatureExtractor:
   """`extract`, remembering its features per volume set (by content): the training set's are
-  needed by the model row, the floor row and the memorisation check alike."""
+  needed by the model row, the floor row and the memorisation check alike.
+
+  Args: extract `[N, D, H, W] -> (N, F)`. Returns: the same function, cached.
+  """
   cache: dict[bytes, np.ndarray] = {}
 
   def cached(volumes) -> np.ndarray:
@@ -99,6 +112,12 @@ def evaluate(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray,
 
   `features` names the extractors, headline first (e.g. {"vgg25d": ..., "random": ...}); the
   first one also measures memorisation in feature space.
+
+  Args:
+    samples `[N, D, H, W]`, train `[M, D, H, W]`, held_out `[K, D, H, W]`, all in [0, 1].
+  Returns:
+    the report dict (JSON-ready): sizes, thesis_table, distribution, diversity, memorisation,
+    morphometry.
   """
   if not features:
     raise ValueError("evaluate needs at least one feature extractor")
@@ -126,7 +145,10 @@ def evaluate(samples: np.ndarray, train: np.ndarray, held_out: np.ndarray,
 
 
 def headline(report: dict) -> dict[str, float]:
-  """The headline figures: the first extractor's FD and KID, model and floor, and the FD ratio."""
+  """The headline figures: the first extractor's FD and KID, model and floor, and the FD ratio.
+
+  Args: report: from `evaluate`. Returns: {features, fd, fd_floor, fd_ratio, kid, kid_floor}.
+  """
   name = report["headline_features"]
   model, floor = report["distribution"]["model"], report["distribution"]["floor"]
   fd, fd_floor = model[f"fd_{name}"]["value"], floor[f"fd_{name}"]["value"]
@@ -152,7 +174,10 @@ def _fmt(entry) -> str:
 
 
 def to_markdown(report: dict) -> str:
-  """The report as Markdown tables: metric | model | floor | thesis."""
+  """The report as Markdown tables: metric | model | floor | thesis.
+
+  Args: report: from `evaluate` (optionally with "reconstruction"). Returns: Markdown text.
+  """
   s = report["sizes"]
   lines = [f"# Evaluation report", "",
            f"{s['samples']} generated volumes, {s['train']} training and {s['held_out']} held-out "

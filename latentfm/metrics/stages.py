@@ -59,7 +59,11 @@ def _classifier():
 def cross_validated_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,
                              seed: int = 0) -> float:
   """Stratified k-fold accuracy of the stage classifier on real volumes (each fold held out
-  once). `folds` is lowered to the smallest class count (at least 2)."""
+  once). `folds` is lowered to the smallest class count (at least 2).
+
+  Args: features `(N, F)` from `stage_features`, labels int `(N,)` >= 0.
+  Returns: the mean held-out accuracy, a float in [0, 1].
+  """
   # pylint: disable=import-outside-toplevel
   from sklearn.model_selection import StratifiedKFold, cross_val_score
   labels = np.asarray(labels)
@@ -70,11 +74,18 @@ def cross_validated_accuracy(features: np.ndarray, labels: np.ndarray, folds: in
 
 
 def fit_classifier(features: np.ndarray, labels: np.ndarray):
-  """The stage classifier fitted on all given real volumes; `.predict(features)` -> labels."""
+  """The stage classifier fitted on all given real volumes; `.predict(features)` -> labels.
+
+  Args: features `(N, F)`, labels int `(N,)`. Returns: a fitted sklearn pipeline.
+  """
   return _classifier().fit(features, np.asarray(labels))
 
 
 def mean_ci(values: np.ndarray) -> dict:
+  """Mean with a 95% bootstrap interval (NaN bounds below 2 values).
+
+  Args: values `(N,)`. Returns: {"mean", "ci95": [low, high], "n"}.
+  """
   values = np.asarray(values, np.float64)
   if len(values) < 2:
     return {"mean": float(values.mean()) if len(values) else float("nan"),
@@ -103,7 +114,10 @@ def per_stage_morphometry(samples: np.ndarray, sample_labels: np.ndarray, real: 
 
 
 def ordered_like(per_stage: dict, measure: str) -> bool:
-  """Whether the generated stage means of `measure` have the same order as the real ones."""
+  """Whether the generated stage means of `measure` have the same order as the real ones.
+
+  Args: per_stage: from `per_stage_morphometry`; measure: one of `MEASURES`. Returns: a bool.
+  """
   stages = [s for s in per_stage if per_stage[s][measure]["real"]["n"] > 0]
   model = [per_stage[s][measure]["model"]["mean"] for s in stages]
   real = [per_stage[s][measure]["real"]["mean"] for s in stages]
