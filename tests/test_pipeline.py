@@ -191,7 +191,7 @@ def test_evaluate_report(trained):
   assert [r["guidance"] for r in stages["sweep"]] == [0.0, 1.0, 2.0, 4.0]
   assert all(0 <= r["accuracy"] <= 1 and r["fd"] > 0 for r in stages["sweep"])
   assert sorted(stages["per_stage"]) == [str(s) for s in stages["classes"]]
-  assert set(stages["editing"]) == {"edit", "round_trip"}
+  assert set(stages["editing"]) == {"edit", "round_trip", "solver", "nfe"}
   assert "## Per stage" in markdown and "| guidance w |" in markdown
 
 
