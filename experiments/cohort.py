@@ -25,8 +25,6 @@ flags.DEFINE_string("montage", None, "Montage PNG path (default OUT/montage.png)
 flags.DEFINE_list("proportions", None, "Stage weights normal,mild,moderate,advanced "
                   "(default: balanced, round-robin).")
 
-# Slice position through the lateral ventricles, where the stages differ most.
-VENTRICLE_LEVEL = (0.56, 0.45, 0.42)
 
 
 def run(out: str, *, n: int = 40, size: int = 64, seed: int = 0, montage: str | None = None,
@@ -48,7 +46,7 @@ def run(out: str, *, n: int = 40, size: int = 64, seed: int = 0, montage: str | 
                       for i in shown])
   labels = [f"{cohort.STAGE_NAMES[stages[i]]} #{i}" for i in shown]
   path = viz.save_triplanar(montage or os.path.join(out, "montage.png"), volumes, labels,
-                            title="embedded cohort: atrophy stages", at=VENTRICLE_LEVEL)
+                            title="embedded cohort: atrophy stages", at=cohort.VENTRICLE_LEVEL)
   counts = ", ".join(f"{name} {int((stages == s).sum())}"
                      for s, name in enumerate(cohort.STAGE_NAMES))
   print(f"cohort: {n} subjects at {size}^3 in {out} ({counts}; "

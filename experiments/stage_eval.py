@@ -164,18 +164,18 @@ def _sweep_plot(path: str, rows: list, floor: float) -> None:
 
 
 def _stage_montage(path: str, volumes: np.ndarray, labels: np.ndarray) -> None:
-  from experiments.cohort import VENTRICLE_LEVEL  # pylint: disable=import-outside-toplevel
+  # Not experiments.cohort: importing a command's module defines its flags a second time.
   from latentfm import viz  # pylint: disable=import-outside-toplevel
-  from latentfm.data.cohort import STAGE_NAMES  # pylint: disable=import-outside-toplevel
+  from latentfm.data.cohort import STAGE_NAMES, VENTRICLE_LEVEL  # pylint: disable=import-outside-toplevel
   rows = [i for s in sorted(set(labels.tolist())) for i in np.flatnonzero(labels == s)[:2]]
   viz.save_triplanar(path, volumes[rows], [f"asked {STAGE_NAMES[labels[i]]}" for i in rows],
                      title="samples per requested stage", at=VENTRICLE_LEVEL)
 
 
 def _edit_montage(path: str, montage: dict) -> None:
-  from experiments.cohort import VENTRICLE_LEVEL  # pylint: disable=import-outside-toplevel
+  # Not experiments.cohort: importing a command's module defines its flags a second time.
   from latentfm import viz  # pylint: disable=import-outside-toplevel
-  from latentfm.data.cohort import STAGE_NAMES  # pylint: disable=import-outside-toplevel
+  from latentfm.data.cohort import STAGE_NAMES, VENTRICLE_LEVEL  # pylint: disable=import-outside-toplevel
   names = [STAGE_NAMES[t] for t in montage["targets"]]
   volumes = np.concatenate([montage["truth"], montage["edit"]])
   captions = [f"truth {n}" for n in names] + [f"edit {STAGE_NAMES[montage['source']]}→{n}"

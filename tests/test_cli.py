@@ -1,7 +1,12 @@
 """Command-line entry points: bad input gives one line on stderr and exit code 2."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
+from testing_support import ROOT
 from testing_support import run_module as run
 
 
@@ -110,3 +115,18 @@ def test_every_unusable_file_gets_its_own_line(capsys):
   lines = capsys.readouterr().err.strip().splitlines()
   assert info.value.code == 2 and len(lines) == 3
   assert lines[0].endswith("2 of 5 files in /d are unusable:") and lines[2] == "  /d/b.nii: y"
+
+
+def test_stage_figures_draw_inside_the_evaluate_command(tmp_path):
+  # The report's per-stage figures are drawn after evaluate's flags are defined: a helper that
+  # imported another command's module would define its flags again and crash at the end.
+  code = ("import sys, numpy as np; from absl import flags; from experiments import evaluate, "
+          "stage_eval; evaluate.define_flags(); flags.FLAGS(['x']); v = np.zeros((2, 8, 8, 8)); "
+          "stage_eval._stage_montage(sys.argv[1] + '/s.png', v, np.array([0, 3])); "
+          "stage_eval._edit_montage(sys.argv[1] + '/e.png', {'truth': v, 'edit': v, "
+          "'targets': np.array([0, 3]), 'source': 0})")
+  done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, text=True,
+                        capture_output=True, timeout=120, check=False,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert (tmp_path / "s.png").is_file() and (tmp_path / "e.png").is_file()

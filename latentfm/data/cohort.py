@@ -26,6 +26,8 @@ from latentfm.data.io import Volume, VolumeError, write_volume
 
 NUM_STAGES = 4
 STAGE_NAMES = ("normal", "mild", "moderate", "advanced")
+# Relative slice position (D, H, W) through the lateral ventricles, where the stages differ most.
+VENTRICLE_LEVEL = (0.56, 0.45, 0.42)
 _TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 
 
