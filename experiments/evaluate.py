@@ -118,6 +118,8 @@ def _evaluate(workdir: str, num_samples: int, samples_dir: str | None, solver: s
       recon, val.volumes, decoder_periods(vq_config.model.downsample))
   report["sampling"] = sampling
   report["checkpoints"] = {"flow_step": models.flow_step, "vqgan_step": models.vqgan_step}
+  if models.geometry is not None:
+    report["geometry"] = models.geometry.to_dict()
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
   if models.num_classes:

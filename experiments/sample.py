@@ -1,10 +1,12 @@
-r"""Writes synthetic volumes from a trained flow stage as NIfTI (1 mm) plus a tri-planar PNG.
+r"""Writes synthetic volumes from a trained flow stage as NIfTI plus a tri-planar PNG.
 
   python -m experiments.sample --workdir runs/demo/flow --num 8 --solver euler --steps 50
   python -m experiments.sample --workdir runs/demo/flow --num 8 --label 3 --guidance 2
   python -m experiments.sample --workdir runs/demo/flow --num 8 --balanced
 
-The VQ-GAN is found through the flow workdir's config (`vqgan_workdir`).
+The VQ-GAN is found through the flow workdir's config (`vqgan_workdir`). The volumes carry the
+VQ-GAN training data's median voxel size and orientation (its `geometry.json`) and a centred
+origin; a VQ-GAN trained before that record existed gives 1 mm voxels, and the line says so.
 """
 
 from __future__ import annotations
@@ -69,11 +71,13 @@ def run(workdir: str, *, out: str | None = None, num: int = 8, seed: int = 0,
                                  snap_to_codebook=snap)
     seconds = time.perf_counter() - start
     per_volume = None if labels is None else np.broadcast_to(labels, (num,))
-    paths = sample.write_samples(out, volumes, labels=per_volume)
+    paths = sample.write_samples(out, volumes, geometry=models.geometry, labels=per_volume)
   what = "" if per_volume is None else \
       f", classes {sorted(set(per_volume.tolist()))} at guidance {guidance:g}"
+  where = (models.geometry.describe() if models.geometry else
+           "voxel size 1 mm (the VQ-GAN workdir records no training geometry)")
   print(f"sample: {len(paths)} volumes of {volumes.shape[1:]} in {out} ({solver}, NFE {nfe}, "
-        f"{seconds:.1f} s including compilation{what})")
+        f"{seconds:.1f} s including compilation{what}); {where}")
   return out
 
 

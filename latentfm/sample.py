@@ -2,7 +2,7 @@
 
   models = load("runs/demo/flow")
   volumes, nfe = sample(jax.random.PRNGKey(0), models, 4, solver="tsit5")
-  write_samples("samples/", volumes)
+  write_samples("samples/", volumes, geometry=models.geometry)  # the training data's voxel size
   stage3, _ = sample(jax.random.PRNGKey(1), models, 4, labels=3, guidance=2.0)  # conditional
   edited, _ = edit(models, stage3, source_labels=3, target_labels=0)      # counterfactual
 
@@ -180,6 +180,8 @@ class Models:
   flow_step: int
   vqgan_step: int
   num_classes: int = 0  # 0: unconditional; else labels 0..num_classes-1 can be asked for
+  # The VQ-GAN's training data geometry (median voxel size, orientation); None if not recorded.
+  geometry: Any = None
 
 
 def load(workdir: str, vqgan_workdir: str | None = None) -> Models:
@@ -188,11 +190,12 @@ def load(workdir: str, vqgan_workdir: str | None = None) -> Models:
   `workdir` is the flow stage's workdir; its config names the VQ-GAN workdir unless
   `vqgan_workdir` is given.
   """
+  from latentfm.data import geometry  # pylint: disable=import-outside-toplevel
   from latentfm.nn.unet3d import UNet3D  # pylint: disable=import-outside-toplevel
   from latentfm.train import flow_step, stages  # pylint: disable=import-outside-toplevel
   config = stages.load_stage_config(workdir, "flow")
-  vq_config, vq_model, vq_vars, vq_step = stages.restore_vqgan(
-      vqgan_workdir or config.vqgan_workdir)
+  vqgan_workdir = vqgan_workdir or config.vqgan_workdir
+  vq_config, vq_model, vq_vars, vq_step = stages.restore_vqgan(vqgan_workdir)
   meta = stages.read_extra(workdir)
   shape = tuple(int(s) for s in meta["latent_shape"])
   state, extra, step = stages.restore_latest(workdir, flow_step.create_state,
@@ -202,7 +205,8 @@ def load(workdir: str, vqgan_workdir: str | None = None) -> Models:
                                  null_label=unet.num_classes or None)
   return Models(velocity=velocity, vqgan=vq_model, vqgan_variables=vq_vars,
                 stats=LatentStats.from_dict(extra["latent_stats"]), latent_shape=shape,
-                flow_step=step, vqgan_step=vq_step, num_classes=unet.num_classes)
+                flow_step=step, vqgan_step=vq_step, num_classes=unet.num_classes,
+                geometry=geometry.read(vqgan_workdir))
 
 
 def _check_labels(models: Models, labels: Any, num: int) -> np.ndarray | None:
@@ -357,16 +361,22 @@ def edit(models: Models, volumes: Array, source_labels: Any, target_labels: Any,
   return np.asarray(decode(models, z0)), int(nfe_in) + int(nfe_out)
 
 
-def write_samples(directory: str, volumes: np.ndarray, *, spacing: float = 1.0,
-                  prefix: str = "sample", labels: Any = None) -> list[str]:
-  """Writes volumes [N, D, H, W] as NIfTI (`spacing` mm) plus one tri-planar PNG; returns paths.
+def write_samples(directory: str, volumes: np.ndarray, *, geometry: Any = None,
+                  spacing: float = 1.0, prefix: str = "sample", labels: Any = None) -> list[str]:
+  """Writes volumes [N, D, H, W] as NIfTI plus one tri-planar PNG; returns the NIfTI paths.
 
-  With `labels` int `(N,)` (the classes they were sampled for) the file names carry the class,
-  `<prefix>_<i>_class<k>.nii.gz`, and `labels.csv` lists file and class. `directory` must be
-  new or empty (a ValueError otherwise); it appears only once complete.
+  Args:
+    geometry: a `latentfm.data.geometry.Geometry` (e.g. `Models.geometry`, the training data's
+      median voxel size and orientation); None: `spacing` mm on every axis, identity
+      direction. Either way the volume's centre is at (0, 0, 0) mm.
+    labels: int `(N,)` (the classes they were sampled for): the file names carry the class,
+      `<prefix>_<i>_class<k>.nii.gz`, and `labels.csv` lists file and class.
+  `directory` must be new or empty (a ValueError otherwise); it appears only once complete.
   """
   from latentfm import atomic_write, viz  # pylint: disable=import-outside-toplevel
+  from latentfm.data import geometry as geometry_lib  # pylint: disable=import-outside-toplevel
   from latentfm.data.io import write_volume  # pylint: disable=import-outside-toplevel
+  geometry = geometry or geometry_lib.isotropic(spacing)
   if os.path.isdir(directory) and os.listdir(directory):
     raise ValueError(f"{directory} is not empty; samples are written only to a new or empty "
                      "folder, so that no set mixes old and new samples")
@@ -374,7 +384,7 @@ def write_samples(directory: str, volumes: np.ndarray, *, spacing: float = 1.0,
   names = [f"{prefix}_{i:04d}{suffix(i)}.nii.gz" for i in range(len(volumes))]
   with atomic_write.atomic_dir(directory) as partial:
     for name, vol in zip(names, np.asarray(volumes)):
-      write_volume(os.path.join(partial, name), vol, spacing=(spacing,) * 3)
+      write_volume(os.path.join(partial, name), geometry.volume(vol))
     if labels is not None:
       with open(os.path.join(partial, "labels.csv"), "w", encoding="utf-8") as f:
         f.write("file,label\n" + "".join(f"{n},{int(l)}\n" for n, l in zip(names, labels)))

@@ -16,6 +16,7 @@ from experiments.configs import flow as flow_configs
 import jax.numpy as jnp
 
 from latentfm import sample
+from latentfm.data import geometry
 from latentfm.flow import normalize
 from latentfm.nn.vqgan import to_model_range
 from latentfm.data.io import read_volume
@@ -109,11 +110,22 @@ def test_sampling_api(trained, tmp_path):
   assert (tmp_path / "samples.png").is_file()
 
 
-def test_sample_command(trained, tmp_path):
+def test_sample_command(trained, tmp_path, capsys):
   sample_cli.run(str(trained / "flow"), out=str(tmp_path / "s"), num=2, seed=0, solver="euler",
                  steps=4)
   assert sorted(os.listdir(tmp_path / "s")) == ["sample_0000.nii.gz", "sample_0001.nii.gz",
                                                 "samples.png"]
+  # Written with the VQ-GAN's training data geometry: the cohort's voxels, cropped to the
+  # head and resized to 16³, are several mm wide; the centre of the volume is at 0 mm.
+  recorded = geometry.read(str(trained / "vqgan"))
+  assert recorded.num_volumes == 6 and all(s > 5.0 for s in recorded.spacing)
+  vol = read_volume(str(tmp_path / "s" / "sample_0000.nii.gz"))
+  np.testing.assert_allclose(vol.spacing, recorded.spacing, rtol=1e-6)
+  np.testing.assert_allclose(vol.direction, recorded.direction, atol=1e-6)
+  centre = np.asarray(vol.direction).reshape(3, 3) @ (7.5 * np.asarray(vol.spacing))
+  np.testing.assert_allclose(np.asarray(vol.origin) + centre, 0.0, atol=1e-3)
+  assert f"voxel size {' x '.join(f'{s:.3g}' for s in recorded.spacing)} mm" in \
+      capsys.readouterr().out
 
 
 def test_conditional_sampling_and_editing(trained):

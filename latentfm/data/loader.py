@@ -20,12 +20,12 @@ import grain
 import numpy as np
 
 from latentfm import atomic_write
-from latentfm.data import split_record
+from latentfm.data import geometry, split_record
 from latentfm.data.cohort import write_cohort
 from latentfm.data.io import ManyErrors, VolumeError, is_volume_file, read_volume
-from latentfm.data.preprocess import augment, preprocess_volume
+from latentfm.data.preprocess import augment, preprocess_with_spacing
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the cache holds each volume's voxel size and direction
 UNLABELLED = -1
 SKIPPED = "skipped_files.txt"
 _log = logging.getLogger(__name__)
@@ -33,17 +33,31 @@ _log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """Preprocessed volumes float32 [N, D, H, W] in [0, 1], labels int32 [N], and file names."""
+  """Preprocessed volumes float32 [N, D, H, W] in [0, 1], labels int32 [N], and file names.
+
+  `spacings` float [N, 3] and `directions` float [N, 9] are each preprocessed volume's voxel
+  size (mm) and direction cosines in SimpleITK's (x, y, z) order (None for latents).
+  """
 
   volumes: np.ndarray
   labels: np.ndarray
   names: tuple[str, ...]
   skipped: tuple[str, ...] = ()  # "path: reason" of each unusable file left out
+  spacings: np.ndarray | None = None
+  directions: np.ndarray | None = None
 
   def subset(self, indices: Sequence[int]) -> "Dataset":
     indices = np.asarray(indices, int)
+    pick = lambda a: None if a is None else a[indices]
     return Dataset(self.volumes[indices], self.labels[indices],
-                   tuple(self.names[i] for i in indices), self.skipped)
+                   tuple(self.names[i] for i in indices), self.skipped, pick(self.spacings),
+                   pick(self.directions))
+
+  def geometry(self) -> geometry.Geometry:
+    """The set's median voxel size and commonest direction (`geometry.summarise`)."""
+    if self.spacings is None:
+      raise ValueError("this dataset holds no voxel geometry")
+    return geometry.summarise(self.spacings, self.directions)
 
 
 def _manifest_items(directory: str, manifest: str) -> tuple[list[tuple[str, int]], list[str]]:
@@ -162,13 +176,18 @@ def load_dataset(directory: str, shape: Sequence[int] = (64, 64, 64), spacing: f
     with np.load(cache) as f:
       kept = [usable[i] for i in f["kept"]] if "kept" in f else usable
       cached = [p for p in _cached_problems(f) if p not in problems]
-      return _dataset(items, kept, f["volumes"], problems + cached)
-  volumes, kept = [], []
+      return _dataset(items, kept, f["volumes"], problems + cached, f["spacings"],
+                      f["directions"])
+  volumes, spacings, directions, kept = [], [], [], []
   loop = progress(usable) if progress else usable
   for i in loop:
     path = items[i][0]
     try:
-      volumes.append(preprocess_volume(read_volume(path, nonfinite), shape, spacing, name=path))
+      volume = read_volume(path, nonfinite)
+      array, voxel_mm = preprocess_with_spacing(volume, shape, spacing, name=path)
+      volumes.append(array)
+      spacings.append(voxel_mm)
+      directions.append(volume.direction)
       kept.append(i)
     except VolumeError as e:
       problems.append(str(e) if str(e).startswith(path) else f"{path}: {e}")
@@ -178,20 +197,24 @@ def load_dataset(directory: str, shape: Sequence[int] = (64, 64, 64), spacing: f
   if not kept:
     raise VolumeError(f"{directory}: none of its {len(items)} files is usable")
   stacked = np.stack(volumes)
+  spacings, directions = np.asarray(spacings, float), np.asarray(directions, float)
   if cache:
     with atomic_write.atomic_path(cache) as tmp:
       np.savez(tmp, volumes=stacked, kept=np.asarray([usable.index(i) for i in kept]),
-               problems=np.asarray(problems, dtype=str))
-  return _dataset(items, kept, stacked, problems)
+               problems=np.asarray(problems, dtype=str), spacings=spacings,
+               directions=directions)
+  return _dataset(items, kept, stacked, problems, spacings, directions)
 
 
 def _cached_problems(f) -> list[str]:
   return [str(p) for p in f["problems"]] if "problems" in f else []
 
 
-def _dataset(items, kept: Sequence[int], volumes: np.ndarray, problems: list[str]) -> Dataset:
+def _dataset(items, kept: Sequence[int], volumes: np.ndarray, problems: list[str],
+             spacings: np.ndarray, directions: np.ndarray) -> Dataset:
   return Dataset(volumes, np.asarray([items[i][1] for i in kept], np.int32),
-                 tuple(os.path.basename(items[i][0]) for i in kept), tuple(problems))
+                 tuple(os.path.basename(items[i][0]) for i in kept), tuple(problems),
+                 np.asarray(spacings, float), np.asarray(directions, float))
 
 
 class ArraySource:
@@ -274,7 +297,9 @@ def load_splits(data: Any, workdir: str, seed: int = 0,
     progress: wraps the per-file loop.
     on_change: given, the caller is the stage's training run: it is called with one line when
       the data changed against the record (it may raise to refuse), and the split and the
-      skipped files are recorded in the workdir. None only reads.
+      skipped files are recorded in the workdir, and so is the training volumes' geometry
+      (`geometry.json`: median voxel size and orientation, which samples are written with).
+      None only reads.
   """
   shape = tuple(int(s) for s in data.shape)
   if data.dir:
@@ -294,6 +319,7 @@ def load_splits(data: Any, workdir: str, seed: int = 0,
       on_change(split_record.describe(directory, added, removed))
     split_record.write(workdir, dataset.names, train, val)
     _record_skipped(workdir, dataset.skipped)
+    geometry.write(workdir, dataset.subset(train).geometry())
   return dataset.subset(train), dataset.subset(val)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import scipy.ndimage as ndi
 import SimpleITK as sitk
 
+from latentfm.data.geometry import preprocessed_spacing
 from latentfm.data.io import Volume, VolumeError, check_finite_nonconstant
 
 
@@ -107,6 +108,18 @@ def resize(array: np.ndarray, shape: Sequence[int], antialias: bool = True) -> n
 def preprocess_volume(volume: Volume, shape: Sequence[int] = (64, 64, 64),
                       spacing: float | None = 1.0, name: str = "volume") -> np.ndarray:
   """The whole pipeline: a raw `Volume` → float32 array of `shape` in [0, 1]."""
+  return preprocess_with_spacing(volume, shape, spacing, name)[0]
+
+
+def preprocess_with_spacing(volume: Volume, shape: Sequence[int] = (64, 64, 64),
+                            spacing: float | None = 1.0, name: str = "volume"
+                            ) -> tuple[np.ndarray, tuple[float, float, float]]:
+  """`preprocess_volume`, and the physical size of its output voxels.
+
+  Returns:
+    The float32 array of `shape` (D, H, W) in [0, 1], and its voxel size in mm in SimpleITK's
+    (x, y, z) order (see `geometry.preprocessed_spacing`).
+  """
   check_finite_nonconstant(volume.array, name)
   if spacing is not None:
     volume = resample(volume, spacing)
@@ -116,7 +129,8 @@ def preprocess_volume(volume: Volume, shape: Sequence[int] = (64, 64, 64),
   except VolumeError as e:
     raise VolumeError(f"{name}: {e}") from None
   array = pad_or_crop_to_cube(array)
-  return np.clip(resize(array, shape), 0.0, 1.0)
+  voxel_mm = preprocessed_spacing(volume.spacing, array.shape[0], shape)
+  return np.clip(resize(array, shape), 0.0, 1.0), voxel_mm
 
 
 def augment(array: np.ndarray, rng: np.random.Generator, flip_axes: Sequence[int] = (2,),

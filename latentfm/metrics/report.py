@@ -183,6 +183,9 @@ def to_markdown(report: dict) -> str:
            f"{s['samples']} generated volumes, {s['train']} training and {s['held_out']} held-out "
            "real volumes. Brackets: 95% bootstrap intervals. Floor: held-out real volumes "
            "in place of the samples (the best a generator of new subjects can expect).", ""]
+  if "geometry" in report:
+    from latentfm.data.geometry import Geometry  # pylint: disable=import-outside-toplevel
+    lines += [f"Volumes of {Geometry.from_dict(report['geometry']).describe()}.", ""]
   if "reconstruction" in report:
     lines += ["## VQ-GAN reconstruction (validation set)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in report["reconstruction"].items()]
