@@ -3,6 +3,7 @@ r"""Writes synthetic volumes from a trained flow stage as NIfTI plus a tri-plana
   python -m experiments.sample --workdir runs/demo/flow --num 8 --solver euler --steps 50
   python -m experiments.sample --workdir runs/demo/flow --num 8 --label 3 --guidance 2
   python -m experiments.sample --workdir runs/demo/flow --num 8 --balanced
+  python -m experiments.sample --workdir runs/fm128 --num 8 --decode_tile 32   # 128³ volumes
 
 The VQ-GAN is found through the flow workdir's config (`vqgan_workdir`). The volumes carry the
 VQ-GAN training data's median voxel size and orientation (its `geometry.json`) and a centred
@@ -35,6 +36,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("balanced", False, "Conditional flows: equal counts of every class.")
   flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance weight w (0: unconditional, "
                      "1: conditional, >1: amplified).")
+  flags.DEFINE_integer("decode_tile", None, "Decode in overlapping tiles of this many latent "
+                       "voxels (memory bounded by the tile; the same volumes).")
 
 
 
@@ -52,7 +55,7 @@ def choose_out(workdir: str, out: str | None) -> str:
 
 def run(workdir: str, *, out: str | None = None, num: int = 8, seed: int = 0,
         solver: str = "euler", steps: int = 50, snap: bool = False, label: int | None = None,
-        balanced: bool = False, guidance: float = 1.0) -> str:
+        balanced: bool = False, guidance: float = 1.0, decode_tile: int | None = None) -> str:
   """Samples `num` volumes (of class `label`, or balanced over the classes) from the flow in
   `workdir` into a new folder; returns the folder."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -68,7 +71,7 @@ def run(workdir: str, *, out: str | None = None, num: int = 8, seed: int = 0,
     start = time.perf_counter()
     volumes, nfe = sample.sample(jax.random.PRNGKey(seed), models, num, labels=labels,
                                  guidance=guidance, solver=solver, steps=steps,
-                                 snap_to_codebook=snap)
+                                 snap_to_codebook=snap, decode_tile=decode_tile)
     seconds = time.perf_counter() - start
     per_volume = None if labels is None else np.broadcast_to(labels, (num,))
     paths = sample.write_samples(out, volumes, geometry=models.geometry, labels=per_volume)
@@ -88,9 +91,11 @@ def main(argv: list[str]) -> None:
     common.fail("--workdir is required")
   if f.num < 1:
     common.fail(f"--num must be positive, got {f.num}")
+  if f.decode_tile is not None and f.decode_tile < 1:
+    common.fail(f"--decode_tile must be positive, got {f.decode_tile}")
   common.run_guarded(lambda: run(f.workdir, out=f.out, num=f.num, seed=f.seed, solver=f.solver,
                                  steps=f.steps, snap=f.snap, label=f.label, balanced=f.balanced,
-                                 guidance=f.guidance))
+                                 guidance=f.guidance, decode_tile=f.decode_tile))
 
 
 if __name__ == "__main__":

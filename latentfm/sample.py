@@ -224,10 +224,15 @@ def _check_labels(models: Models, labels: Any, num: int) -> np.ndarray | None:
   return out.astype(np.int32)
 
 
+@compiler.jit(static_argnums=0)
+def _snap(model, variables, z):
+  return model.apply(variables, z, method=lambda m, v: m.quantize(v)["quantized"])
+
+
 @compiler.jit(static_argnums=(0, 3))
 def _decode(model, variables, z, snap):
   if snap:
-    z = model.apply(variables, z, method=lambda m, v: m.quantize(v)["quantized"])
+    z = _snap(model, variables, z)
   return from_model_range(model.apply(variables, z, method=model.decode))[..., 0]
 
 
@@ -247,26 +252,36 @@ def _check_batch(name: str, array: Array, expected: tuple[int, ...]) -> None:
                      f"model, got {tuple(array.shape)}")
 
 
-def decode(models: Models, z0: Array, snap_to_codebook: bool = False) -> Array:
+def decode(models: Models, z0: Array, snap_to_codebook: bool = False, *,
+           tile: Any = None, overlap: int | None = None) -> Array:
   """Normalised latents → volumes [N, D, H, W] in [0, 1] (optionally snapped to the codebook).
 
   Args:
     models: from `load`.
     z0: normalised latents [N, *models.latent_shape] (as `integrate` returns them).
     snap_to_codebook: replace each latent vector by its nearest code first.
+    tile: None decodes each volume whole; an int (or 3 ints) decodes it in overlapping tiles of
+      that many latent voxels with blended seams, so that memory is bounded by the tile
+      (`latentfm.tiled_decode`: the same volumes up to float rounding with the default overlap).
+    overlap: latent voxels shared by neighbouring tiles (None: the exact default).
 
   Returns:
     Volumes [N, *volume_shape(models)], float32 in [0, 1].
   """
   _check_batch("z0", z0, models.latent_shape)
   z = denormalize(z0, models.stats)
-  return _decode(models.vqgan, models.vqgan_variables, z, bool(snap_to_codebook))
+  if tile is None:
+    return _decode(models.vqgan, models.vqgan_variables, z, bool(snap_to_codebook))
+  from latentfm.tiled_decode import decode_tiled  # pylint: disable=import-outside-toplevel
+  if snap_to_codebook:
+    z = _snap(models.vqgan, models.vqgan_variables, z)
+  return jnp.asarray(decode_tiled(models.vqgan, models.vqgan_variables, z, tile, overlap))
 
 
 def sample(key: Array, models: Models, num: int, *, labels: Any = None, guidance: float = 1.0,
            solver: str = "euler", steps: int = 50, rtol: float = 1e-5, atol: float = 1e-5,
            snap_to_codebook: bool = False, batch_size: int = 8,
-           max_steps: int = 4096) -> tuple[np.ndarray, int]:
+           max_steps: int = 4096, decode_tile: Any = None) -> tuple[np.ndarray, int]:
   """`num` synthetic volumes and the NFE per batch.
 
   Noise z1 ~ N(0, I) is integrated from t = 1 to t = 0 with `solver` (see `integrate` for
@@ -278,6 +293,7 @@ def sample(key: Array, models: Models, num: int, *, labels: Any = None, guidance
     guidance: classifier-free guidance weight w: v = v_u + w (v_c - v_u); 1 samples the
       conditional field, 0 the unconditional one. An evaluation of the guided field is one
       batched network call on twice the batch and counts as one NFE.
+    decode_tile: None, or the tile size of a tiled decode (see `decode`).
   Returns:
     volumes float32 `[num, D, H, W]` in [0, 1], and the most NFE any batch used.
   """
@@ -294,7 +310,7 @@ def sample(key: Array, models: Models, num: int, *, labels: Any = None, guidance
     velocity = guided(models.velocity, None if labels is None else labels[lo:lo + n], guidance)
     z0, used = integrate(velocity, z1, solver=solver, steps=steps, rtol=rtol, atol=atol,
                          max_steps=max_steps)
-    out.append(np.asarray(decode(models, z0, snap_to_codebook)))
+    out.append(np.asarray(decode(models, z0, snap_to_codebook, tile=decode_tile)))
     nfe = max(nfe, int(used))
   return np.concatenate(out), nfe
 

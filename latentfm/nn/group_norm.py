@@ -60,10 +60,21 @@ def _value(x, scale, bias, groups, epsilon, silu, dtype):
 def _forward(x, scale, bias, groups, epsilon, silu, dtype):
   mean, var = _stats(x, groups)
   rstd = lax.rsqrt(var + epsilon)
+  return _apply(x, scale, bias, mean, rstd, silu, dtype), (x, scale, bias, mean, rstd)
+
+
+def _apply(x, scale, bias, mean, rstd, silu, dtype):
   c, nd = x.shape[-1], x.ndim
   y = _normalize(x, _per_channel(mean, c, nd), _per_channel(rstd, c, nd), scale, bias)
   y = y.astype(dtype or jnp.result_type(x, scale, bias))
-  return (nn.silu(y) if silu else y), (x, scale, bias, mean, rstd)
+  return nn.silu(y) if silu else y
+
+
+def group_norm_given_stats(x: Array, scale: Array, bias: Array, mean: Array, var: Array,
+                           epsilon: float, silu: bool = False, dtype: Any = None) -> Array:
+  """`group_norm` with the per (batch, group) `mean` and `var` `(B, G)` given rather than taken
+  from `x` (B, ..., C): a tile of a volume normalised with the whole volume's statistics."""
+  return _apply(x, scale, bias, mean, lax.rsqrt(var + epsilon), silu, dtype)
 
 
 def _backward(groups, epsilon, silu, dtype, res, g):
