@@ -184,6 +184,26 @@ def test_flow_rejects_missing_vqgan(tmp_path):
     flow_stage.validate_config(tiny_flow(tmp_path / "nothing"))
 
 
+def test_quickstart_notebook_runs(trained, tmp_path, monkeypatch):
+  """experiments/notebooks/quickstart.ipynb executes without error on the tiny pipeline."""
+  nbformat = pytest.importorskip("nbformat", reason="the notebook test needs the test extra")
+  from nbclient import NotebookClient  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for name, value in {"LATENTFM_WORKDIR": str(trained / "flow"), "LATENTFM_STEPS": "4",
+                      "LATENTFM_OUT": str(tmp_path), "JAX_PLATFORMS": "cpu",
+                      "PYTHONPATH": root, "MPLBACKEND": "Agg"}.items():
+    monkeypatch.setenv(name, value)
+  notebook = nbformat.read(os.path.join(root, "experiments", "notebooks", "quickstart.ipynb"),
+                           as_version=4)
+  NotebookClient(notebook, timeout=300, kernel_name="python3",
+                 resources={"metadata": {"path": root}}).execute()
+  printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code"
+                    for o in c.get("outputs", []))
+  assert "latent (8, 8, 8, 8) -> volume (16, 16, 16)" in printed and "NFE 4" in printed
+  assert "stage " in printed and "round trip mean |error|" in printed
+  assert len(os.listdir(tmp_path / "samples")) == 3  # two NIfTI files and the montage
+
+
 def test_evaluate_report(trained):
   from experiments import evaluate
   markdown = evaluate.run(str(trained / "flow"), num_samples=4, solver="euler", steps=4, seed=0,
@@ -196,6 +216,7 @@ def test_evaluate_report(trained):
   assert report["headline_features"] == "vgg25d" and "Headline (vgg25d features)" in markdown
   assert set(report["reconstruction"]) >= {"psnr", "ssim", "checkerboard_p2"}
   assert "| psnr ↑ |" in markdown and "VQ-GAN reconstruction" in markdown
+  assert "Volumes of voxel size" in markdown and report["geometry"]["num_volumes"] == 6
   for name in ("report.md", "samples.png", "distances.png", "guidance.png", "stages.png",
                "editing.png"):
     assert (trained / "flow" / "eval" / name).is_file()
