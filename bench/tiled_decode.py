@@ -78,7 +78,7 @@ def error(latent: int) -> dict:
 def main(argv: list[str]) -> None:
   del argv
   from latentfm.nn import layers  # pylint: disable=import-outside-toplevel
-  with layers.conv_impl("lax"):
+  with layers.use_conv_impl("lax"):
     m = memory(FLAGS.tile)
     print(f"128³ res128 decoder, batch 1 ({jax.default_backend()}): whole decode "
           f"{m['whole'] / 2**20:.0f} MiB; tiles of {FLAGS.tile}³ latent voxels: largest of "

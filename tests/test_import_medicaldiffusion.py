@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch", reason="the PyTorch reference modules need 
 # pylint: disable=wrong-import-position
 from bench.torch_models import ThesisAutoencoder
 from bench.torch_vqgan import VectorQuantizer
-from conftest import ROOT
+from testing_support import ROOT
 from latentfm.nn import layers
 
 TOOL = pathlib.Path(ROOT) / "tools" / "import_medicaldiffusion.py"
@@ -81,7 +81,7 @@ def save_checkpoint(path, state, **hyper):
 def lax_convs():
   """One lax convolution per layer (the CPU formulations give the same numbers, compiled
   slower)."""
-  with layers.conv_impl("lax"):
+  with layers.use_conv_impl("lax"):
     yield
 
 

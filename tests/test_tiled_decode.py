@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("lax_convs")
 
 @pytest.fixture
 def lax_convs():
-  with layers.conv_impl("lax"):
+  with layers.use_conv_impl("lax"):
     yield
 
 LATENT = (18, 6, 6)
