@@ -46,18 +46,20 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
 
 def decoder_margin(model: Any) -> int:
   """How many latent voxels from a tile's edge the replicate padding can reach into the
-  decoded tile (the decoder's receptive radius, rounded up), on the most upsampled axis.
+  decoded tile (the decoder's receptive radius, rounded up), on the axis it reaches farthest.
 
-  Per upsampling stage: the upsampler reaches one voxel of its input, each residual block's two
-  convs one voxel each of its output; the last conv one voxel of the volume.
+  Per upsampling stage: the upsampler reaches one voxel of its input along a doubled axis (two
+  along an axis it keeps: a 4-tap kernel at stride 1), each residual block's two convs one voxel
+  each of its output; the last conv one voxel of the volume.
   """
   from latentfm.nn.vqgan import stage_strides  # pylint: disable=import-outside-toplevel
-  radius, scale = 0.0, 1
+  radius, scale = np.zeros(3), np.ones(3)
   for strides in stage_strides(model.downsample):
-    radius += 1 / scale
-    scale *= max(strides)
+    strides = np.asarray(strides, float)
+    radius += np.where(strides > 1, 1.0, 2.0) / scale
+    scale *= strides
     radius += 4 / scale
-  return math.ceil(radius + 1 / scale)
+  return math.ceil(float(np.max(radius + 1 / scale)))
 
 
 def blend_weights(size: int, starts: Sequence[int], tile: int, scale: int,
