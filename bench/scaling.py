@@ -34,7 +34,10 @@ def child(args) -> None:
   state = parallel.replicate(flow_step.create_state(jax.random.PRNGKey(0), config, latent), mesh)
   batch = args.per_device_batch * args.child
   z = np.random.default_rng(0).standard_normal((batch,) + latent).astype(np.float32)
-  data = parallel.shard_batch({"image": z}, mesh)
+  batch_data = {"image": z}
+  if config.model.num_classes:  # a stage-conditional config trains on labelled latents
+    batch_data["label"] = np.arange(batch, dtype=np.int32) % config.model.num_classes
+  data = parallel.shard_batch(batch_data, mesh)
   step = compiler.jit(flow_step.make_train_step(config), donate_argnums=0)  # as the trainer
   holder = {"s": state}
 
