@@ -25,9 +25,12 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A trained flow stage's workdir.")
   flags.DEFINE_integer("num_samples", 0, "Volumes to generate (0: as many as held-out volumes).")
   flags.DEFINE_string("samples", None, "Read these NIfTI samples instead of generating.")
-  flags.DEFINE_enum("solver", "euler", ["euler", "heun", "midpoint", "tsit5", "dopri5"],
-                    "ODE solver.")
-  flags.DEFINE_integer("steps", 50, "Solver steps.")
+  flags.DEFINE_enum("solver", None,
+                    ["euler", "heun", "midpoint", "tsit5", "dopri5", "ddpm", "ddim"],
+                    "Rectified flow: an ODE solver (default euler); DDPM: ddpm (ancestral, all "
+                    "steps) or ddim (default).")
+  flags.DEFINE_integer("steps", 50, "Solver steps (ddim: network evaluations).")
+  flags.DEFINE_float("eta", 0.0, "ddim: noise level (0 deterministic, 1 ancestral).")
   flags.DEFINE_integer("seed", 1234, "Sampling seed.")
   flags.DEFINE_integer("per_stage", 4, "Conditional flows: samples per stage and guidance weight.")
   flags.DEFINE_float("guidance", 1.0, "Conditional flows: guidance weight of the per-stage "
@@ -64,18 +67,21 @@ def feature_extractors() -> dict:
 
 
 def run(workdir: str, *, num_samples: int = 0, samples_dir: str | None = None,
-        solver: str = "euler", steps: int = 50, seed: int = 1234, per_stage: int = 4,
-        guidance: float = 1.0) -> str:
+        solver: str | None = None, steps: int = 50, seed: int = 1234, per_stage: int = 4,
+        guidance: float = 1.0, eta: float = 0.0) -> str:
   """Evaluates the flow in `workdir` (holding its lock): writes `workdir/eval/report.{json,md}`
-  and figures; returns the Markdown report."""
+  and figures; returns the Markdown report.
+
+  `solver` None picks the objective's default (`sample.default_solver`); `eta` is DDIM's.
+  """
   common.check_writable(workdir)
   with common.workdir_held(workdir, "evaluation"):
     return _evaluate(workdir, num_samples, samples_dir, solver, steps, seed, per_stage,
-                     guidance)
+                     guidance, eta)
 
 
-def _evaluate(workdir: str, num_samples: int, samples_dir: str | None, solver: str, steps: int,
-              seed: int, per_stage: int, guidance: float) -> str:
+def _evaluate(workdir: str, num_samples: int, samples_dir: str | None, solver: str | None,
+              steps: int, seed: int, per_stage: int, guidance: float, eta: float) -> str:
   # pylint: disable=import-outside-toplevel
   import jax
   import jax.numpy as jnp
@@ -87,6 +93,8 @@ def _evaluate(workdir: str, num_samples: int, samples_dir: str | None, solver: s
   from latentfm.nn.vqgan import from_model_range, to_model_range
   from latentfm.train import stages
   models = sample.load(workdir)
+  solver = solver or sample.default_solver(models.objective)
+  sample.check_solver(models.objective, solver)
   vq_dir = stages.load_stage_config(workdir, "flow").vqgan_workdir
   vq_config = stages.load_config(vq_dir)
   train, val = loader.load_splits(vq_config.data, vq_dir, vq_config.seed)
@@ -106,9 +114,9 @@ def _evaluate(workdir: str, num_samples: int, samples_dir: str | None, solver: s
     labels = (np.random.default_rng(seed).choice(train.labels, num) if models.num_classes
               else None)
     samples, nfe = sample.sample(jax.random.PRNGKey(seed), models, num, labels=labels,
-                                 solver=solver, steps=steps)
-    sampling = {"solver": solver, "steps": steps, "nfe": nfe,
-                "seconds_including_compile": time.perf_counter() - start}
+                                 solver=solver, steps=steps, eta=eta)
+    sampling = {"objective": models.objective, "solver": solver, "steps": steps, "eta": eta,
+                "nfe": nfe, "seconds_including_compile": time.perf_counter() - start}
   x = to_model_range(jnp.asarray(val.volumes[..., None]))
   recon = from_model_range(models.vqgan.apply(models.vqgan_variables, x)["recon"])
   recon = np.asarray(recon)[..., 0]
@@ -144,7 +152,7 @@ def main(argv: list[str]) -> None:
     common.fail("--workdir is required")
   common.run_guarded(lambda: print(run(
       f.workdir, num_samples=f.num_samples, samples_dir=f.samples, solver=f.solver,
-      steps=f.steps, seed=f.seed, per_stage=f.per_stage, guidance=f.guidance)))
+      steps=f.steps, seed=f.seed, per_stage=f.per_stage, guidance=f.guidance, eta=f.eta)))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@ r"""Trains latent rectified flow matching (stage 2) on a trained VQ-GAN's latent
 
   python -m experiments.flow --config experiments/configs/flow.py:demo --workdir runs/demo/flow \
       --config.vqgan_workdir=runs/demo/vqgan
+  python -m experiments.flow --config experiments/configs/flow.py:ddpm_demo --workdir runs/ddpm \
+      --config.vqgan_workdir=runs/demo/vqgan   # the DDPM baseline (flow.objective = "ddpm")
 
 Encodes the VQ-GAN's training volumes once (continuous pre-quantisation latents, cached in
 `workdir/latents.npz`), normalises them per channel (statistics stored with every checkpoint),
-and trains the 3D UNet velocity field. Resumes automatically. Every `train.sample_every` steps
+and trains the 3D UNet velocity field (or, with `flow.objective = "ddpm"`, the same UNet as a
+DDPM noise predictor: `latentfm.ddpm`). Resumes automatically. Every `train.sample_every` steps
 it decodes samples from the EMA weights to `images/samples_<step>.png`.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +24,12 @@ import ml_collections
 import numpy as np
 
 from experiments import common
-from latentfm import flow, viz
+from latentfm import ddpm, flow, viz
 from latentfm.data import loader
-from latentfm.sample import integrate, velocity_from_model
+from latentfm.sample import check_solver, generate_latents, velocity_from_model
 from latentfm.nn.unet3d import UNet3D
 from latentfm.nn.vqgan import from_model_range
-from latentfm.train import compiler, runner, stages
+from latentfm.train import compiler, flow_step, runner, stages
 from latentfm.train.flow_step import create_state, encode_volumes, make_train_step
 from latentfm.train.loop import Periodic, check_nonfinite_policy, guard_step
 
@@ -39,6 +43,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"train.batch_size {config.train.batch_size} must be positive and "
                      f"divisible by the {jax.device_count()} devices")
   flow.fm_loss(jnp.zeros(()), jnp.zeros(()), config.flow.loss)
+  if flow_step.objective(config) == "ddpm":
+    schedule = ddpm.schedule_from_config(config.ddpm)
+    flow.fm_loss(jnp.zeros(()), jnp.zeros(()), config.ddpm.loss)
+    if config.sample.solver == "ddim" and not 1 <= config.sample.steps <= schedule.num_timesteps:
+      raise ValueError(f"sample.steps {config.sample.steps} must be in [1, "
+                       f"ddpm.num_timesteps={schedule.num_timesteps}] for ddim")
+  check_solver(flow_step.objective(config), config.sample.solver)
   check_nonfinite_policy(config.train.on_nonfinite)
 
 
@@ -96,8 +107,12 @@ def check_labels(labels: np.ndarray, num_classes: int, vqgan_workdir: str) -> No
                      "model.num_classes=0")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the flow model in `workdir`; returns the last logged metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       callbacks: Sequence[Periodic] = ()) -> dict:
+  """Trains (or resumes) the flow model in `workdir`; returns the last logged metrics.
+
+  `callbacks` run after the sample previews, e.g. a benchmark's periodic evaluation.
+  """
   with runner.open_stage("flow", config, workdir, validate=validate_config) as run:
     latents, labels, stats, (_, vq_model, vq_vars) = prepare_latents(config, workdir,
                                                                       run.main_process)
@@ -107,6 +122,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_fn = compiler.jit(guard_step(make_train_step(config), config.train.on_nonfinite),
                            donate_argnums=0)
     unet = UNet3D.from_config(config.model)
+    objective = flow_step.objective(config)
+    schedule = ddpm.schedule_from_config(config.ddpm) if objective == "ddpm" else None
     decode = compiler.jit(lambda v, z: vq_model.apply(v, z, method=vq_model.decode))
     num_classes = unet.num_classes
     preview_labels = np.arange(4) % num_classes if num_classes else None
@@ -116,9 +133,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       velocity = velocity_from_model(unet.apply, state["ema_params"], labels=preview_labels,
                                      guidance=config.sample.get("guidance", 1.0),
                                      null_label=num_classes or None)
-      z0, nfe = integrate(velocity, z1,
-                          solver=config.sample.solver, steps=config.sample.steps,
-                          rtol=config.sample.rtol, atol=config.sample.atol)
+      z0, nfe = generate_latents(
+          velocity, z1, jax.random.PRNGKey(config.seed + 2), objective=objective,
+          schedule=schedule, solver=config.sample.solver, steps=config.sample.steps,
+          eta=config.sample.get("eta", 0.0), rtol=config.sample.rtol, atol=config.sample.atol)
       volumes = np.asarray(from_model_range(decode(vq_vars, flow.denormalize(z0, stats))))
       if run.main_process:
         viz.save_triplanar(os.path.join(workdir, "images", f"samples_{step:06d}.png"),
@@ -130,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return {"sample_nfe": float(nfe)}
 
     result = run.train(state, lambda s, b, i: step_fn(s, b),
-                       callbacks=[Periodic(config.train.sample_every, samples)],
+                       callbacks=[Periodic(config.train.sample_every, samples), *callbacks],
                        extra={"latent_stats": stats.to_dict(),
                               "latent_shape": list(latents.shape[1:])})
   rows = [r for r in _rows(workdir) if "loss" in r]

@@ -4,6 +4,7 @@ r"""Writes synthetic volumes from a trained flow stage as NIfTI plus a tri-plana
   python -m experiments.sample --workdir runs/demo/flow --num 8 --label 3 --guidance 2
   python -m experiments.sample --workdir runs/demo/flow --num 8 --balanced
   python -m experiments.sample --workdir runs/fm128 --num 8 --decode_tile 32   # 128³ volumes
+  python -m experiments.sample --workdir runs/ddpm --num 8 --solver ddim --steps 50 --eta 0
 
 The VQ-GAN is found through the flow workdir's config (`vqgan_workdir`). The volumes carry the
 VQ-GAN training data's median voxel size and orientation (its `geometry.json`) and a centred
@@ -28,9 +29,13 @@ def define_flags() -> None:
                       "empty of WORKDIR/samples, WORKDIR/samples_1, ...).")
   flags.DEFINE_integer("num", 8, "Number of volumes.")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
-  flags.DEFINE_enum("solver", "euler", ["euler", "heun", "midpoint", "tsit5", "dopri5"],
-                    "ODE solver.")
-  flags.DEFINE_integer("steps", 50, "Fixed-step solvers: steps; adaptive: initial step 1/steps.")
+  flags.DEFINE_enum("solver", None,
+                    ["euler", "heun", "midpoint", "tsit5", "dopri5", "ddpm", "ddim"],
+                    "Rectified flow: an ODE solver (default euler); DDPM: ddpm (ancestral, all "
+                    "steps) or ddim (default).")
+  flags.DEFINE_integer("steps", 50, "Fixed-step solvers and ddim: steps; adaptive: initial "
+                       "step 1/steps.")
+  flags.DEFINE_float("eta", 0.0, "ddim: noise level (0 deterministic, 1 ancestral).")
   flags.DEFINE_bool("snap", False, "Snap latents to the nearest codebook vectors first.")
   flags.DEFINE_integer("label", None, "Conditional flows: the class (stage) of every volume.")
   flags.DEFINE_bool("balanced", False, "Conditional flows: equal counts of every class.")
@@ -54,10 +59,12 @@ def choose_out(workdir: str, out: str | None) -> str:
 
 
 def run(workdir: str, *, out: str | None = None, num: int = 8, seed: int = 0,
-        solver: str = "euler", steps: int = 50, snap: bool = False, label: int | None = None,
-        balanced: bool = False, guidance: float = 1.0, decode_tile: int | None = None) -> str:
+        solver: str | None = None, steps: int = 50, snap: bool = False,
+        label: int | None = None, balanced: bool = False, guidance: float = 1.0,
+        decode_tile: int | None = None, eta: float = 0.0) -> str:
   """Samples `num` volumes (of class `label`, or balanced over the classes) from the flow in
-  `workdir` into a new folder; returns the folder."""
+  `workdir` into a new folder; returns the folder. `solver` None picks the objective's
+  default, `eta` is DDIM's noise level."""
   import jax  # pylint: disable=import-outside-toplevel
   from latentfm import sample  # pylint: disable=import-outside-toplevel
   if balanced and label is not None:
@@ -68,9 +75,11 @@ def run(workdir: str, *, out: str | None = None, num: int = 8, seed: int = 0,
   with common.workdir_held(workdir, "sampling") if inside else contextlib.nullcontext():
     models = sample.load(workdir)
     labels = sample.balanced_labels(num, models.num_classes) if balanced else label
+    solver = solver or sample.default_solver(models.objective)
+    sample.check_solver(models.objective, solver)
     start = time.perf_counter()
     volumes, nfe = sample.sample(jax.random.PRNGKey(seed), models, num, labels=labels,
-                                 guidance=guidance, solver=solver, steps=steps,
+                                 guidance=guidance, solver=solver, steps=steps, eta=eta,
                                  snap_to_codebook=snap, decode_tile=decode_tile)
     seconds = time.perf_counter() - start
     per_volume = None if labels is None else np.broadcast_to(labels, (num,))
@@ -95,7 +104,7 @@ def main(argv: list[str]) -> None:
     common.fail(f"--decode_tile must be positive, got {f.decode_tile}")
   common.run_guarded(lambda: run(f.workdir, out=f.out, num=f.num, seed=f.seed, solver=f.solver,
                                  steps=f.steps, snap=f.snap, label=f.label, balanced=f.balanced,
-                                 guidance=f.guidance, decode_tile=f.decode_tile))
+                                 guidance=f.guidance, decode_tile=f.decode_tile, eta=f.eta))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Called by `experiments.evaluate` when the flow has `model.num_classes > 0`:
 - on the embedded cohort, whose subjects can be regenerated at any stage: counterfactual edits
   of the held-out scans to every other stage, scored against the true counterfactual, the
   inversion round trip, and `editing.png` (one subject, stages 0-3, edit beside truth).
+  Editing inverts scans through the flow's ODE, so a DDPM model's report has no editing part.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def run(models, key, train, held_out, vq_dir: str, vq_shape, extract, out_dir: s
   _sweep_plot(os.path.join(out_dir, "guidance.png"), rows, section["fd_floor"])
   _stage_montage(os.path.join(out_dir, "stages.png"), volumes, labels)
   seeds = cohort_seeds(vq_dir, held_out.names)
-  if seeds is not None:
+  if seeds is not None and models.objective == "rectified_flow":
     section["editing"], montage = editing(models, held_out.volumes, held_out.labels, seeds,
                                           vq_shape, classes, guidance, solver, steps)
     _edit_montage(os.path.join(out_dir, "editing.png"), montage)

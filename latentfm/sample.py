@@ -10,6 +10,10 @@
 (`euler`, `heun`, `midpoint`) take `steps` equal steps; `euler` is thesis Algorithm 3 exactly.
 Adaptive solvers (`tsit5`, `dopri5`) use a PID step-size controller and `steps` only sets the
 initial step. Each returns the number of velocity evaluations actually made.
+
+A model trained with the DDPM objective (`flow.objective = "ddpm"`, `latentfm.ddpm`) samples
+with `ddpm` (ancestral over all T steps) or `ddim` (`steps` steps, noise level `eta`); `load`
+reads the objective from the workdir's config and `sample` and `generate_latents` take either.
 """
 
 from collections.abc import Callable
@@ -23,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latentfm import ddpm
 from latentfm.flow import LatentStats, denormalize, normalize
 from latentfm.nn.vqgan import from_model_range, to_model_range
 from latentfm.train import compiler
@@ -59,6 +64,7 @@ _SOLVERS = {
     "dopri5": (_eager_fsal(diffrax.Dopri5), True),
 }
 SOLVERS = tuple(_SOLVERS)
+ALL_SOLVERS = SOLVERS + ddpm.SAMPLERS  # rectified flow's ODE solvers, then the DDPM samplers
 
 
 def _evaluations_per_run(solver: Any, num_steps: Array) -> Array:
@@ -170,7 +176,12 @@ def guided(velocity: ModelVelocity, labels: Array | None, guidance: float) -> Mo
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-  """A trained pipeline: the flow's EMA velocity field and the VQ-GAN that decodes its latents."""
+  """A trained pipeline: the latent model's EMA network and the VQ-GAN that decodes its latents.
+
+  `velocity` is the EMA network as `fn(z, t)`: the velocity field for `objective`
+  `rectified_flow`, the noise predictor at network time t = step / T for `ddpm` (whose noise
+  schedule is `schedule`).
+  """
 
   velocity: ModelVelocity
   vqgan: Any
@@ -182,6 +193,8 @@ class Models:
   num_classes: int = 0  # 0: unconditional; else labels 0..num_classes-1 can be asked for
   # The VQ-GAN's training data geometry (median voxel size, orientation); None if not recorded.
   geometry: Any = None
+  objective: str = "rectified_flow"
+  schedule: ddpm.Schedule | None = None
 
 
 def load(workdir: str, vqgan_workdir: str | None = None) -> Models:
@@ -203,10 +216,12 @@ def load(workdir: str, vqgan_workdir: str | None = None) -> Models:
   unet = UNet3D.from_config(config.model)
   velocity = velocity_from_model(unet.apply, state["ema_params"],
                                  null_label=unet.num_classes or None)
+  objective = flow_step.objective(config)
+  schedule = ddpm.schedule_from_config(config.ddpm) if objective == "ddpm" else None
   return Models(velocity=velocity, vqgan=vq_model, vqgan_variables=vq_vars,
                 stats=LatentStats.from_dict(extra["latent_stats"]), latent_shape=shape,
                 flow_step=step, vqgan_step=vq_step, num_classes=unet.num_classes,
-                geometry=geometry.read(vqgan_workdir))
+                geometry=geometry.read(vqgan_workdir), objective=objective, schedule=schedule)
 
 
 def _check_labels(models: Models, labels: Any, num: int) -> np.ndarray | None:
@@ -222,6 +237,42 @@ def _check_labels(models: Models, labels: Any, num: int) -> np.ndarray | None:
   if out.min() < 0 or out.max() >= models.num_classes:
     raise ValueError(f"labels must be in 0..{models.num_classes - 1}, got {sorted(set(out))}")
   return out.astype(np.int32)
+
+
+def default_solver(objective: str) -> str:
+  """The sampler `sample` uses when none is named: `euler` for rectified flow, `ddim` for
+  DDPM."""
+  return "ddim" if objective == "ddpm" else "euler"
+
+
+def check_solver(objective: str, solver: str) -> None:
+  """ValueError unless `solver` samples models of `objective` (`rectified_flow` or `ddpm`)."""
+  allowed = ddpm.SAMPLERS if objective == "ddpm" else SOLVERS
+  if solver not in allowed:
+    raise ValueError(f"solver {solver!r} does not sample a {objective} model; choose one of "
+                     f"{allowed}")
+
+
+def generate_latents(network: VelocityFn, z1: Array, key: Array, *,
+                     objective: str = "rectified_flow", schedule: ddpm.Schedule | None = None,
+                     solver: str = "euler", steps: int = 50, eta: float = 0.0,
+                     rtol: float = 1e-5, atol: float = 1e-5,
+                     max_steps: int = 4096) -> tuple[Array, Array]:
+  """Noise `z1` (B, d, h, w, C) to normalised latents with either objective's sampler.
+
+  Rectified flow integrates `network` (the velocity) with `solver` in `SOLVERS` (`key`
+  unused; `steps`, `rtol`, `atol`, `max_steps` as for `integrate`). DDPM runs
+  `ddpm.sample_ddpm` (`solver="ddpm"`) or `ddpm.sample_ddim` (`"ddim"`, `steps`, `eta`) with
+  `network` as the noise predictor and `key` for the step noise.
+  Returns `(z0 (B, d, h, w, C), nfe)`, nfe an int32 scalar: network evaluations per batch.
+  """
+  check_solver(objective, solver)
+  if solver == "ddpm":
+    return ddpm.sample_ddpm(network, z1, key, schedule)
+  if solver == "ddim":
+    return ddpm.sample_ddim(network, z1, key, schedule, steps=steps, eta=eta)
+  return integrate(network, z1, solver=solver, steps=steps, rtol=rtol, atol=atol,
+                   max_steps=max_steps)
 
 
 @compiler.jit(static_argnums=0)
@@ -279,20 +330,22 @@ def decode(models: Models, z0: Array, snap_to_codebook: bool = False, *,
 
 
 def sample(key: Array, models: Models, num: int, *, labels: Any = None, guidance: float = 1.0,
-           solver: str = "euler", steps: int = 50, rtol: float = 1e-5, atol: float = 1e-5,
-           snap_to_codebook: bool = False, batch_size: int = 8,
+           solver: str | None = None, steps: int = 50, rtol: float = 1e-5, atol: float = 1e-5,
+           eta: float = 0.0, snap_to_codebook: bool = False, batch_size: int = 8,
            max_steps: int = 4096, decode_tile: Any = None) -> tuple[np.ndarray, int]:
   """`num` synthetic volumes and the NFE per batch.
 
-  Noise z1 ~ N(0, I) is integrated from t = 1 to t = 0 with `solver` (see `integrate` for
-  `steps`, `rtol`, `atol` and `max_steps`), un-normalised and decoded, `batch_size` volumes
-  at a time.
+  Noise z1 ~ N(0, I) becomes latents through `generate_latents` with `solver` (default
+  `default_solver(models.objective)`; see `integrate` for `steps`, `rtol`, `atol` and
+  `max_steps`, `ddpm.sample_ddim` for `eta`), is un-normalised and decoded, `batch_size`
+  volumes at a time.
 
   Args:
-    labels: None (unconditional), one class or `num` classes (a class-conditional flow only).
-    guidance: classifier-free guidance weight w: v = v_u + w (v_c - v_u); 1 samples the
-      conditional field, 0 the unconditional one. An evaluation of the guided field is one
-      batched network call on twice the batch and counts as one NFE.
+    labels: None (unconditional), one class or `num` classes (a class-conditional model only).
+    guidance: classifier-free guidance weight w: v = v_u + w (v_c - v_u) (for a DDPM model the
+      same on the predicted noise); 1 samples the conditional field, 0 the unconditional one.
+      An evaluation of the guided field is one batched network call on twice the batch and
+      counts as one NFE.
     decode_tile: None, or the tile size of a tiled decode (see `decode`).
   Returns:
     volumes float32 `[num, D, H, W]` in [0, 1], and the most NFE any batch used.
@@ -302,14 +355,17 @@ def sample(key: Array, models: Models, num: int, *, labels: Any = None, guidance
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   labels = _check_labels(models, labels, num)
+  solver = solver or default_solver(models.objective)
   out, nfe = [], 0
   for i, k in enumerate(jax.random.split(key, -(-num // batch_size))):
     lo = i * batch_size
     n = min(batch_size, num - lo)
     z1 = jax.random.normal(k, (n,) + models.latent_shape)
     velocity = guided(models.velocity, None if labels is None else labels[lo:lo + n], guidance)
-    z0, used = integrate(velocity, z1, solver=solver, steps=steps, rtol=rtol, atol=atol,
-                         max_steps=max_steps)
+    z0, used = generate_latents(
+        velocity, z1, jax.random.fold_in(k, 1), objective=models.objective,
+        schedule=models.schedule, solver=solver, steps=steps, eta=eta, rtol=rtol, atol=atol,
+        max_steps=max_steps)
     out.append(np.asarray(decode(models, z0, snap_to_codebook, tile=decode_tile)))
     nfe = max(nfe, int(used))
   return np.concatenate(out), nfe
@@ -338,7 +394,11 @@ def encode_to_noise(models: Models, volumes: Array, *, labels: Any = None,
     solver, steps, rtol, atol: as for `integrate`.
   Returns:
     latents at `t_end`, `(N, d, h, w, C)` (N(0, I)-like at `t_end = 1`), and the NFE used.
+    Rectified-flow models only.
   """
+  if models.objective != "rectified_flow":
+    raise ValueError(f"encode_to_noise inverts rectified-flow models; this one is "
+                     f"{models.objective!r}")
   volumes = jnp.asarray(volumes, jnp.float32)
   _check_batch("volumes", volumes, volume_shape(models))
   low, high = float(jnp.min(volumes)), float(jnp.max(volumes))

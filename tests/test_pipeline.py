@@ -281,3 +281,54 @@ def test_workdirs_work_from_anywhere_and_move_together(trained, tmp_path, monkey
   monkeypatch.chdir(tmp_path)
   models = sample.load(os.path.join("moved", "flow"))
   assert models.flow_step == 3 and models.latent_shape == (8, 8, 8, 8)
+def tiny_ddpm(vq_dir, num_steps):
+  """`tiny_flow` under the DDPM objective at a constant rate (a resume may change num_steps)."""
+  c = tiny_flow(vq_dir, num_steps)
+  c.flow.objective = "ddpm"
+  c.ddpm.num_timesteps = 20
+  c.optim.warmup_steps, c.optim.schedule = 0, "constant"
+  c.train.ckpt_every, c.train.sample_every = 2, 4
+  c.sample.solver, c.sample.steps = "ddim", 5
+  return c
+
+
+@pytest.mark.slow
+def test_ddpm_resumed_run_matches_uninterrupted_and_samples(trained, tmp_path):
+  full, part = tmp_path / "full", tmp_path / "part"
+  flow_stage.train_and_evaluate(tiny_ddpm(trained / "vqgan", 4), str(full))
+  flow_stage.train_and_evaluate(tiny_ddpm(trained / "vqgan", 2), str(part))
+  flow_stage.train_and_evaluate(tiny_ddpm(trained / "vqgan", 4), str(part))  # resumes at 2
+  rows = read_metrics(str(full))
+  assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["sample_nfe"] == 5
+  # Every loss: params, Adam, EMA, data order and noise resumed (the 2-step run also previewed
+  # samples at its last step).
+  assert [{k: v for k, v in r.items() if k != "sample_nfe"} for r in read_metrics(str(part))] == [
+      {k: v for k, v in r.items() if k != "sample_nfe"} for r in rows]
+
+  models = sample.load(str(full))
+  assert models.objective == "ddpm" and models.schedule.num_timesteps == 20
+  volumes, nfe = sample.sample(jax.random.PRNGKey(0), models, 2, steps=10)
+  assert volumes.shape == (2, 16, 16, 16) and nfe == 10  # DDIM, the default
+  volumes, nfe = sample.sample(jax.random.PRNGKey(0), models, 2, solver="ddpm")
+  assert np.isfinite(volumes).all() and nfe == 20
+  with pytest.raises(ValueError, match="does not sample a ddpm model"):
+    sample.sample(jax.random.PRNGKey(0), models, 1, solver="euler")
+  with pytest.raises(ValueError, match="does not sample a rectified_flow model"):
+    sample.sample(jax.random.PRNGKey(0), sample.load(str(trained / "flow")), 1, solver="ddim")
+  sample_cli.run(str(full), out=str(tmp_path / "s"), num=1, seed=0, steps=4, eta=1.0)
+  assert (tmp_path / "s" / "sample_0000.nii.gz").is_file()
+
+
+def test_flow_rejects_unknown_objective_and_mismatched_sampler(trained):
+  c = tiny_ddpm(trained / "vqgan", 2)
+  flow_stage.validate_config(c)
+  c.flow.objective = "score"
+  with pytest.raises(ValueError, match="flow.objective 'score'"):
+    flow_stage.validate_config(c)
+  c = tiny_ddpm(trained / "vqgan", 2)
+  c.sample.solver = "euler"
+  with pytest.raises(ValueError, match="'euler' does not sample a ddpm model"):
+    flow_stage.validate_config(c)
+  c.sample.solver, c.sample.steps = "ddim", 21
+  with pytest.raises(ValueError, match="sample.steps 21"):
+    flow_stage.validate_config(c)

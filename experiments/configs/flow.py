@@ -7,7 +7,10 @@ float32, and this layout has 37,910,568 parameters on 16^3 x 8 latents; of the l
 compared, L1 and the hybrid worked, and the hybrid is used), `default` (our best settings),
 `demo` and `cpu64` (a small stage-conditional UNet that trains on 2 CPU cores in minutes on
 16^3 x 8 latents), `res128` (the `default` UNet on the 64^3 x 8 latents of `vqgan.py:res128`,
-bfloat16 and remat; sample with `experiments.sample --decode_tile 32`).
+bfloat16 and remat; sample with `experiments.sample --decode_tile 32`), `ddpm` (the thesis'
+diffusion baseline, medicaldiffusion's latent DDPM, on the thesis UNet; `latentfm.ddpm` says
+where it differs) and `ddpm_demo` (the `demo` run with the DDPM objective: the same UNet,
+optimizer, batch and seed).
 `vqgan_workdir` (the workdir of a trained VQ-GAN stage) is required.
 Any field can be overridden on the command line, e.g. `--config.train.num_steps=500`.
 """
@@ -49,6 +52,9 @@ def _base() -> ml_collections.ConfigDict:
   c.model.conv_impl = "auto"
 
   c.flow = ml_collections.ConfigDict()
+  # What the UNet learns: "rectified_flow" (velocity; the fields below) or "ddpm" (noise; the
+  # `ddpm` section). Trainer, checkpoints, EMA and sharding are shared.
+  c.flow.objective = "rectified_flow"
   c.flow.loss = "hybrid"  # "l2" | "l1" | "hybrid" (0.9 L1 + 0.1 L2)
   c.flow.time_sampling = "uniform"  # "uniform" | "logit_normal"
   c.flow.logit_normal_mean = 0.0
@@ -59,6 +65,15 @@ def _base() -> ml_collections.ConfigDict:
   # Classifier-free guidance: the probability that a training label is replaced by the null
   # class, so that one network also learns the unconditional field (conditional models only).
   c.flow.p_uncond = 0.1
+
+  # The DDPM objective (latentfm.ddpm), used when flow.objective = "ddpm". medicaldiffusion's
+  # values: cosine schedule (s 0.008, betas <= 0.9999), 300 steps, noise target, L1 loss.
+  c.ddpm = ml_collections.ConfigDict()
+  c.ddpm.num_timesteps = 300
+  c.ddpm.schedule = "cosine"  # "cosine" | "linear"
+  c.ddpm.cosine_s = 0.008
+  c.ddpm.max_beta = 0.9999
+  c.ddpm.loss = "l1"  # "l2" | "l1" | "hybrid", as flow.loss
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-5
@@ -71,8 +86,11 @@ def _base() -> ml_collections.ConfigDict:
   c.train.sample_every = 5_000  # 0: no sample previews
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.solver = "euler"  # euler | heun | midpoint (fixed step) | tsit5 | dopri5 (adaptive)
+  # Rectified flow: euler | heun | midpoint (fixed step) | tsit5 | dopri5 (adaptive).
+  # DDPM: ddpm (ancestral, all num_timesteps steps) | ddim (`steps` steps, noise level `eta`).
+  c.sample.solver = "euler"
   c.sample.steps = 50  # fixed-step solvers: number of steps; adaptive: initial step 1/steps
+  c.sample.eta = 0.0  # ddim only: 0 deterministic, 1 ancestral
   c.sample.rtol = 1e-5
   c.sample.atol = 1e-5
   c.sample.guidance = 1.0  # conditional models: CFG weight w of the preview samples
@@ -120,8 +138,17 @@ def _res128(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def _ddpm(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The DDPM objective on `c`'s network, data and optimizer; previews with DDIM-50."""
+  c.flow.objective = "ddpm"
+  c.sample.solver = "ddim"
+  c.sample.steps = 50
+  return c
+
+
 def get_config(name: str = "default") -> ml_collections.ConfigDict:
-  """Returns the named configuration: `thesis`, `default`, `demo`, `cpu64` or `res128`."""
+  """Returns the named configuration: `thesis`, `default`, `demo`, `cpu64`, `res128`, `ddpm`
+  or `ddpm_demo`."""
   c = _base()
   if name == "thesis":
     return c
@@ -136,4 +163,11 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     return _cpu(c, 1600, 2e-3, 4)
   if name == "cpu64":  # the cpu64 VQ-GAN's 16³ x 8 latents (64³ volumes)
     return _cpu(c, 1600, 1e-3, 8)
-  raise ValueError(f"unknown config {name!r}; choose thesis, default, demo, cpu64 or res128")
+  if name == "ddpm":  # medicaldiffusion's latent DDPM on the thesis UNet
+    c.model.time_scale = float(c.ddpm.num_timesteps)  # the embedding sees the integer step
+    c.optim.lr = 1e-4  # medicaldiffusion's train_lr; its EMA decay is 0.995 as the thesis'
+    return _ddpm(c)
+  if name == "ddpm_demo":  # the demo run under the DDPM objective, for bench.fm_vs_ddpm
+    return _ddpm(_cpu(c, 1600, 2e-3, 4))
+  raise ValueError(f"unknown config {name!r}; choose thesis, default, demo, cpu64, res128, ddpm "
+                   "or ddpm_demo")
