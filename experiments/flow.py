@@ -123,7 +123,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                            donate_argnums=0)
     unet = UNet3D.from_config(config.model)
     objective = flow_step.objective(config)
-    schedule = ddpm.schedule_from_config(config.ddpm) if objective == "ddpm" else None
+    latent_abs_max = float(np.abs(latents).max())  # DDPM samplers clip z0 to it
+    schedule = (ddpm.schedule_from_config(config.ddpm, latent_abs_max)
+                if objective == "ddpm" else None)
     decode = compiler.jit(lambda v, z: vq_model.apply(v, z, method=vq_model.decode))
     num_classes = unet.num_classes
     preview_labels = np.arange(4) % num_classes if num_classes else None
@@ -150,7 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     result = run.train(state, lambda s, b, i: step_fn(s, b),
                        callbacks=[Periodic(config.train.sample_every, samples), *callbacks],
                        extra={"latent_stats": stats.to_dict(),
-                              "latent_shape": list(latents.shape[1:])})
+                              "latent_shape": list(latents.shape[1:]),
+                              "latent_abs_max": latent_abs_max})
   rows = [r for r in _rows(workdir) if "loss" in r]
   return {"step": result.step, "loss": rows[-1]["loss"] if rows else float("nan")}
 

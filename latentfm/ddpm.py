@@ -12,12 +12,16 @@ Where we differ, and why:
 - the network is this library's `UNet3D` (theirs: a video-diffusion UNet with temporal
   attention), so that both objectives train the same network;
 - latents are standardised per channel (`flow.normalize`); they rescale by the codebook's
-  global min and max to [-1, 1] and clip predicted z0 to that range while sampling. A clip has
-  no fixed bound on standardised latents, so we do not clip;
+  global min and max to [-1, 1] and clip the predicted z0 to that range while sampling. We clip
+  it to the training latents' range, +-max |z|, instead (`ddpm.clip_denoised`). Near t = T - 1,
+  alpha_bar is ~3e-9 and an unclipped z0 = (z_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)
+  multiplies the noise predictor's error by ~2e4;
 - the network sees the time as t / T in [0, 1) (their integer t goes straight into the
   embedding); `model.time_scale = T` gives the embedding their integer t exactly;
 - the EMA is updated every step from the start (theirs: every 10 steps after step 2,000), and
   gradients are clipped to norm 1 (theirs: no clipping), as the shared trainer does for the flow;
+  the `flow.py:ddpm` config takes their learning rate (1e-4) and EMA decay (0.995) but the
+  thesis' batch of 2 (theirs on ADNI: 10 with 2 accumulation steps), and AdamW without decay;
 - DDIM(n, eta) is offered as well (their config names 250 DDIM steps, but their sampler runs
   only the ancestral loop).
 
@@ -63,13 +67,15 @@ def linear_betas(num_timesteps: int) -> np.ndarray:
 
 @flax.struct.dataclass
 class Schedule:
-  """The noise schedule's per-step values, each `(T,)` float32 (a JAX pytree).
+  """The noise schedule's per-step values, each `(T,)` float32 (a JAX pytree), and the bound
+  the samplers clip predicted z0 to (`clip_z0`, a float32 scalar; 0: no clipping).
 
   `alphas_cumprod_prev[t]` is alpha_bar_{t-1}, with alpha_bar_{-1} = 1.
   """
   betas: Array
   alphas_cumprod: Array
   alphas_cumprod_prev: Array
+  clip_z0: Array
 
   @property
   def num_timesteps(self) -> int:
@@ -77,10 +83,11 @@ class Schedule:
 
 
 def make_schedule(num_timesteps: int = 300, kind: str = "cosine", cosine_s: float = 0.008,
-                  max_beta: float = 0.9999) -> Schedule:
+                  max_beta: float = 0.9999, clip_z0: float = 0.0) -> Schedule:
   """The schedule named `kind` (`cosine` or `linear`) over `num_timesteps` steps.
 
-  The products are taken in float64, then stored as float32.
+  The products are taken in float64, then stored as float32. `clip_z0` > 0 makes the samplers
+  clip predicted z0 to [-clip_z0, clip_z0].
   """
   if num_timesteps < 1:
     raise ValueError(f"num_timesteps must be positive, got {num_timesteps}")
@@ -93,14 +100,19 @@ def make_schedule(num_timesteps: int = 300, kind: str = "cosine", cosine_s: floa
   cumprod = np.cumprod(1.0 - betas)
   prev = np.concatenate([[1.0], cumprod[:-1]])
   as32 = lambda a: jnp.asarray(a, jnp.float32)
-  return Schedule(betas=as32(betas), alphas_cumprod=as32(cumprod), alphas_cumprod_prev=as32(prev))
+  return Schedule(betas=as32(betas), alphas_cumprod=as32(cumprod), alphas_cumprod_prev=as32(prev),
+                  clip_z0=as32(max(clip_z0, 0.0)))
 
 
-def schedule_from_config(cfg: Mapping[str, Any]) -> Schedule:
+def schedule_from_config(cfg: Mapping[str, Any], latent_abs_max: float | None = None
+                         ) -> Schedule:
   """The schedule of a config's `ddpm` section (`num_timesteps`, `schedule`, `cosine_s`,
-  `max_beta`)."""
+  `max_beta`, `clip_denoised`); with `clip_denoised`, samplers clip predicted z0 to
+  +-`latent_abs_max` (the training latents' largest |value|; no clipping when None)."""
+  clip = latent_abs_max if cfg.get("clip_denoised", False) and latent_abs_max else 0.0
   return make_schedule(int(cfg["num_timesteps"]), cfg.get("schedule", "cosine"),
-                       float(cfg.get("cosine_s", 0.008)), float(cfg.get("max_beta", 0.9999)))
+                       float(cfg.get("cosine_s", 0.008)), float(cfg.get("max_beta", 0.9999)),
+                       float(clip))
 
 
 def _at(values: Array, t: Array, like: Array) -> Array:
@@ -124,6 +136,13 @@ def predict_z0(schedule: Schedule, z_t: Array, t: Array, eps: Array) -> Array:
   """The z0 that `q_sample` maps to `z_t` with noise `eps`."""
   abar = _at(schedule.alphas_cumprod, t, z_t)
   return (z_t - jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(abar)
+
+
+def _denoised(schedule: Schedule, z_t: Array, t: Array, eps: Array) -> Array:
+  """`predict_z0`, clipped to +-`schedule.clip_z0` when that is positive."""
+  z0 = predict_z0(schedule, z_t, t, eps)
+  bound = schedule.clip_z0.astype(z0.dtype)
+  return jnp.where(bound > 0, jnp.clip(z0, -bound, bound), z0)
 
 
 def posterior(schedule: Schedule, z0: Array, z_t: Array, t: Array) -> tuple[Array, Array]:
@@ -188,7 +207,7 @@ def _ancestral(noise_fn, z_last, key, schedule):
   def body(i, z):
     t = num_timesteps - 1 - i
     eps = noise_fn(z, network_time(t, num_timesteps))
-    mean, var = posterior(schedule, predict_z0(schedule, z, t, eps), z, t)
+    mean, var = posterior(schedule, _denoised(schedule, z, t, eps), z, t)
     return mean + jnp.sqrt(var) * _normal_like(jax.random.fold_in(key, t), z)
 
   z0 = jax.lax.fori_loop(0, num_timesteps, body, z_last)
@@ -223,8 +242,10 @@ def _ddim(noise_fn, z_last, key, schedule, steps, eta):
   def body(i, z):
     t = timestep(i)
     eps = noise_fn(z, network_time(t, num_timesteps))
-    z0 = predict_z0(schedule, z, t, eps)
+    z0 = _denoised(schedule, z, t, eps)
     abar = jnp.take(abar_all, t)
+    # The noise that the (clipped) z0 implies, so that z0 and eps stay consistent with z_t.
+    eps = jnp.where(schedule.clip_z0 > 0, (z - jnp.sqrt(abar) * z0) / jnp.sqrt(1.0 - abar), eps)
     abar_next = jnp.where(i + 1 < steps, jnp.take(abar_all, timestep(i + 1)), 1.0)
     var = eta ** 2 * (1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next)
     direction = jnp.sqrt(jnp.maximum(1.0 - abar_next - var, 0.0))

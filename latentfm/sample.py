@@ -217,7 +217,8 @@ def load(workdir: str, vqgan_workdir: str | None = None) -> Models:
   velocity = velocity_from_model(unet.apply, state["ema_params"],
                                  null_label=unet.num_classes or None)
   objective = flow_step.objective(config)
-  schedule = ddpm.schedule_from_config(config.ddpm) if objective == "ddpm" else None
+  schedule = (ddpm.schedule_from_config(config.ddpm, extra.get("latent_abs_max"))
+              if objective == "ddpm" else None)
   return Models(velocity=velocity, vqgan=vq_model, vqgan_variables=vq_vars,
                 stats=LatentStats.from_dict(extra["latent_stats"]), latent_shape=shape,
                 flow_step=step, vqgan_step=vq_step, num_classes=unet.num_classes,

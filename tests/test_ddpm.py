@@ -132,3 +132,21 @@ def test_nfe_counts_and_ddim_eta_1_over_all_steps_is_ancestral():
   assert np.abs(np.asarray(deterministic) - np.asarray(ancestral)).max() > 0.1
   with pytest.raises(ValueError, match="steps"):
     ddpm.sample_ddim(_gaussian_predictor(s), z_last, jax.random.key(2), s, steps=41)
+
+
+def test_clipping_bounds_the_predicted_z0():
+  """A predictor that says "no noise" makes z0^ = z_t / sqrt(alpha_bar), ~2e4 z at t = T - 1;
+  with clipping every sampler keeps z0^, and so its output, within the bound."""
+  cfg = {"num_timesteps": T, "schedule": "cosine", "clip_denoised": True}
+  z_last = _normal((2, 2, 2, 2, 4), 4)
+  zero = lambda z, t: jnp.zeros_like(z)
+  free = ddpm.schedule_from_config(dict(cfg, clip_denoised=False), latent_abs_max=3.0)
+  clipped = ddpm.schedule_from_config(cfg, latent_abs_max=3.0)
+  assert float(free.clip_z0) == 0.0 and float(clipped.clip_z0) == 3.0
+  assert float(ddpm.schedule_from_config(cfg).clip_z0) == 0.0  # no range known: no clipping
+  out, _ = ddpm.sample_ddim(zero, z_last, jax.random.key(0), free, steps=5)
+  assert np.abs(np.asarray(out)).max() > 1e3
+  for run, kwargs in [(ddpm.sample_ddim, {"steps": 5}), (ddpm.sample_ddim, {"steps": 5, "eta": 1}),
+                      (ddpm.sample_ddpm, {})]:
+    out, _ = run(zero, z_last, jax.random.key(0), clipped, **kwargs)
+    assert np.abs(np.asarray(out)).max() <= 3.0 + 1e-5, kwargs

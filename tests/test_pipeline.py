@@ -307,6 +307,10 @@ def test_ddpm_resumed_run_matches_uninterrupted_and_samples(trained, tmp_path):
 
   models = sample.load(str(full))
   assert models.objective == "ddpm" and models.schedule.num_timesteps == 20
+  with np.load(full / "latents.npz") as f:  # z0 is clipped to the normalised latents' range
+    latents = f["latents"]
+  normalised = (latents - models.stats.mean) / models.stats.std
+  assert float(models.schedule.clip_z0) == pytest.approx(np.abs(normalised).max(), rel=1e-4)
   volumes, nfe = sample.sample(jax.random.PRNGKey(0), models, 2, steps=10)
   assert volumes.shape == (2, 16, 16, 16) and nfe == 10  # DDIM, the default
   volumes, nfe = sample.sample(jax.random.PRNGKey(0), models, 2, solver="ddpm")

@@ -74,6 +74,8 @@ def _base() -> ml_collections.ConfigDict:
   c.ddpm.cosine_s = 0.008
   c.ddpm.max_beta = 0.9999
   c.ddpm.loss = "l1"  # "l2" | "l1" | "hybrid", as flow.loss
+  # Samplers clip predicted z0 to the training latents' range (medicaldiffusion: to its [-1, 1]).
+  c.ddpm.clip_denoised = True
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-5
@@ -138,8 +140,8 @@ def _res128(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def _ddpm(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The DDPM objective on `c`'s network, data and optimizer; previews with DDIM-50."""
+def with_ddpm_objective(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`c` with the DDPM objective on its network, data and optimizer; previews with DDIM-50."""
   c.flow.objective = "ddpm"
   c.sample.solver = "ddim"
   c.sample.steps = 50
@@ -166,8 +168,8 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
   if name == "ddpm":  # medicaldiffusion's latent DDPM on the thesis UNet
     c.model.time_scale = float(c.ddpm.num_timesteps)  # the embedding sees the integer step
     c.optim.lr = 1e-4  # medicaldiffusion's train_lr; its EMA decay is 0.995 as the thesis'
-    return _ddpm(c)
+    return with_ddpm_objective(c)
   if name == "ddpm_demo":  # the demo run under the DDPM objective, for bench.fm_vs_ddpm
-    return _ddpm(_cpu(c, 1600, 2e-3, 4))
+    return with_ddpm_objective(_cpu(c, 1600, 2e-3, 4))
   raise ValueError(f"unknown config {name!r}; choose thesis, default, demo, cpu64, res128, ddpm "
                    "or ddpm_demo")
