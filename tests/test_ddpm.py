@@ -150,3 +150,13 @@ def test_clipping_bounds_the_predicted_z0():
                       (ddpm.sample_ddpm, {})]:
     out, _ = run(zero, z_last, jax.random.key(0), clipped, **kwargs)
     assert np.abs(np.asarray(out)).max() <= 3.0 + 1e-5, kwargs
+
+
+def test_ddpm_config_is_medicaldiffusions_baseline():
+  from experiments.configs.flow import get_config  # pylint: disable=import-outside-toplevel
+  c = get_config("ddpm")
+  assert (c.flow.objective, c.ddpm.num_timesteps, c.ddpm.schedule, c.ddpm.loss) == (
+      "ddpm", 300, "cosine", "l1")
+  assert c.model.time_scale * (T - 1) / T == T - 1  # the embedding sees the integer step
+  assert (c.optim.lr, c.optim.ema_decay, c.ddpm.clip_denoised) == (1e-4, 0.995, True)
+  assert get_config("thesis").flow.objective == "rectified_flow"
