@@ -3,11 +3,12 @@ r"""Flow matching against the DDPM baseline: the same VQ-GAN latents, UNet, seed
   python -m bench.fm_vs_ddpm --workdir runs/fm_vs_ddpm [--vqgan_workdir runs/demo/vqgan]
   python -m bench.fm_vs_ddpm --preset cpu64 --workdir runs/fm_vs_ddpm64   # 64³ volumes
 
-Trains the flow config `PRESET` twice on the latents of one VQ-GAN (WORKDIR/vqgan, trained with
-the VQ-GAN config `PRESET` unless --vqgan_workdir names a trained one): with rectified flow, and
-with `flow.objective = "ddpm"` (for the demo that is `flow.py:ddpm_demo`), both unconditional
-as in the thesis' comparison. Both runs share the network, optimizer, batch, seed (initial
-weights, data order) and the sampling noise.
+Trains the flow configs `PRESET` (rectified flow) and `ddpm_PRESET` (the DDPM objective) on the
+latents of one VQ-GAN (WORKDIR/vqgan, trained with the VQ-GAN config `PRESET` unless
+--vqgan_workdir names a trained one), both unconditional as in the thesis' comparison. They
+share the network, batch, seed (initial weights, data order), schedule of the learning rate and
+the sampling noise; the DDPM's rate is lower (the flow's made it collapse). --objectives runs
+one of them alone.
 
 Every --eval_every steps the EMA weights generate --num_samples volumes (rectified flow:
 Euler-50; DDPM: DDIM-50, the same NFE), scored by the pretrained-feature (2.5D VGG16) Fréchet
@@ -73,13 +74,12 @@ class Scorer:
 
 
 def configs(preset: str, num_steps: int | None) -> dict:
-  """`{objective: flow config}` for `preset`, the DDPM one differing only in its objective."""
+  """`{objective: flow config}`: `flow.py:PRESET` and `flow.py:ddpm_PRESET`, unconditional,
+  which differ only in objective, preview sampler and learning rate."""
   from experiments.configs import flow as flow_configs  # pylint: disable=import-outside-toplevel
   out = {}
   for objective in OBJECTIVES:
-    c = flow_configs.get_config(preset)
-    if objective == "ddpm":
-      c = flow_configs.with_ddpm_objective(c)
+    c = flow_configs.get_config(preset if objective == "rectified_flow" else f"ddpm_{preset}")
     c.model.num_classes = 0  # unconditional, as the thesis' comparison
     if num_steps:
       c.train.num_steps = num_steps
@@ -192,7 +192,7 @@ def plot(path: str, curve: Sequence[dict], sweep: Sequence[dict]) -> None:
 
 def run(args) -> dict:
   """Trains, evaluates and writes the outputs (module docstring); returns the results."""
-  runs = {o: os.path.join(args.workdir, o) for o in OBJECTIVES}
+  runs = {o: os.path.join(args.workdir, o) for o in args.objectives}
   for path in runs.values():
     if os.path.exists(os.path.join(path, "ckpt")):
       raise ValueError(f"{path} already holds a run; give a new --workdir")
@@ -214,7 +214,8 @@ def run(args) -> dict:
         f"{len(train.volumes)} training volumes); {num} samples per evaluation", flush=True)
   print(table([]), flush=True)
   curve, sweep = [], []
-  for objective, config in configs(args.preset, args.num_steps).items():
+  chosen = {o: c for o, c in configs(args.preset, args.num_steps).items() if o in args.objectives}
+  for objective, config in chosen.items():
     config.vqgan_workdir = vq_dir
     rows, models = train_with_evaluation(
         config, runs[objective], scorer, (vq_model, vq_vars, vq_step), num,
@@ -238,6 +239,14 @@ def run(args) -> dict:
   return results
 
 
+def objective_list(text: str) -> tuple[str, ...]:
+  """`"ddpm"` or `"rectified_flow,ddpm"` -> a tuple; argparse's error for other names."""
+  names = tuple(n for n in text.split(",") if n)
+  if not names or any(n not in OBJECTIVES for n in names):
+    raise argparse.ArgumentTypeError(f"expected names from {','.join(OBJECTIVES)}, got {text!r}")
+  return names
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
@@ -248,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="Training steps of each run (default: the preset's).")
   parser.add_argument("--eval_every", type=int, default=None,
                       help="Steps between evaluations (default: a quarter of the run).")
+  parser.add_argument("--objectives", type=objective_list, default=OBJECTIVES,
+                      help="Comma-separated subset of rectified_flow,ddpm (default both).")
   parser.add_argument("--num_samples", type=int, default=0,
                       help="Volumes per evaluation (0: as many as held-out volumes).")
   args = parser.parse_args(argv)

@@ -15,10 +15,10 @@ def _flat(d, prefix=""):
   return out
 
 
-def test_the_two_runs_differ_only_in_objective_and_sampler():
+def test_the_two_runs_differ_only_in_objective_sampler_and_rate():
   runs = fm_vs_ddpm.configs("demo", 40)
   fm, dm = (_flat(runs[o].to_dict()) for o in fm_vs_ddpm.OBJECTIVES)
-  assert {k for k in fm if fm[k] != dm[k]} == {"flow.objective", "sample.solver"}
+  assert {k for k in fm if fm[k] != dm[k]} == {"flow.objective", "sample.solver", "optim.lr"}
   assert dm["flow.objective"] == "ddpm" and fm["train.num_steps"] == 40
   assert fm["train.sample_every"] == 0 and fm["train.ckpt_every"] == 40
   reference = _flat(flow_configs.get_config("ddpm_demo").to_dict())
@@ -68,4 +68,7 @@ def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
   assert "already holds a run" in capsys.readouterr().err
   with pytest.raises(SystemExit) as exit_info:
     fm_vs_ddpm.main(["--workdir", str(tmp_path), "--num_samples", "1"])
+  assert exit_info.value.code == 2
+  with pytest.raises(SystemExit) as exit_info:
+    fm_vs_ddpm.main(["--workdir", str(tmp_path), "--objectives", "ddpm,score"])
   assert exit_info.value.code == 2
