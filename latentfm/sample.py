@@ -241,9 +241,10 @@ def _check_labels(models: Models, labels: Any, num: int) -> np.ndarray | None:
 
 
 def default_solver(objective: str) -> str:
-  """The sampler `sample` uses when none is named: `euler` for rectified flow, `ddim` for
-  DDPM."""
-  return "ddim" if objective == "ddpm" else "euler"
+  """The sampler `sample` uses when none is named: `euler` for rectified flow, the ancestral
+  `ddpm` sampler for DDPM (on the trained demo DDPM, DDIM with eta 0 leaves the latents at about
+  twice the data's spread and scores far worse; bench/RESULTS.md)."""
+  return "ddpm" if objective == "ddpm" else "euler"
 
 
 def check_solver(objective: str, solver: str) -> None:

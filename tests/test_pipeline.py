@@ -311,10 +311,10 @@ def test_ddpm_resumed_run_matches_uninterrupted_and_samples(trained, tmp_path):
     latents = f["latents"]
   normalised = (latents - models.stats.mean) / models.stats.std
   assert float(models.schedule.clip_z0) == pytest.approx(np.abs(normalised).max(), rel=1e-4)
-  volumes, nfe = sample.sample(jax.random.PRNGKey(0), models, 2, steps=10)
-  assert volumes.shape == (2, 16, 16, 16) and nfe == 10  # DDIM, the default
-  volumes, nfe = sample.sample(jax.random.PRNGKey(0), models, 2, solver="ddpm")
-  assert np.isfinite(volumes).all() and nfe == 20
+  volumes, nfe = sample.sample(jax.random.PRNGKey(0), models, 2, solver="ddim", steps=10)
+  assert volumes.shape == (2, 16, 16, 16) and nfe == 10
+  volumes, nfe = sample.sample(jax.random.PRNGKey(0), models, 2)
+  assert np.isfinite(volumes).all() and nfe == 20  # ancestral over all steps, the default
   with pytest.raises(ValueError, match="does not sample a ddpm model"):
     sample.sample(jax.random.PRNGKey(0), models, 1, solver="euler")
   with pytest.raises(ValueError, match="does not sample a rectified_flow model"):
