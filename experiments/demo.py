@@ -43,7 +43,8 @@ def run(workdir: str, num_samples: int, preset: str = "demo") -> None:
   sample.run(flow_dir, out=next_free_dir(os.path.join(workdir, "samples")), num=num_samples,
              balanced=config.model.num_classes > 0)
   print("== stage 4/4: evaluation", flush=True)
-  print(evaluate.run(flow_dir), flush=True)
+  # Fewer per-stage samples and edits than a full evaluation, to keep the demo within minutes.
+  print(evaluate.run(flow_dir, per_stage=2, edit_subjects=4), flush=True)
 
 
 def main(argv: list[str]) -> None:

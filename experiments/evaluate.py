@@ -33,6 +33,8 @@ def define_flags() -> None:
   flags.DEFINE_float("eta", 0.0, "ddim: noise level (0 deterministic, 1 ancestral).")
   flags.DEFINE_integer("seed", 1234, "Sampling seed.")
   flags.DEFINE_integer("per_stage", 4, "Conditional flows: samples per stage and guidance weight.")
+  flags.DEFINE_integer("edit_subjects", 0, "Conditional flows on the embedded cohort: held-out "
+                       "scans to edit to every stage (0: all).")
   flags.DEFINE_float("guidance", 1.0, "Conditional flows: guidance weight of the per-stage "
                      "morphometry (the sweep always has 0, 1, 2 and 4).")
 
@@ -68,7 +70,7 @@ def feature_extractors() -> dict:
 
 def run(workdir: str, *, num_samples: int = 0, samples_dir: str | None = None,
         solver: str | None = None, steps: int = 50, seed: int = 1234, per_stage: int = 4,
-        guidance: float = 1.0, eta: float = 0.0) -> str:
+        guidance: float = 1.0, eta: float = 0.0, edit_subjects: int = 0) -> str:
   """Evaluates the flow in `workdir` (holding its lock): writes `workdir/eval/report.{json,md}`
   and figures; returns the Markdown report.
 
@@ -77,11 +79,12 @@ def run(workdir: str, *, num_samples: int = 0, samples_dir: str | None = None,
   common.check_writable(workdir)
   with common.workdir_held(workdir, "evaluation"):
     return _evaluate(workdir, num_samples, samples_dir, solver, steps, seed, per_stage,
-                     guidance, eta)
+                     guidance, eta, edit_subjects)
 
 
 def _evaluate(workdir: str, num_samples: int, samples_dir: str | None, solver: str | None,
-              steps: int, seed: int, per_stage: int, guidance: float, eta: float) -> str:
+              steps: int, seed: int, per_stage: int, guidance: float, eta: float,
+              edit_subjects: int = 0) -> str:
   # pylint: disable=import-outside-toplevel
   import jax
   import jax.numpy as jnp
@@ -135,7 +138,7 @@ def _evaluate(workdir: str, num_samples: int, samples_dir: str | None, solver: s
     report["stages"] = stage_eval.run(
         models, jax.random.PRNGKey(seed + 1), train, val, vq_dir, vq_config.data.shape,
         extractors["vgg25d"], out, per_stage=per_stage, guidance=guidance, solver=solver,
-        steps=steps)
+        steps=steps, edit_subjects=edit_subjects)
   atomic_write.write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1))
   markdown = report_lib.to_markdown(report)
   if "stages" in report:
@@ -152,7 +155,8 @@ def main(argv: list[str]) -> None:
     common.fail("--workdir is required")
   common.run_guarded(lambda: print(run(
       f.workdir, num_samples=f.num_samples, samples_dir=f.samples, solver=f.solver,
-      steps=f.steps, seed=f.seed, per_stage=f.per_stage, guidance=f.guidance, eta=f.eta)))
+      steps=f.steps, seed=f.seed, per_stage=f.per_stage, guidance=f.guidance, eta=f.eta,
+      edit_subjects=f.edit_subjects)))
 
 
 if __name__ == "__main__":

@@ -109,11 +109,12 @@ def editing(models, volumes: np.ndarray, labels: np.ndarray, seeds: np.ndarray, 
 
 def run(models, key, train, held_out, vq_dir: str, vq_shape, extract, out_dir: str, *,
         per_stage: int = 4, guidances=(0.0, 1.0, 2.0, 4.0), guidance: float = 1.0,
-        solver: str = "euler", steps: int = 50) -> dict:
+        solver: str = "euler", steps: int = 50, edit_subjects: int = 0) -> dict:
   """The per-stage section of the report (see the module docstring); figures go to `out_dir`.
 
   Args: train, held_out: `loader.Dataset`s of the VQ-GAN's real data (volumes with labels);
-  extract: the headline feature extractor; guidance: the weight of the per-stage morphometry.
+  extract: the headline feature extractor; guidance: the weight of the per-stage morphometry;
+  edit_subjects: how many held-out scans to edit (0: all), taken one stage after another.
   """
   real = np.concatenate([train.volumes, held_out.volumes])
   real_labels = np.concatenate([train.labels, held_out.labels])
@@ -144,6 +145,13 @@ def run(models, key, train, held_out, vq_dir: str, vq_shape, extract, out_dir: s
                                           vq_shape, classes, guidance, solver, steps)
     _edit_montage(os.path.join(out_dir, "editing.png"), montage)
   return section
+
+
+def _round_robin(labels: np.ndarray, num: int) -> np.ndarray:
+  """Indices of `num` scans (0: all) taking each stage in turn, so that few cover every stage."""
+  order = sorted(range(len(labels)), key=lambda i: (int(np.sum(labels[:i] == labels[i])),
+                                                    int(labels[i])))
+  return np.asarray(order[:num] if num > 0 else order, np.int64)
 
 
 def _sweep_plot(path: str, rows: list, floor: float) -> None:

@@ -167,3 +167,10 @@ def test_edit_metrics_against_truth(real32):
   np.testing.assert_allclose(m["ventricle_shift"]["edit"]["mean"],
                              m["ventricle_shift"]["truth"]["mean"])
   assert m["ventricle_shift"]["truth"]["mean"] > 0  # stage 3 has larger ventricles
+
+
+def test_edited_subjects_cover_the_stages_first():
+  from experiments.stage_eval import _round_robin  # pylint: disable=import-outside-toplevel
+  labels = np.array([0, 0, 1, 3, 1, 2])
+  np.testing.assert_array_equal(_round_robin(labels, 4), [0, 2, 5, 3])  # one of each stage
+  np.testing.assert_array_equal(_round_robin(labels, 0), [0, 2, 5, 3, 1, 4])  # all
