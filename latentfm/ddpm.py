@@ -176,13 +176,7 @@ def make_ddpm_loss_fn(apply_fn: Callable[..., Array], ddpm_cfg: Mapping[str, Any
   def loss_fn(params: Any, z0: Array, key: Array, train: bool = True,
               labels: Array | None = None) -> tuple[Array, dict[str, Array]]:
     noise_key, time_key, dropout_key = jax.random.split(key, 3)
-    cond = {}
-    if num_classes > 0:
-      if labels is None:
-        raise ValueError("a class-conditional model needs labels")
-      label_key = jax.random.fold_in(key, 3)
-      cond["label"] = (flow.drop_labels(label_key, labels, p_uncond, num_classes) if train
-                       else labels)
+    cond = flow.label_condition(key, labels, num_classes, p_uncond, train)
     # Drawn flat: XLA:CPU compiles rank-5 random draws slowly.
     noise = jax.random.normal(noise_key, (z0.size,), z0.dtype).reshape(z0.shape)
     t = jax.random.randint(time_key, (z0.shape[0],), 0, num_timesteps)

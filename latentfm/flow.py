@@ -92,6 +92,20 @@ def drop_labels(key: Array, labels: Array, p_uncond: float, null_label: int) -> 
   return jnp.where(drop, null_label, labels).astype(jnp.int32)
 
 
+def label_condition(key: Array, labels: Array | None, num_classes: int, p_uncond: float,
+                    train: bool) -> dict[str, Array]:
+  """The network's `label` keyword for one batch: none for an unconditional model (num_classes
+  0), else the labels int `(B,)`, each dropped to the null class with probability `p_uncond`
+  while training (drawn from `fold_in(key, 3)`, leaving the other draws of `key` unchanged)."""
+  if num_classes <= 0:
+    return {}
+  if labels is None:
+    raise ValueError("a class-conditional model needs labels")
+  if not train:
+    return {"label": labels}
+  return {"label": drop_labels(jax.random.fold_in(key, 3), labels, p_uncond, num_classes)}
+
+
 def make_fm_loss_fn(apply_fn: Callable[..., Array], flow_cfg: Mapping[str, Any],
                     num_classes: int = 0) -> Callable[..., tuple[Array, dict[str, Array]]]:
   """Builds `loss_fn(params, z0, key, train=True, labels=None) -> (loss, metrics)`.
@@ -125,12 +139,7 @@ def make_fm_loss_fn(apply_fn: Callable[..., Array], flow_cfg: Mapping[str, Any],
   def loss_fn(params: Any, z0: Array, key: Array, train: bool = True,
               labels: Array | None = None) -> tuple[Array, dict[str, Array]]:
     noise_key, time_key, dropout_key = jax.random.split(key, 3)
-    cond = {}
-    if num_classes > 0:
-      if labels is None:
-        raise ValueError("a class-conditional flow needs labels")
-      label_key = jax.random.fold_in(key, 3)  # leaves the unconditional draws as they were
-      cond["label"] = drop_labels(label_key, labels, p_uncond, num_classes) if train else labels
+    cond = label_condition(key, labels, num_classes, p_uncond, train)
     # Drawn flat: XLA:CPU compiles rank-5 random draws slowly.
     z1 = jax.random.normal(noise_key, (z0.size,), z0.dtype).reshape(z0.shape)
     t = sample_time(time_key, z0.shape[0], sampling, mean, std)
