@@ -277,7 +277,8 @@ def bench_sample(args) -> list[Work]:
   vq_config.model.dtype = args.dtype
   vq = VQGAN.from_config(vq_config.model)
   z1 = jax.random.normal(jax.random.PRNGKey(0), (1,) + (args.size // args.downsample,) * 3 + (8,))
-  params = compiler.jit(lambda k: unet.init(k, z1, jnp.zeros((1,))))(jax.random.PRNGKey(1))["params"]
+  init = compiler.jit(lambda k: unet.init(k, z1, jnp.zeros((1,))))
+  params = init(jax.random.PRNGKey(1))["params"]
   vq_vars = compiler.jit(vq.init)(jax.random.PRNGKey(2), jnp.zeros((1,) + (args.size,) * 3 + (1,)))
   decode = compiler.jit(lambda v, z: vq.apply(v, z, method=vq.decode))
   velocity = velocity_from_model(unet.apply, params)

@@ -74,7 +74,7 @@ def editing(models, volumes: np.ndarray, labels: np.ndarray, seeds: np.ndarray, 
   from latentfm.nn.vqgan import from_model_range, to_model_range
   template = cohort.load_template(tuple(int(s) for s in shape))
   src_idx, targets = [], []
-  for i, s in enumerate(labels):
+  for i in range(len(labels)):
     for t in classes:
       src_idx.append(i)
       targets.append(t)

@@ -1,4 +1,4 @@
-"""The checkerboard measure: a stride-period pattern stands out, smooth structure and noise don't."""
+"""The checkerboard measure: a stride-period pattern stands out; smooth structure, noise don't."""
 
 import numpy as np
 import scipy.ndimage as ndi

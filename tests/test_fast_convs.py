@@ -105,7 +105,8 @@ def test_conv_functions_match_lax_on_a_sweep():
       for (nd, k, st, p), x, w in zip(configs, xs, ws):
         ys = both(x, w, nd, k, st, p)
         cts = [jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)) for y in ys]
-        loss = lambda x, w: sum(jnp.vdot(y, c) for y, c in zip(both(x, w, nd, k, st, p), cts))
+        loss = lambda x, w, cfg=(nd, k, st, p), cts=cts: sum(
+            jnp.vdot(y, c) for y, c in zip(both(x, w, *cfg), cts))
         out.append((*ys, *jax.grad(loss, (0, 1))(x, w)))
       return out
     return jax.jit(f)(xs, ws)

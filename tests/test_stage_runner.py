@@ -63,7 +63,7 @@ def test_changed_setting_is_refused_then_recorded_when_allowed(tmp_path):
   run_toy(tmp_path, toy_config())
   before = files(tmp_path)
   with pytest.raises(run_record.SettingsChangedError,
-                     match=r"trained with other settings \(optim\.lr 0\.1 -> 0\.5\).*allow_changes"):
+                     match=r"other settings \(optim\.lr 0\.1 -> 0\.5\).*allow_changes"):
     run_toy(tmp_path, toy_config(num_steps=6, lr=0.5))
   assert files(tmp_path) == before  # nothing written, nothing rotated away
   changed = toy_config(num_steps=8, lr=0.5)

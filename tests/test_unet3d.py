@@ -46,7 +46,8 @@ def tiny():
   z = _latent((2, 8, 8, 8, 4))
   params = random_params(TINY, z)
 
-  def run(t, key=jax.random.key(0), train=False):
+  def run(t, key=None, train=False):
+    key = jax.random.key(0) if key is None else key
     return TINY.apply({"params": params}, z, t, train=train, rngs={"dropout": key})
 
   return z, jax.jit(run, static_argnames="train")

@@ -1,6 +1,7 @@
 r"""Latent flow matching stage configurations.
 
-  python -m experiments.flow --config experiments/configs/flow.py:demo --workdir runs/flow_demo --config.vqgan_workdir=runs/vqgan_demo
+  python -m experiments.flow --config experiments/configs/flow.py:demo --workdir runs/flow_demo \
+    --config.vqgan_workdir=runs/vqgan_demo
 
 Names: `thesis` (the thesis settings; the thesis gives only the UNet's size, 151.6 MB of
 float32, and this layout has 37,910,568 parameters on 16^3 x 8 latents; of the losses it

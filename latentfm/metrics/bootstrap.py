@@ -48,9 +48,4 @@ def bootstrap_ci(values_or_fn: np.ndarray | Callable[..., float],
   return float(low), float(high)
 
 
-__all__ = [
-    "FeatureExtractor", "bootstrap_ci", "diversity", "frechet_distance",
-    "frechet_distance_from_stats", "kernel_inception_distance",
-    "memorisation_report", "mmd2_unbiased", "mmd_rbf", "morphometry_distance",
-    "nearest_neighbour_distances", "pairwise_ms_ssim", "polynomial_kernel",
-    "tissue_volumes", "wasserstein_1"]
+__all__ = ["bootstrap_ci"]

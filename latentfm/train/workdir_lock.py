@@ -1,4 +1,4 @@
-"""One run per workdir: an advisory lock held for the life of a training, sampling or evaluation run.
+"""One run per workdir: an advisory lock held while a training, sampling or evaluation run lives.
 
 The lock is `fcntl.flock` on `<workdir>/.lock`, which the kernel releases when the holding
 process dies, so a lock left by a killed run is stale by construction and the next run takes it

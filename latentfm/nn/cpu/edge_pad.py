@@ -27,7 +27,7 @@ def edge_pad_concat(x: Array, widths: Sequence[tuple[int, int]]) -> Array:
   for axis, (lo, hi) in enumerate(widths, start=1):
     if not (lo or hi):
       continue
-    shape = lambda w, a=axis: (*x.shape[:a], w, *x.shape[a + 1:])
+    shape = lambda w, a=axis, s=x.shape: (*s[:a], w, *s[a + 1:])
     x = jnp.concatenate([jnp.broadcast_to(_slice(x, axis, 0, 1), shape(lo)), x,
                          jnp.broadcast_to(_slice(x, axis, x.shape[axis] - 1, x.shape[axis]),
                                           shape(hi))], axis)

@@ -220,7 +220,7 @@ def _own_buffer(x: Array) -> Array:
   by negating twice: JAX drops a conditional whose branches all return their operand as it is,
   and the slice would be fused again."""
   first = x.reshape(-1)[0]
-  return lax.cond(first == first, lambda v: -(-v), lambda v: v, x)  # NaN: the other branch
+  return lax.cond(first == first, lambda v: -(-v), lambda v: v, x)  # noqa: B002 (NaN: the other branch)
 
 
 def _slab_dw(x: Array, g: Array, kd: int) -> Array:
