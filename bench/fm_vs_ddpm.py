@@ -25,19 +25,30 @@ Prints the tables and writes WORKDIR/results.json, results.md and fm_vs_ddpm.png
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
 
 OBJECTIVES = ("rectified_flow", "ddpm")
 CURVE_SAMPLER = {"rectified_flow": ("euler", {"steps": 50}), "ddpm": ("ddim", {"steps": 50})}
-FM_SWEEP = ([("euler", {"steps": n}) for n in (5, 10, 25, 50, 100)]
-            + [("tsit5", {"rtol": tol, "atol": tol}) for tol in (1e-2, 1e-3, 1e-4)])
+FM_SWEEP = [("euler", {"steps": n}) for n in (5, 10, 25, 50, 100)] + [
+  ("tsit5", {"rtol": tol, "atol": tol}) for tol in (1e-2, 1e-3, 1e-4)
+]
 DDPM_SWEEP = [("ddim", {"steps": n}) for n in (5, 10, 25, 50, 100)] + [("ddpm", {})]
-COLUMNS = ("objective", "step", "train_seconds", "sampler", "nfe", "fd", "fd_ratio",
-           "w1_csf_fraction", "w1_ventricle_fraction", "w1_brain")
+COLUMNS = (
+  "objective",
+  "step",
+  "train_seconds",
+  "sampler",
+  "nfe",
+  "fd",
+  "fd_ratio",
+  "w1_csf_fraction",
+  "w1_ventricle_fraction",
+  "w1_brain",
+)
 MORPHOMETRY = ("csf_fraction", "ventricle_fraction", "brain")
 
 
@@ -50,6 +61,7 @@ class Scorer:
 
   def __init__(self, train, held_out, extract: Callable):
     from latentfm.metrics.features import tissue_volumes  # pylint: disable=import-outside-toplevel
+
     self.extract = extract
     self.train_features = extract(train)
     self.train_morphometry = tissue_volumes(train)
@@ -58,6 +70,7 @@ class Scorer:
   def fd(self, volumes) -> float:
     """Fréchet distance of `volumes`' features to the training set's."""
     from latentfm.metrics import generative  # pylint: disable=import-outside-toplevel
+
     return generative.frechet_distance(self.extract(volumes), self.train_features)
 
   def score(self, volumes) -> dict[str, float]:
@@ -65,6 +78,7 @@ class Scorer:
     # pylint: disable=import-outside-toplevel
     from latentfm.metrics import generative
     from latentfm.metrics.features import tissue_volumes
+
     fd = self.fd(volumes)
     out = {"fd": fd, "fd_ratio": fd / self.floor}
     morphometry = tissue_volumes(volumes)
@@ -77,6 +91,7 @@ def configs(preset: str, num_steps: int | None) -> dict:
   """`{objective: flow config}`: `flow.py:PRESET` and `flow.py:ddpm_PRESET`, unconditional,
   which differ only in objective, preview sampler and learning rate."""
   from experiments.configs import flow as flow_configs  # pylint: disable=import-outside-toplevel
+
   out = {}
   for objective in OBJECTIVES:
     c = flow_configs.get_config(preset if objective == "rectified_flow" else f"ddpm_{preset}")
@@ -93,32 +108,48 @@ def configs(preset: str, num_steps: int | None) -> dict:
 def quality(models, scorer: Scorer, num: int, seed: int, sampler: str, kwargs: dict) -> dict:
   """One sampler's row: the volumes from noise seed `seed`, their NFE and scores."""
   import jax  # pylint: disable=import-outside-toplevel
+
   from latentfm import sample  # pylint: disable=import-outside-toplevel
-  volumes, nfe = sample.sample(jax.random.PRNGKey(seed), models, num, solver=sampler,
-                               **kwargs)
+
+  volumes, nfe = sample.sample(jax.random.PRNGKey(seed), models, num, solver=sampler, **kwargs)
   setting = ", ".join(f"{k} {v:g}" for k, v in kwargs.items())
-  return {"sampler": f"{sampler} ({setting})" if setting else sampler, "nfe": nfe,
-          **scorer.score(volumes)}
+  return {
+    "sampler": f"{sampler} ({setting})" if setting else sampler,
+    "nfe": nfe,
+    **scorer.score(volumes),
+  }
 
 
-def train_with_evaluation(config, workdir: str, scorer: Scorer, vqgan: tuple, num: int,
-                          eval_every: int, log: Callable[[dict], None]) -> tuple[list, object]:
+def train_with_evaluation(
+  config,
+  workdir: str,
+  scorer: Scorer,
+  vqgan: tuple,
+  num: int,
+  eval_every: int,
+  log: Callable[[dict], None],
+) -> tuple[list, object]:
   """Trains `config` in `workdir`, scoring the EMA weights every `eval_every` steps.
 
   `vqgan` is `(model, variables, step)`. Returns `(rows, models at the last step)`.
   """
   # pylint: disable=import-outside-toplevel
   import jax
+
   from experiments import flow as flow_stage
   from latentfm import ddpm, sample
   from latentfm.nn.unet3d import UNet3D
   from latentfm.train import flow_step
   from latentfm.train.loop import Periodic
+
   objective = flow_step.objective(config)
   latents, _, stats, _ = flow_stage.prepare_latents(config, workdir, True)
   unet = UNet3D.from_config(config.model)  # one module: evaluations reuse the compiled sampler
-  schedule = (ddpm.schedule_from_config(config.ddpm, float(abs(latents).max()))
-              if objective == "ddpm" else None)
+  schedule = (
+    ddpm.schedule_from_config(config.ddpm, float(abs(latents).max()))
+    if objective == "ddpm"
+    else None
+  )
   rows, holder = [], {"eval_seconds": 0.0}
 
   def evaluate(step, state):
@@ -126,12 +157,23 @@ def train_with_evaluation(config, workdir: str, scorer: Scorer, vqgan: tuple, nu
     train_seconds = time.perf_counter() - start - holder["eval_seconds"]
     begin = time.perf_counter()
     holder["models"] = sample.Models(
-        velocity=sample.velocity_from_model(unet.apply, state["ema_params"]), vqgan=vqgan[0],
-        vqgan_variables=vqgan[1], stats=stats, latent_shape=tuple(latents.shape[1:]),
-        flow_step=step, vqgan_step=vqgan[2], objective=objective, schedule=schedule)
+      velocity=sample.velocity_from_model(unet.apply, state["ema_params"]),
+      vqgan=vqgan[0],
+      vqgan_variables=vqgan[1],
+      stats=stats,
+      latent_shape=tuple(latents.shape[1:]),
+      flow_step=step,
+      vqgan_step=vqgan[2],
+      objective=objective,
+      schedule=schedule,
+    )
     sampler, kwargs = CURVE_SAMPLER[objective]
-    row = {"objective": objective, "step": step, "train_seconds": train_seconds,
-           **quality(holder["models"], scorer, num, config.seed, sampler, kwargs)}
+    row = {
+      "objective": objective,
+      "step": step,
+      "train_seconds": train_seconds,
+      **quality(holder["models"], scorer, num, config.seed, sampler, kwargs),
+    }
     rows.append(row)
     log(row)
     holder["eval_seconds"] += time.perf_counter() - begin
@@ -162,21 +204,35 @@ def plot(path: str, curve: Sequence[dict], sweep: Sequence[dict]) -> None:
   """Three panels of FD / floor: against training steps, training time and sampling NFE."""
   # pylint: disable=import-outside-toplevel
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
   for objective, colour in zip(OBJECTIVES, ("tab:blue", "tab:red")):
     rows = [r for r in curve if r["objective"] == objective]
     sampler = CURVE_SAMPLER[objective][0]
     for ax, key in zip(axes[:2], ("step", "train_seconds")):
-      ax.plot([r[key] for r in rows], [r["fd_ratio"] for r in rows], "o-", color=colour,
-              label=f"{objective} ({sampler}-50)")
+      ax.plot(
+        [r[key] for r in rows],
+        [r["fd_ratio"] for r in rows],
+        "o-",
+        color=colour,
+        label=f"{objective} ({sampler}-50)",
+      )
     kinds = sorted({r["sampler"].split(" ")[0] for r in sweep if r["objective"] == objective})
     for kind, marker in zip(kinds, ("o-", "s--")):
-      rows = sorted((r for r in sweep if r["objective"] == objective
-                     and r["sampler"].split(" ")[0] == kind), key=lambda r: r["nfe"])
-      axes[2].plot([r["nfe"] for r in rows], [r["fd_ratio"] for r in rows], marker,
-                   color=colour, label=f"{objective}: {kind}")
+      rows = sorted(
+        (r for r in sweep if r["objective"] == objective and r["sampler"].split(" ")[0] == kind),
+        key=lambda r: r["nfe"],
+      )
+      axes[2].plot(
+        [r["nfe"] for r in rows],
+        [r["fd_ratio"] for r in rows],
+        marker,
+        color=colour,
+        label=f"{objective}: {kind}",
+      )
   axes[0].set_xlabel("training step")
   axes[1].set_xlabel("training wall clock (s)")
   axes[2].set_xlabel("sampling NFE")
@@ -202,6 +258,7 @@ def run(args) -> dict:
   from experiments.evaluate import feature_extractors
   from latentfm.data import loader
   from latentfm.train import stages
+
   vq_dir = args.vqgan_workdir or os.path.join(args.workdir, "vqgan")
   if not args.vqgan_workdir:
     print(f"== VQ-GAN ({args.preset} config) in {vq_dir}", flush=True)
@@ -210,29 +267,49 @@ def run(args) -> dict:
   train, held_out = loader.load_splits(vq_config.data, vq_dir, vq_config.seed)
   num = args.num_samples or len(held_out.volumes)
   scorer = Scorer(train.volumes, held_out.volumes, feature_extractors()["vgg25d"])
-  print(f"floor: pretrained-feature FD {scorer.floor:.4g} ({len(held_out.volumes)} held-out vs "
-        f"{len(train.volumes)} training volumes); {num} samples per evaluation", flush=True)
+  print(
+    f"floor: pretrained-feature FD {scorer.floor:.4g} ({len(held_out.volumes)} held-out vs "
+    f"{len(train.volumes)} training volumes); {num} samples per evaluation",
+    flush=True,
+  )
   print(table([]), flush=True)
   curve, sweep = [], []
   chosen = {o: c for o, c in configs(args.preset, args.num_steps).items() if o in args.objectives}
   for objective, config in chosen.items():
     config.vqgan_workdir = vq_dir
     rows, models = train_with_evaluation(
-        config, runs[objective], scorer, (vq_model, vq_vars, vq_step), num,
-        args.eval_every or config.train.num_steps // 4, lambda r: print(format_row(r), flush=True))
+      config,
+      runs[objective],
+      scorer,
+      (vq_model, vq_vars, vq_step),
+      num,
+      args.eval_every or config.train.num_steps // 4,
+      lambda r: print(format_row(r), flush=True),
+    )
     curve += rows
-    for sampler, kwargs in (DDPM_SWEEP if objective == "ddpm" else FM_SWEEP):
-      row = {"objective": objective, "step": models.flow_step,
-             **quality(models, scorer, num, config.seed, sampler, kwargs)}
+    for sampler, kwargs in DDPM_SWEEP if objective == "ddpm" else FM_SWEEP:
+      row = {
+        "objective": objective,
+        "step": models.flow_step,
+        **quality(models, scorer, num, config.seed, sampler, kwargs),
+      }
       sweep.append(row)
       print(format_row(row), flush=True)
-  results = {"preset": args.preset, "vqgan_workdir": vq_dir, "num_samples": num,
-             "fd_floor": scorer.floor, "curve": curve, "nfe_sweep": sweep}
+  results = {
+    "preset": args.preset,
+    "vqgan_workdir": vq_dir,
+    "num_samples": num,
+    "fd_floor": scorer.floor,
+    "curve": curve,
+    "nfe_sweep": sweep,
+  }
   with open(os.path.join(args.workdir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
-  markdown = (f"Pretrained-feature FD floor {scorer.floor:.4g}; {num} samples per row.\n\n"
-              f"Quality against training:\n\n{table(curve)}\n\n"
-              f"Quality against sampling NFE (last EMA weights):\n\n{table(sweep)}\n")
+  markdown = (
+    f"Pretrained-feature FD floor {scorer.floor:.4g}; {num} samples per row.\n\n"
+    f"Quality against training:\n\n{table(curve)}\n\n"
+    f"Quality against sampling NFE (last EMA weights):\n\n{table(sweep)}\n"
+  )
   with open(os.path.join(args.workdir, "results.md"), "w", encoding="utf-8") as f:
     f.write(markdown)
   plot(os.path.join(args.workdir, "fm_vs_ddpm.png"), curve, sweep)
@@ -250,17 +327,36 @@ def objective_list(text: str) -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--vqgan_workdir", default=None,
-                      help="A trained VQ-GAN stage (default: train one in WORKDIR/vqgan).")
+  parser.add_argument(
+    "--vqgan_workdir",
+    default=None,
+    help="A trained VQ-GAN stage (default: train one in WORKDIR/vqgan).",
+  )
   parser.add_argument("--preset", choices=("demo", "cpu64"), default="demo")
-  parser.add_argument("--num_steps", type=int, default=None,
-                      help="Training steps of each run (default: the preset's).")
-  parser.add_argument("--eval_every", type=int, default=None,
-                      help="Steps between evaluations (default: a quarter of the run).")
-  parser.add_argument("--objectives", type=objective_list, default=OBJECTIVES,
-                      help="Comma-separated subset of rectified_flow,ddpm (default both).")
-  parser.add_argument("--num_samples", type=int, default=0,
-                      help="Volumes per evaluation (0: as many as held-out volumes).")
+  parser.add_argument(
+    "--num_steps",
+    type=int,
+    default=None,
+    help="Training steps of each run (default: the preset's).",
+  )
+  parser.add_argument(
+    "--eval_every",
+    type=int,
+    default=None,
+    help="Steps between evaluations (default: a quarter of the run).",
+  )
+  parser.add_argument(
+    "--objectives",
+    type=objective_list,
+    default=OBJECTIVES,
+    help="Comma-separated subset of rectified_flow,ddpm (default both).",
+  )
+  parser.add_argument(
+    "--num_samples",
+    type=int,
+    default=0,
+    help="Volumes per evaluation (0: as many as held-out volumes).",
+  )
   args = parser.parse_args(argv)
   for name in ("num_steps", "eval_every"):
     if getattr(args, name) is not None and getattr(args, name) < 1:

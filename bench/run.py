@@ -56,16 +56,17 @@ import numpy as np
 
 from bench import timing
 from latentfm.nn.layers import resolve_conv_impl, use_conv_impl
-from latentfm.train import host_memory
-from latentfm.train import compiler
+from latentfm.train import compiler, host_memory
 
 # Dense peak FLOP/s by device kind (substring, first match) and compute dtype: bf16 and TF32
 # tensor cores. The PCIe and NVL cards of the H100 run at lower clocks than the SXM one.
-PEAK_FLOPS = {"H100 PCIe": {"bfloat16": 756e12, "float32": 378e12},
-              "H100 NVL": {"bfloat16": 835e12, "float32": 418e12},
-              "H100": {"bfloat16": 989e12, "float32": 495e12},
-              "H200": {"bfloat16": 989e12, "float32": 495e12},
-              "A100": {"bfloat16": 312e12, "float32": 156e12}}
+PEAK_FLOPS = {
+  "H100 PCIe": {"bfloat16": 756e12, "float32": 378e12},
+  "H100 NVL": {"bfloat16": 835e12, "float32": 418e12},
+  "H100": {"bfloat16": 989e12, "float32": 495e12},
+  "H200": {"bfloat16": 989e12, "float32": 495e12},
+  "A100": {"bfloat16": 312e12, "float32": 156e12},
+}
 
 
 # The stages `bench/torch_run.py` has a PyTorch counterpart of.
@@ -75,6 +76,7 @@ TORCH_STAGES = ("vqgan_ae", "vqgan", "flow", "conv3", "resblock")
 @dataclasses.dataclass
 class Work:
   """One compiled piece of work to time: `call()` runs it once."""
+
   stage: str
   label: str
   call: Callable[[], Any]
@@ -129,8 +131,9 @@ def peak_flops(dtype: str) -> float | None:
   return next((p[dtype] for name, p in PEAK_FLOPS.items() if name in kind), None)
 
 
-def report(name: str, seconds: float, batch: int, flops: float | None = None,
-           dtype: str = "float32") -> dict:
+def report(
+  name: str, seconds: float, batch: int, flops: float | None = None, dtype: str = "float32"
+) -> dict:
   row = {"name": name, "ms": seconds * 1e3, "volumes_per_s": batch / seconds}
   text = f"{name:<40} {row['ms']:10.1f} ms  {row['volumes_per_s']:8.2f} vol/s"
   if flops:
@@ -150,6 +153,7 @@ def report(name: str, seconds: float, batch: int, flops: float | None = None,
 def vqgan_config(size: int, downsample: int):
   """The thesis VQ-GAN config at `size`³ with `downsample` per axis, one batch per step."""
   from experiments.configs.vqgan import get_config  # pylint: disable=import-outside-toplevel
+
   config = get_config("thesis")
   config.data.shape = (size,) * 3
   config.optim.accumulate = 1
@@ -169,6 +173,7 @@ def _suffix(args) -> str:
 
 def bench_vqgan_ae(args) -> list[Work]:
   from latentfm.nn.vqgan import VQGAN  # pylint: disable=import-outside-toplevel
+
   config = vqgan_config(args.size, args.downsample)
   _model_options(config.model, args)
   model = VQGAN.from_config(config.model)
@@ -182,42 +187,67 @@ def bench_vqgan_ae(args) -> list[Work]:
     return jnp.mean(jnp.abs(recon - x))
 
   step, flops = compile_step(jax.grad(loss), variables["params"], x)
-  return [Work("vqgan_ae", f"vqgan_ae fwd+bwd {args.size}^3 b{args.batch}{_suffix(args)}",
-               lambda: step(variables["params"], x), args.batch, flops, args.dtype)]
+  return [
+    Work(
+      "vqgan_ae",
+      f"vqgan_ae fwd+bwd {args.size}^3 b{args.batch}{_suffix(args)}",
+      lambda: step(variables["params"], x),
+      args.batch,
+      flops,
+      args.dtype,
+    )
+  ]
 
 
 def bench_vqgan(args) -> list[Work]:
   # pylint: disable=import-outside-toplevel
   from latentfm.nn.lpips import load_params
   from latentfm.train.vqgan_step import create_state, make_train_step
+
   config = vqgan_config(args.size, args.downsample)
   _model_options(config.model, args)
   state = create_state(jax.random.PRNGKey(0), config)
   lpips = load_params()
-  batch = {"image": jnp.asarray(np.random.default_rng(0).random(
-      (args.batch,) + (args.size,) * 3 + (1,), dtype=np.float32))}
-  step, flops = compile_step(make_train_step(config, use_gan=True), state, batch, lpips,
-                             donate_state=True)
+  batch = {
+    "image": jnp.asarray(
+      np.random.default_rng(0).random((args.batch,) + (args.size,) * 3 + (1,), dtype=np.float32)
+    )
+  }
+  step, flops = compile_step(
+    make_train_step(config, use_gan=True), state, batch, lpips, donate_state=True
+  )
   holder = {"s": state}
 
   def call():
     holder["s"], metrics = step(holder["s"], batch, lpips)
     return metrics
 
-  return [Work("vqgan", f"vqgan train step {args.size}^3 b{args.batch}{_suffix(args)}", call,
-               args.batch, flops, args.dtype)]
+  return [
+    Work(
+      "vqgan",
+      f"vqgan train step {args.size}^3 b{args.batch}{_suffix(args)}",
+      call,
+      args.batch,
+      flops,
+      args.dtype,
+    )
+  ]
 
 
 def bench_flow(args) -> list[Work]:
   # pylint: disable=import-outside-toplevel
   from experiments.configs.flow import get_config
   from latentfm.train.flow_step import create_state, make_train_step
+
   config = get_config("thesis")
   _model_options(config.model, args)
   latent = (args.size // args.downsample,) * 3 + (8,)
   state = create_state(jax.random.PRNGKey(0), config, latent)
-  z = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((args.batch,) + latent),
-                            jnp.float32)}
+  z = {
+    "image": jnp.asarray(
+      np.random.default_rng(0).standard_normal((args.batch,) + latent), jnp.float32
+    )
+  }
   step, flops = compile_step(make_train_step(config), state, z, donate_state=True)
   holder = {"s": state}
 
@@ -225,13 +255,22 @@ def bench_flow(args) -> list[Work]:
     holder["s"], metrics = step(holder["s"], z)
     return metrics
 
-  return [Work("flow", f"flow train step {latent[0]}^3x8 b{args.batch}{_suffix(args)}", call,
-               args.batch, flops, args.dtype)]
+  return [
+    Work(
+      "flow",
+      f"flow train step {latent[0]}^3x8 b{args.batch}{_suffix(args)}",
+      call,
+      args.batch,
+      flops,
+      args.dtype,
+    )
+  ]
 
 
 def piece_width() -> int:
   """Channels of the thesis decoder's last stage, the widest at full size."""
   from experiments.configs.vqgan import get_config  # pylint: disable=import-outside-toplevel
+
   return 2 * get_config("thesis").model.n_hiddens
 
 
@@ -244,24 +283,39 @@ def _piece(stage: str, make_module: Callable[[int], Any], args) -> list[Work]:
   """
   width = piece_width()
   module = make_module(width)
-  x = jnp.asarray(np.random.default_rng(0).standard_normal(
-      (args.batch,) + (args.size,) * 3 + (width,)), jnp.float32)
+  x = jnp.asarray(
+    np.random.default_rng(0).standard_normal((args.batch,) + (args.size,) * 3 + (width,)),
+    jnp.float32,
+  )
   params = compiler.jit(module.init)(jax.random.PRNGKey(0), x)
   loss = lambda p, x: jnp.mean(jnp.abs(module.apply(p, x).astype(jnp.float32)))
   step, flops = compile_step(jax.grad(loss, argnums=(0, 1)), params, x)
-  return [Work(stage, f"{stage} fwd+bwd {args.size}^3x{width} b{args.batch} {args.dtype}",
-               lambda: step(params, x), args.batch, flops, args.dtype)]
+  return [
+    Work(
+      stage,
+      f"{stage} fwd+bwd {args.size}^3x{width} b{args.batch} {args.dtype}",
+      lambda: step(params, x),
+      args.batch,
+      flops,
+      args.dtype,
+    )
+  ]
 
 
 def bench_conv3(args) -> list[Work]:
   from latentfm.nn.layers import SamePadConv  # pylint: disable=import-outside-toplevel
+
   return _piece("conv3", lambda width: SamePadConv(width, 3, 1, jnp.dtype(args.dtype)), args)
 
 
 def bench_resblock(args) -> list[Work]:
   from latentfm.nn.layers import ResBlock  # pylint: disable=import-outside-toplevel
-  return _piece("resblock", lambda width: ResBlock(dtype=jnp.dtype(args.dtype),
-                                                   recompute_norms=args.recompute_norms), args)
+
+  return _piece(
+    "resblock",
+    lambda width: ResBlock(dtype=jnp.dtype(args.dtype), recompute_norms=args.recompute_norms),
+    args,
+  )
 
 
 def bench_sample(args) -> list[Work]:
@@ -270,6 +324,7 @@ def bench_sample(args) -> list[Work]:
   from latentfm.nn.unet3d import UNet3D
   from latentfm.nn.vqgan import VQGAN
   from latentfm.sample import integrate, velocity_from_model
+
   flow = flow_config("thesis")
   flow.model.dtype = args.dtype
   unet = UNet3D.from_config(flow.model)
@@ -282,9 +337,15 @@ def bench_sample(args) -> list[Work]:
   vq_vars = compiler.jit(vq.init)(jax.random.PRNGKey(2), jnp.zeros((1,) + (args.size,) * 3 + (1,)))
   decode = compiler.jit(lambda v, z: vq.apply(v, z, method=vq.decode))
   velocity = velocity_from_model(unet.apply, params)
-  return [Work("sample", f"sample {solver} + decode {args.size}^3 {args.dtype} f{args.downsample}",
-               lambda s=solver: decode(vq_vars, integrate(velocity, z1, solver=s, steps=50)[0]), 1)
-          for solver in ("euler", "tsit5")]
+  return [
+    Work(
+      "sample",
+      f"sample {solver} + decode {args.size}^3 {args.dtype} f{args.downsample}",
+      lambda s=solver: decode(vq_vars, integrate(velocity, z1, solver=s, steps=50)[0]),
+      1,
+    )
+    for solver in ("euler", "tsit5")
+  ]
 
 
 def memory_summary() -> str:
@@ -302,27 +363,52 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--stages", default="vqgan_ae,flow,sample")
   parser.add_argument("--torch", action="store_true")
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                      help="computation dtype of the models (parameters stay float32)")
+  parser.add_argument(
+    "--dtype",
+    default="float32",
+    choices=("float32", "bfloat16"),
+    help="computation dtype of the models (parameters stay float32)",
+  )
   parser.add_argument("--remat", action="store_true", help="recompute residual blocks")
-  parser.add_argument("--recompute-norms", action="store_true",
-                      help="recompute GroupNorm + SiLU intermediates in the backward pass")
+  parser.add_argument(
+    "--recompute-norms",
+    action="store_true",
+    help="recompute GroupNorm + SiLU intermediates in the backward pass",
+  )
   parser.add_argument("--downsample", type=int, default=4, help="VQ-GAN factor per axis")
-  parser.add_argument("--host-memory", choices=("reuse", "default"), default="reuse",
-                      help="JAX: reuse host buffers across steps as the trainers do, or not")
-  parser.add_argument("--torch-host-memory", choices=("reuse", "default"), default="default",
-                      help="PyTorch: the same glibc settings as JAX's reuse, or glibc's defaults")
-  parser.add_argument("--rounds", type=int, default=1,
-                      help="with --torch: alternate PyTorch and JAX this many times and print "
-                      "the median ratio with its range (machines drift between runs)")
+  parser.add_argument(
+    "--host-memory",
+    choices=("reuse", "default"),
+    default="reuse",
+    help="JAX: reuse host buffers across steps as the trainers do, or not",
+  )
+  parser.add_argument(
+    "--torch-host-memory",
+    choices=("reuse", "default"),
+    default="default",
+    help="PyTorch: the same glibc settings as JAX's reuse, or glibc's defaults",
+  )
+  parser.add_argument(
+    "--rounds",
+    type=int,
+    default=1,
+    help="with --torch: alternate PyTorch and JAX this many times and print "
+    "the median ratio with its range (machines drift between runs)",
+  )
   args = parser.parse_args()
   if args.rounds < 1:
     parser.error(f"--rounds must be at least 1, got {args.rounds}")
   stages = args.stages.split(",")
   if args.host_memory == "reuse":
     host_memory.reuse_host_memory()
-  benches = {"vqgan_ae": bench_vqgan_ae, "vqgan": bench_vqgan, "flow": bench_flow,
-             "sample": bench_sample, "conv3": bench_conv3, "resblock": bench_resblock}
+  benches = {
+    "vqgan_ae": bench_vqgan_ae,
+    "vqgan": bench_vqgan,
+    "flow": bench_flow,
+    "sample": bench_sample,
+    "conv3": bench_conv3,
+    "resblock": bench_resblock,
+  }
   works, mine, theirs = [], {}, {}
   for round_ in range(args.rounds if args.torch else 1):
     # PyTorch runs in a fresh process with the same environment, first in the first round, so
@@ -330,26 +416,41 @@ def main() -> None:
     for stage, row in (_torch_child(args) if args.torch else {}).items():
       theirs.setdefault(stage, []).append(row)
     if not works:
-      print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
-            f"jax {jax.__version__}, host memory {args.host_memory}", flush=True)
+      print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+        f"jax {jax.__version__}, host memory {args.host_memory}",
+        flush=True,
+      )
       works = [w for stage in benches if stage in stages for w in benches[stage](args)]
     for w in works:
       mine.setdefault(w.label, []).append(timeit(w.call, args.repeats))
     if args.rounds > 1:
-      print(f"round {round_ + 1}: " + ", ".join(
+      print(
+        f"round {round_ + 1}: "
+        + ", ".join(
           f"{stage} {mine[_work(works, stage).label][-1] / rows[-1]['seconds']:.2f}"
-          for stage, rows in theirs.items()), flush=True)
+          for stage, rows in theirs.items()
+        ),
+        flush=True,
+      )
   if jax.default_backend() == "cpu" and any(w.flops for w in works):
-    print(f"CPU matmul rate, 2048^3 {args.dtype}: "
-          f"{cpu_matmul_rate(args.dtype) / 1e9:.0f} GFLOP/s", flush=True)
+    print(
+      f"CPU matmul rate, 2048^3 {args.dtype}: {cpu_matmul_rate(args.dtype) / 1e9:.0f} GFLOP/s",
+      flush=True,
+    )
   for w in works:
     report(w.label, statistics.median(mine[w.label]), w.batch, w.flops, w.dtype)
   print(memory_summary(), flush=True)
   for stage, rows in theirs.items():
     seconds = [row["seconds"] for row in rows]
     work = _work(works, stage)
-    report(f"{rows[0]['label']} (host memory {args.torch_host_memory})",
-           statistics.median(seconds), args.batch, work.flops, work.dtype)
+    report(
+      f"{rows[0]['label']} (host memory {args.torch_host_memory})",
+      statistics.median(seconds),
+      args.batch,
+      work.flops,
+      work.dtype,
+    )
     median, low, high = ratio_summary(mine[work.label], seconds)
     spread = f" (range {low:.2f}-{high:.2f} over {len(seconds)} rounds)" if len(rows) > 1 else ""
     print(f"ratio JAX/PyTorch ({stage}): {median:.2f}{spread}", flush=True)
@@ -370,10 +471,25 @@ def _torch_child(args) -> dict[str, dict]:
   """Runs the PyTorch benchmarks in a child process; their timings by stage name."""
   if not set(TORCH_STAGES) & set(args.stages.split(",")):
     return {}
-  command = [sys.executable, "-m", "bench.torch_run", "--stages", args.stages,
-             "--size", str(args.size), "--batch", str(args.batch), "--repeats",
-             str(args.repeats), "--dtype", args.dtype, "--downsample", str(args.downsample),
-             "--host-memory", args.torch_host_memory]
+  command = [
+    sys.executable,
+    "-m",
+    "bench.torch_run",
+    "--stages",
+    args.stages,
+    "--size",
+    str(args.size),
+    "--batch",
+    str(args.batch),
+    "--repeats",
+    str(args.repeats),
+    "--dtype",
+    args.dtype,
+    "--downsample",
+    str(args.downsample),
+    "--host-memory",
+    args.torch_host_memory,
+  ]
   out = subprocess.run(command, check=False, capture_output=True, text=True)
   if out.returncode:
     last = (out.stderr.strip().splitlines() or ["no output"])[-1]

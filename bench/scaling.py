@@ -23,13 +23,14 @@ def child(args) -> None:
   # pylint: disable=import-outside-toplevel
   import jax
   import numpy as np
+
   from bench.run import timeit
   from experiments.configs.flow import get_config
-  from latentfm.train import flow_step, host_memory, parallel
-  from latentfm.train import compiler
+  from latentfm.train import compiler, flow_step, host_memory, parallel
+
   host_memory.reuse_host_memory()  # as the trainers do
   config = get_config(args.config)
-  mesh = parallel.make_mesh(jax.devices()[:args.child])
+  mesh = parallel.make_mesh(jax.devices()[: args.child])
   latent = (args.latent,) * 3 + (8,)
   state = parallel.replicate(flow_step.create_state(jax.random.PRNGKey(0), config, latent), mesh)
   batch = args.per_device_batch * args.child
@@ -46,8 +47,16 @@ def child(args) -> None:
     return metrics
 
   seconds = timeit(call, args.repeats)
-  print(json.dumps({"devices": args.child, "kind": jax.devices()[0].device_kind,
-                    "batch": batch, "seconds": seconds}))
+  print(
+    json.dumps(
+      {
+        "devices": args.child,
+        "kind": jax.devices()[0].device_kind,
+        "batch": batch,
+        "seconds": seconds,
+      }
+    )
+  )
 
 
 def device_counts(text: str) -> list[int]:
@@ -75,19 +84,34 @@ def main(argv: list[str] | None = None) -> int:
     child(args)
     return 0
   forced = os.environ.get("JAX_PLATFORMS", "cpu") == "cpu"
-  print(f"flow train step, config {args.config}, latent {args.latent}^3x8, "
-        f"{args.per_device_batch} per device")
+  print(
+    f"flow train step, config {args.config}, latent {args.latent}^3x8, "
+    f"{args.per_device_batch} per device"
+  )
   print("| devices | global batch | step (ms) | volumes/s | volumes/s per device |")
   print("|---|---|---|---|---|")
   failed, shared_cores = 0, False
   for n in args.devices:
     env = dict(os.environ)
     if forced:
-      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                          + f" --xla_force_host_platform_device_count={n}").strip()
-    cmd = [sys.executable, "-m", "bench.scaling", "--child", str(n), "--config", args.config,
-           "--latent", str(args.latent), "--per-device-batch", str(args.per_device_batch),
-           "--repeats", str(args.repeats)]
+      env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+      ).strip()
+    cmd = [
+      sys.executable,
+      "-m",
+      "bench.scaling",
+      "--child",
+      str(n),
+      "--config",
+      args.config,
+      "--latent",
+      str(args.latent),
+      "--per-device-batch",
+      str(args.per_device_batch),
+      "--repeats",
+      str(args.repeats),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
       failed += 1
@@ -96,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
       continue
     row = json.loads(out.stdout.strip().splitlines()[-1])
     rate = row["batch"] / row["seconds"]
-    print(f"| {n} | {row['batch']} | {row['seconds'] * 1e3:.0f} | {rate:.2f} | {rate / n:.2f} |",
-          flush=True)
+    print(
+      f"| {n} | {row['batch']} | {row['seconds'] * 1e3:.0f} | {rate:.2f} | {rate / n:.2f} |",
+      flush=True,
+    )
     shared_cores |= forced and row["kind"] == "cpu" and n > 1
   if shared_cores:
     print("(forced CPU devices share this machine's cores: a test of correctness, not of speed)")

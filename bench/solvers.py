@@ -20,25 +20,36 @@ from latentfm import sample
 TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5)
 
 
-def reference(velocity: Callable[[jax.Array, jax.Array], jax.Array], z1: jax.Array
-              ) -> tuple[jax.Array, int]:
+def reference(
+  velocity: Callable[[jax.Array, jax.Array], jax.Array], z1: jax.Array
+) -> tuple[jax.Array, int]:
   """`(z0, NFE)` of tsit5 at rtol = atol = 1e-8 from the noise `z1`: what the sweep is
   measured against."""
   z0, nfe = sample.integrate(velocity, z1, solver="tsit5", rtol=1e-8, atol=1e-8)
   return z0, int(nfe)
 
 
-def sweep(velocity: Callable[[jax.Array, jax.Array], jax.Array], z1: jax.Array, ref: jax.Array,
-          tolerances: Sequence[float] = TOLERANCES) -> Iterator[dict]:
+def sweep(
+  velocity: Callable[[jax.Array, jax.Array], jax.Array],
+  z1: jax.Array,
+  ref: jax.Array,
+  tolerances: Sequence[float] = TOLERANCES,
+) -> Iterator[dict]:
   """Each solver's row as it finishes: solver, setting, NFE and RMS error against `ref` from
   the same noise `z1`. Euler 10-100 steps, Heun 10 and 25, tsit5 at each tolerance."""
-  runs = ([("euler", f"{n} steps", {"steps": n}) for n in (10, 25, 50, 100)]
-          + [("heun", f"{n} steps", {"steps": n}) for n in (10, 25)]
-          + [("tsit5", f"rtol=atol={tol:g}", {"rtol": tol, "atol": tol}) for tol in tolerances])
+  runs = (
+    [("euler", f"{n} steps", {"steps": n}) for n in (10, 25, 50, 100)]
+    + [("heun", f"{n} steps", {"steps": n}) for n in (10, 25)]
+    + [("tsit5", f"rtol=atol={tol:g}", {"rtol": tol, "atol": tol}) for tol in tolerances]
+  )
   for solver, setting, kwargs in runs:
     z, nfe = sample.integrate(velocity, z1, solver=solver, **kwargs)
-    yield {"solver": solver, "setting": setting, "nfe": int(nfe),
-           "error": float(jnp.sqrt(jnp.mean((z - ref) ** 2)))}
+    yield {
+      "solver": solver,
+      "setting": setting,
+      "nfe": int(nfe),
+      "error": float(jnp.sqrt(jnp.mean((z - ref) ** 2))),
+    }
 
 
 def equal_error(rows: Sequence[dict]) -> tuple[dict, dict | None]:
@@ -66,8 +77,10 @@ def main() -> None:
     print(f"| {r['solver']} | {r['setting']} | {r['nfe']} | {r['error']:.2e} |", flush=True)
   euler_100, best = equal_error(rows)
   if best:
-    print(f"equal error: tsit5 {best['setting']} reaches {best['error']:.2e} <= Euler-100's "
-          f"{euler_100['error']:.2e} with {best['nfe']} NFE (Euler: 100)")
+    print(
+      f"equal error: tsit5 {best['setting']} reaches {best['error']:.2e} <= Euler-100's "
+      f"{euler_100['error']:.2e} with {best['nfe']} NFE (Euler: 100)"
+    )
   else:
     print(f"equal error: no swept tsit5 tolerance reaches Euler-100's {euler_100['error']:.2e}")
 

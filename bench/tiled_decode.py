@@ -36,10 +36,10 @@ def memory(tile: int) -> dict:
   from experiments.configs.vqgan import get_config
   from latentfm import tiled_decode
   from latentfm.nn.vqgan import VQGAN, from_model_range
+
   model = VQGAN.from_config(get_config("res128").model).clone(remat=False)
   latent = jax.ShapeDtypeStruct((1, 64, 64, 64, model.embedding_dim), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                             jnp.zeros((1, 128, 128, 128, 1)))
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 128, 1)))
   whole = jax.jit(lambda v, z: from_model_range(model.apply(v, z, method=model.decode)))
   out = {"whole": _bytes(whole.lower(variables, latent).compile())}
   z_tile = jax.ShapeDtypeStruct((1, tile, tile, tile, model.embedding_dim), jnp.float32)
@@ -48,8 +48,9 @@ def memory(tile: int) -> dict:
   passes = []
   for k, shape in enumerate(shapes + [None]):
     weights = {} if shape is None else {shape: jax.ShapeDtypeStruct(shape, jnp.float32)}
-    lowered = tiled_decode._pass.lower(model, variables, z_tile, tuple(fixed),
-                                       None if shape is None else k, weights)
+    lowered = tiled_decode._pass.lower(
+      model, variables, z_tile, tuple(fixed), None if shape is None else k, weights
+    )
     passes.append(_bytes(lowered.compile()))
     groups = jax.ShapeDtypeStruct((1, min(32, 2 * model.n_hiddens)), jnp.float32)
     fixed.append((groups, groups))
@@ -63,6 +64,7 @@ def error(latent: int) -> dict:
   # pylint: disable=import-outside-toplevel
   from latentfm import tiled_decode
   from latentfm.nn.vqgan import VQGAN, from_model_range
+
   model = VQGAN(n_hiddens=16, downsample=(2, 2, 2), embedding_dim=8, n_codes=64)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 16, 1)))
   rng = np.random.default_rng(0)
@@ -70,20 +72,28 @@ def error(latent: int) -> dict:
   z = jnp.asarray(z + 3 * np.linspace(-1, 1, latent)[None, :, None, None, None], jnp.float32)
   whole = np.asarray(from_model_range(model.apply(variables, z, method=model.decode))[..., 0])
   tile = max(2 * latent // 3, 2 * tiled_decode.decoder_margin(model) + 3)
-  return {f"tile {tile}, {name}": float(np.abs(tiled_decode.decode_tiled(
-      model, variables, z, tile, global_norms=global_norms) - whole).max())
-          for name, global_norms in (("volume statistics", True), ("own statistics", False))}
+  return {
+    f"tile {tile}, {name}": float(
+      np.abs(
+        tiled_decode.decode_tiled(model, variables, z, tile, global_norms=global_norms) - whole
+      ).max()
+    )
+    for name, global_norms in (("volume statistics", True), ("own statistics", False))
+  }
 
 
 def main(argv: list[str]) -> None:
   del argv
   from latentfm.nn import layers  # pylint: disable=import-outside-toplevel
+
   with layers.use_conv_impl("lax"):
     m = memory(FLAGS.tile)
-    print(f"128³ res128 decoder, batch 1 ({jax.default_backend()}): whole decode "
-          f"{m['whole'] / 2**20:.0f} MiB; tiles of {FLAGS.tile}³ latent voxels: largest of "
-          f"{m['passes']} passes {m['tiled_largest_pass'] / 2**20:.0f} MiB "
-          f"({m['whole'] / m['tiled_largest_pass']:.1f}x less)")
+    print(
+      f"128³ res128 decoder, batch 1 ({jax.default_backend()}): whole decode "
+      f"{m['whole'] / 2**20:.0f} MiB; tiles of {FLAGS.tile}³ latent voxels: largest of "
+      f"{m['passes']} passes {m['tiled_largest_pass'] / 2**20:.0f} MiB "
+      f"({m['whole'] / m['tiled_largest_pass']:.1f}x less)"
+    )
     for name, value in error(FLAGS.error_latent).items():
       print(f"max |tiled - whole| at {FLAGS.error_latent}³ latent, {name}: {value:.2e}")
 

@@ -5,8 +5,9 @@ import time
 from typing import Any, Callable
 
 
-def timeit(fn: Callable[[], Any], repeats: int, sync: Callable[[Any], Any] = lambda out: out
-           ) -> float:
+def timeit(
+  fn: Callable[[], Any], repeats: int, sync: Callable[[Any], Any] = lambda out: out
+) -> float:
   """Median wall time of `sync(fn())` over `repeats` calls, after one warm-up call.
 
   `sync` waits for the result: `jax.block_until_ready` for JAX's asynchronous dispatch,

@@ -17,7 +17,6 @@ def _pads(k: int, s: int) -> tuple[int, ...]:
 
 
 class SamePadConv3d(nn.Module):
-
   def __init__(self, cin: int, cout: int, k: int, s: int = 1):
     super().__init__()
     self.pad = _pads(k, s)
@@ -28,7 +27,6 @@ class SamePadConv3d(nn.Module):
 
 
 class SamePadConvTranspose3d(nn.Module):
-
   def __init__(self, cin: int, cout: int, k: int = 4, s: int = 2):
     super().__init__()
     self.pad = _pads(k, s)
@@ -39,7 +37,6 @@ class SamePadConvTranspose3d(nn.Module):
 
 
 class ResBlock(nn.Module):
-
   def __init__(self, c: int):
     super().__init__()
     self.norm1 = nn.GroupNorm(min(32, c), c, eps=1e-6)
@@ -58,15 +55,27 @@ class ThesisAutoencoder(nn.Module):
   def __init__(self, n: int = 16, emb: int = 8):
     super().__init__()
     self.encoder = nn.Sequential(
-        SamePadConv3d(1, n, 3), SamePadConv3d(n, 2 * n, 4, 2), ResBlock(2 * n),
-        SamePadConv3d(2 * n, 4 * n, 4, 2), ResBlock(4 * n), nn.GroupNorm(32, 4 * n, eps=1e-6),
-        nn.SiLU())
+      SamePadConv3d(1, n, 3),
+      SamePadConv3d(n, 2 * n, 4, 2),
+      ResBlock(2 * n),
+      SamePadConv3d(2 * n, 4 * n, 4, 2),
+      ResBlock(4 * n),
+      nn.GroupNorm(32, 4 * n, eps=1e-6),
+      nn.SiLU(),
+    )
     self.pre_vq = nn.Conv3d(4 * n, emb, 1)
     self.post_vq = nn.Conv3d(emb, 4 * n, 1)
     self.decoder = nn.Sequential(
-        nn.GroupNorm(32, 4 * n, eps=1e-6), nn.SiLU(), SamePadConvTranspose3d(4 * n, 4 * n),
-        ResBlock(4 * n), ResBlock(4 * n), SamePadConvTranspose3d(4 * n, 2 * n),
-        ResBlock(2 * n), ResBlock(2 * n), SamePadConv3d(2 * n, 1, 3))
+      nn.GroupNorm(32, 4 * n, eps=1e-6),
+      nn.SiLU(),
+      SamePadConvTranspose3d(4 * n, 4 * n),
+      ResBlock(4 * n),
+      ResBlock(4 * n),
+      SamePadConvTranspose3d(4 * n, 2 * n),
+      ResBlock(2 * n),
+      ResBlock(2 * n),
+      SamePadConv3d(2 * n, 1, 3),
+    )
 
   def forward(self, x):
     return self.decoder(self.post_vq(self.pre_vq(self.encoder(x))))
@@ -75,19 +84,23 @@ class ThesisAutoencoder(nn.Module):
 def _groups(c: int, max_groups: int = 32) -> int:
   """The GroupNorm group count of `latentfm.nn.unet3d._norm` (>= 4 channels per group)."""
   import math  # pylint: disable=import-outside-toplevel
+
   g = math.gcd(c, max_groups)
   return max([d for d in range(1, g + 1) if g % d == 0 and c // d >= 4], default=1)
 
 
 class FlowResBlock(nn.Module):
-
   def __init__(self, cin: int, cout: int, tdim: int, dropout: float):
     super().__init__()
-    self.norm1, self.conv1 = nn.GroupNorm(_groups(cin), cin, eps=1e-6), nn.Conv3d(cin, cout, 3,
-                                                                                  padding=1)
+    self.norm1, self.conv1 = (
+      nn.GroupNorm(_groups(cin), cin, eps=1e-6),
+      nn.Conv3d(cin, cout, 3, padding=1),
+    )
     self.time_proj = nn.Linear(tdim, cout)
-    self.norm2, self.conv2 = nn.GroupNorm(_groups(cout), cout, eps=1e-6), nn.Conv3d(cout, cout, 3,
-                                                                                    padding=1)
+    self.norm2, self.conv2 = (
+      nn.GroupNorm(_groups(cout), cout, eps=1e-6),
+      nn.Conv3d(cout, cout, 3, padding=1),
+    )
     self.dropout = nn.Dropout(dropout)
     self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -98,7 +111,6 @@ class FlowResBlock(nn.Module):
 
 
 class FlowAttention(nn.Module):
-
   def __init__(self, c: int, heads: int):
     super().__init__()
     self.norm, self.heads = nn.GroupNorm(_groups(c), c, eps=1e-6), heads
@@ -126,8 +138,18 @@ class ResAttn(nn.Module):
 class FlowUNet3d(nn.Module):
   """`latentfm.nn.unet3d.UNet3D`, layer for layer (same parameter count for the same config)."""
 
-  def __init__(self, in_channels=8, channels=80, mults=(1, 2, 2, 2), num_res_blocks=2,
-               attention_levels=(2, 3), heads=4, dropout=0.5, tdim=320, time_scale=1000.0):
+  def __init__(
+    self,
+    in_channels=8,
+    channels=80,
+    mults=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attention_levels=(2, 3),
+    heads=4,
+    dropout=0.5,
+    tdim=320,
+    time_scale=1000.0,
+  ):
     super().__init__()
     self.channels, self.time_scale = channels, time_scale
     self.time_mlp = nn.Sequential(nn.Linear(channels, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
@@ -143,9 +165,11 @@ class FlowUNet3d(nn.Module):
         self.down.append(nn.Conv3d(ch, ch, 3, stride=2, padding=1))
         skip_ch.append(ch)
     mid_attn = len(mults) - 1 in attention_levels
-    self.mid = nn.ModuleList([FlowResBlock(ch, ch, tdim, dropout)]
-                             + ([FlowAttention(ch, heads)] if mid_attn else [])
-                             + [FlowResBlock(ch, ch, tdim, dropout)])
+    self.mid = nn.ModuleList(
+      [FlowResBlock(ch, ch, tdim, dropout)]
+      + ([FlowAttention(ch, heads)] if mid_attn else [])
+      + [FlowResBlock(ch, ch, tdim, dropout)]
+    )
     self.up = nn.ModuleList()
     for level in reversed(range(len(mults))):
       for _ in range(num_res_blocks + 1):
@@ -154,8 +178,11 @@ class FlowUNet3d(nn.Module):
         self.up.append(ResAttn(FlowResBlock(ch + skip_ch.pop(), out, tdim, dropout), attn))
         ch = out
       if level > 0:
-        self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                     nn.Conv3d(ch, ch, 3, padding=1)))
+        self.up.append(
+          nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(ch, ch, 3, padding=1)
+          )
+        )
     self.out_norm = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
     self.out = nn.Conv3d(ch, in_channels, 3, padding=1)
 
@@ -179,6 +206,7 @@ class FlowUNet3d(nn.Module):
 def flax_tensor(a) -> torch.Tensor:
   """A writable float32 torch copy of a Flax (or NumPy) array."""
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   return torch.from_numpy(np.array(a, np.float32))  # a writable copy
 
 

@@ -47,6 +47,7 @@ def _autocast(dtype: str):
 def bench_ae(size: int, batch: int, repeats: int, dtype: str) -> tuple[str, float]:
   """The thesis autoencoder's forward + backward of an L1 loss."""
   from bench.torch_models import ThesisAutoencoder  # pylint: disable=import-outside-toplevel
+
   model = ThesisAutoencoder().to(device())
   x = torch.rand(batch, 1, size, size, size, device=device()) * 2 - 1
 
@@ -65,6 +66,7 @@ def bench_vqgan(size: int, batch: int, repeats: int, dtype: str) -> tuple[str, f
   # pylint: disable=import-outside-toplevel
   from bench.torch_vqgan import VQGANTrainStep
   from experiments.configs.vqgan import get_config
+
   config = get_config("thesis")
   config.data.shape, config.optim.accumulate = (size,) * 3, 1
   step = VQGANTrainStep(config).to(device())
@@ -80,6 +82,7 @@ def bench_vqgan(size: int, batch: int, repeats: int, dtype: str) -> tuple[str, f
 def bench_flow(latent: int, batch: int, repeats: int, dtype: str) -> tuple[str, float]:
   """The thesis UNet's train step (hybrid loss, clipping, AdamW) on a `latent`³ x 8 latent."""
   from bench.torch_models import FlowUNet3d  # pylint: disable=import-outside-toplevel
+
   model = FlowUNet3d().to(device())  # the thesis UNet (37,910,568 parameters), dropout 0.5
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0)
@@ -90,7 +93,7 @@ def bench_flow(latent: int, batch: int, repeats: int, dtype: str) -> tuple[str, 
     zt = (1 - t)[:, None, None, None, None] * z0 + t[:, None, None, None, None] * z1
     with _autocast(dtype):
       diff = model(zt, t).float() - (z1 - z0)
-      loss = 0.9 * diff.abs().mean() + 0.1 * (diff ** 2).mean()
+      loss = 0.9 * diff.abs().mean() + 0.1 * (diff**2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -100,13 +103,13 @@ def bench_flow(latent: int, batch: int, repeats: int, dtype: str) -> tuple[str, 
   return f"torch flow train step {latent}^3x8 b{batch} {dtype}", timeit(step, repeats)
 
 
-def bench_piece(stage: str, size: int, batch: int, repeats: int, dtype: str
-                ) -> tuple[str, float]:
+def bench_piece(stage: str, size: int, batch: int, repeats: int, dtype: str) -> tuple[str, float]:
   """`bench.run`'s `conv3` / `resblock`: forward + backward of mean |output| with input and
   parameter gradients, at the width of the thesis decoder's last stage, at full size."""
   # pylint: disable=import-outside-toplevel
   from bench.torch_models import ResBlock, SamePadConv3d
   from experiments.configs.vqgan import get_config
+
   width = 2 * get_config("thesis").model.n_hiddens
   model = (SamePadConv3d(width, width, 3) if stage == "conv3" else ResBlock(width)).to(device())
   x = torch.randn(batch, width, size, size, size, device=device(), requires_grad=True)
@@ -122,8 +125,9 @@ def bench_piece(stage: str, size: int, batch: int, repeats: int, dtype: str
   return f"torch {stage} fwd+bwd {size}^3x{width} b{batch} {dtype}", timeit(step, repeats)
 
 
-def run(stages: list[str], size: int, batch: int, repeats: int, dtype: str,
-        downsample: int) -> dict[str, tuple[str, float]]:
+def run(
+  stages: list[str], size: int, batch: int, repeats: int, dtype: str, downsample: int
+) -> dict[str, tuple[str, float]]:
   """(label, seconds) by stage name for the stages PyTorch has a counterpart of."""
   torch.set_num_threads(os.cpu_count() or 1)
   if torch.cuda.is_available():
@@ -152,14 +156,20 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--downsample", type=int, default=4)
-  parser.add_argument("--host-memory", choices=("reuse", "default"), default="default",
-                      help="the glibc settings of latentfm.train.host_memory, or glibc's")
+  parser.add_argument(
+    "--host-memory",
+    choices=("reuse", "default"),
+    default="default",
+    help="the glibc settings of latentfm.train.host_memory, or glibc's",
+  )
   args = parser.parse_args()
   if args.host_memory == "reuse":
     from latentfm.train import host_memory  # pylint: disable=import-outside-toplevel
+
     host_memory.keep_freed_memory()
-  rows = run(args.stages.split(","), args.size, args.batch, args.repeats, args.dtype,
-             args.downsample)
+  rows = run(
+    args.stages.split(","), args.size, args.batch, args.repeats, args.dtype, args.downsample
+  )
   for stage, (label, seconds) in rows.items():
     print(json.dumps({"name": stage, "label": label, "seconds": seconds}), flush=True)
 

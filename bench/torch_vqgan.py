@@ -27,8 +27,14 @@ from bench.torch_models import ThesisAutoencoder, flax_tensor, load_affine, load
 class VectorQuantizer(nn.Module):
   """Nearest-code quantiser of the channel axis with an EMA codebook and dead-code restarts."""
 
-  def __init__(self, n_codes: int, dim: int, decay: float = 0.99, restart_dead_codes: bool = True,
-               eps: float = 1e-5):
+  def __init__(
+    self,
+    n_codes: int,
+    dim: int,
+    decay: float = 0.99,
+    restart_dead_codes: bool = True,
+    eps: float = 1e-5,
+  ):
     super().__init__()
     self.n_codes, self.dim, self.decay, self.eps = n_codes, dim, decay, eps
     self.restart_dead_codes = restart_dead_codes
@@ -60,8 +66,7 @@ class VectorQuantizer(nn.Module):
         self.embed_sum.copy_(fresh)
         self.cluster_size.fill_(1.0)
       emb = self.embeddings.clone()
-      dist = ((flat ** 2).sum(1, keepdim=True) - 2.0 * flat @ emb.T
-              + (emb ** 2).sum(1)[None, :])
+      dist = (flat**2).sum(1, keepdim=True) - 2.0 * flat @ emb.T + (emb**2).sum(1)[None, :]
       idx = dist.argmin(1)
       counts = torch.bincount(idx, minlength=self.n_codes).float()
       if update:
@@ -87,18 +92,25 @@ class VectorQuantizer(nn.Module):
 class PatchDiscriminator(nn.Module):
   """pix2pixHD `NLayerDiscriminator` as `latentfm.nn.discriminators.PatchDiscriminator`."""
 
-  def __init__(self, channels: int = 64, num_layers: int = 3, spatial_dims: int = 3,
-               in_channels: int = 1):
+  def __init__(
+    self, channels: int = 64, num_layers: int = 3, spatial_dims: int = 3, in_channels: int = 1
+  ):
     super().__init__()
     conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
     norm = nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d
     self.blocks = nn.ModuleList(
-        [nn.Sequential(conv(in_channels, channels, 4, 2, 2), nn.LeakyReLU(0.2))])
+      [nn.Sequential(conv(in_channels, channels, 4, 2, 2), nn.LeakyReLU(0.2))]
+    )
     cin = channels
     for n in range(1, num_layers + 1):
       cout = min(channels * 2**n, 512)
-      self.blocks.append(nn.Sequential(conv(cin, cout, 4, 2 if n < num_layers else 1, 2),
-                                       norm(cout, eps=1e-5, momentum=0.1), nn.LeakyReLU(0.2)))
+      self.blocks.append(
+        nn.Sequential(
+          conv(cin, cout, 4, 2 if n < num_layers else 1, 2),
+          norm(cout, eps=1e-5, momentum=0.1),
+          nn.LeakyReLU(0.2),
+        )
+      )
       cin = cout
     self.out = conv(cin, 1, 4, 1, 2)
 
@@ -111,8 +123,9 @@ class PatchDiscriminator(nn.Module):
     return self.out(x), features
 
 
-def load_flax_discriminator(model: PatchDiscriminator, params: dict,
-                            batch_stats: dict | None = None) -> PatchDiscriminator:
+def load_flax_discriminator(
+  model: PatchDiscriminator, params: dict, batch_stats: dict | None = None
+) -> PatchDiscriminator:
   """Copies a JAX `PatchDiscriminator`'s params (and running statistics) into `model`."""
   for n, block in enumerate(model.blocks):
     load_conv(block[0], params[f"conv_{n}"])
@@ -145,8 +158,9 @@ def feature_matching(fake: list[torch.Tensor], real: list[torch.Tensor]) -> torc
 @contextlib.contextmanager
 def running_stats_frozen(*modules: nn.Module) -> Iterator[None]:
   """Batch statistics still normalise, but running statistics are left as they are."""
-  norms = [m for mod in modules for m in mod.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # pylint: disable=protected-access
+  norms = [
+    m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+  ]  # pylint: disable=protected-access
   saved = [m.momentum for m in norms]
   for m in norms:
     m.momentum = 0.0
@@ -173,13 +187,15 @@ class VQGANTrainStep(nn.Module):
     if self.loss_cfg.gan_loss not in ("hinge", "vanilla"):
       raise ValueError(f"unknown GAN loss {self.loss_cfg.gan_loss!r}")
     self.ae = ThesisAutoencoder(model.n_hiddens, model.embedding_dim)
-    self.quantizer = VectorQuantizer(model.n_codes, model.embedding_dim, model.codebook_decay,
-                                     model.restart_dead_codes)
+    self.quantizer = VectorQuantizer(
+      model.n_codes, model.embedding_dim, model.codebook_decay, model.restart_dead_codes
+    )
     self.image_disc = PatchDiscriminator(model.disc_channels, model.disc_layers, 2)
     self.volume_disc = PatchDiscriminator(model.disc_channels, model.disc_layers, 3)
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       import lpips  # pylint: disable=import-outside-toplevel
+
       self.lpips = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     self.lpips.eval().requires_grad_(False)
     o = config.optim
@@ -215,15 +231,25 @@ class VQGANTrainStep(nn.Module):
       with torch.no_grad():
         real_img_feats = self.image_disc(xs)[1]
         real_vol_feats = self.volume_disc(x)[1]
-    terms = {"l1": (x - recon).abs().mean(), "commitment": commitment,
-             "perceptual": perceptual, "g_image": g_loss(kind, fake_img),
-             "g_volume": g_loss(kind, fake_vol),
-             "feature_matching": (feature_matching(fake_img_feats, real_img_feats)
-                                  + feature_matching(fake_vol_feats, real_vol_feats))}
-    loss = (cfg.l1_weight * terms["l1"] + cfg.commitment_weight * commitment
-            + cfg.perceptual_weight * perceptual
-            + cfg.image_gan_weight * terms["g_image"] + cfg.volume_gan_weight * terms["g_volume"]
-            + cfg.gan_feat_weight * terms["feature_matching"])
+    terms = {
+      "l1": (x - recon).abs().mean(),
+      "commitment": commitment,
+      "perceptual": perceptual,
+      "g_image": g_loss(kind, fake_img),
+      "g_volume": g_loss(kind, fake_vol),
+      "feature_matching": (
+        feature_matching(fake_img_feats, real_img_feats)
+        + feature_matching(fake_vol_feats, real_vol_feats)
+      ),
+    }
+    loss = (
+      cfg.l1_weight * terms["l1"]
+      + cfg.commitment_weight * commitment
+      + cfg.perceptual_weight * perceptual
+      + cfg.image_gan_weight * terms["g_image"]
+      + cfg.volume_gan_weight * terms["g_volume"]
+      + cfg.gan_feat_weight * terms["feature_matching"]
+    )
     self.g_opt.zero_grad(set_to_none=True)
     loss.backward()
     g_norm = nn.utils.clip_grad_norm_(self.g_params, self.clip)
@@ -239,6 +265,13 @@ class VQGANTrainStep(nn.Module):
     d.backward()
     d_norm = nn.utils.clip_grad_norm_(self.d_params, self.clip)
     self.d_opt.step()
-    terms.update(loss=loss, perplexity=perplexity, g_grad_norm=g_norm, d_image=d_image,
-                 d_volume=d_volume, d_loss=d, d_grad_norm=d_norm)
+    terms.update(
+      loss=loss,
+      perplexity=perplexity,
+      g_grad_norm=g_norm,
+      d_image=d_image,
+      d_volume=d_volume,
+      d_loss=d,
+      d_grad_norm=d_norm,
+    )
     return {k: v.detach() for k, v in terms.items()}

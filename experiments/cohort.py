@@ -22,15 +22,25 @@ flags.DEFINE_integer("n", 40, "Number of subjects.")
 flags.DEFINE_integer("size", 64, "Cube side in voxels.")
 flags.DEFINE_integer("seed", 0, "Cohort seed.")
 flags.DEFINE_string("montage", None, "Montage PNG path (default OUT/montage.png).")
-flags.DEFINE_list("proportions", None, "Stage weights normal,mild,moderate,advanced "
-                  "(default: balanced, round-robin).")
+flags.DEFINE_list(
+  "proportions",
+  None,
+  "Stage weights normal,mild,moderate,advanced (default: balanced, round-robin).",
+)
 
 
-
-def run(out: str, *, n: int = 40, size: int = 64, seed: int = 0, montage: str | None = None,
-        proportions: list[str] | None = None) -> None:
+def run(
+  out: str,
+  *,
+  n: int = 40,
+  size: int = 64,
+  seed: int = 0,
+  montage: str | None = None,
+  proportions: list[str] | None = None,
+) -> None:
   from latentfm import viz  # pylint: disable=import-outside-toplevel
   from latentfm.data import cohort  # pylint: disable=import-outside-toplevel
+
   start = time.perf_counter()
   try:
     weights = None if proportions is None else tuple(float(p) for p in proportions)
@@ -42,21 +52,31 @@ def run(out: str, *, n: int = 40, size: int = 64, seed: int = 0, montage: str | 
   shown = [int(i) for s in range(cohort.NUM_STAGES) for i in np.flatnonzero(stages == s)[:2]]
   template = cohort.load_template((size,) * 3)
   seeds = cohort.subject_seeds(n, seed)
-  volumes = np.stack([cohort.make_subject(template, int(stages[i]), int(seeds[i]))
-                      for i in shown])
+  volumes = np.stack([cohort.make_subject(template, int(stages[i]), int(seeds[i])) for i in shown])
   labels = [f"{cohort.STAGE_NAMES[stages[i]]} #{i}" for i in shown]
-  path = viz.save_triplanar(montage or os.path.join(out, "montage.png"), volumes, labels,
-                            title="embedded cohort: atrophy stages", at=cohort.VENTRICLE_LEVEL)
-  counts = ", ".join(f"{name} {int((stages == s).sum())}"
-                     for s, name in enumerate(cohort.STAGE_NAMES))
-  print(f"cohort: {n} subjects at {size}^3 in {out} ({counts}; "
-        f"{time.perf_counter() - start:.1f} s); montage {path}")
+  path = viz.save_triplanar(
+    montage or os.path.join(out, "montage.png"),
+    volumes,
+    labels,
+    title="embedded cohort: atrophy stages",
+    at=cohort.VENTRICLE_LEVEL,
+  )
+  counts = ", ".join(
+    f"{name} {int((stages == s).sum())}" for s, name in enumerate(cohort.STAGE_NAMES)
+  )
+  print(
+    f"cohort: {n} subjects at {size}^3 in {out} ({counts}; "
+    f"{time.perf_counter() - start:.1f} s); montage {path}"
+  )
 
 
 def main(argv: list[str]) -> None:
   f = common.parse_plain_flags(argv)
-  common.run_guarded(lambda: run(f.out, n=f.n, size=f.size, seed=f.seed, montage=f.montage,
-                                 proportions=f.proportions))
+  common.run_guarded(
+    lambda: run(
+      f.out, n=f.n, size=f.size, seed=f.seed, montage=f.montage, proportions=f.proportions
+    )
+  )
 
 
 if __name__ == "__main__":

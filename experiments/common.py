@@ -8,15 +8,16 @@ import sys
 from typing import Callable
 
 from absl import flags
-from ml_collections import config_flags
 import ml_collections
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 
 
 def define_flags(default_config: str) -> None:
-  config_flags.DEFINE_config_file("config", default_config, "Python config file[:name].",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config", default_config, "Python config file[:name].", lock_config=True
+  )
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and config.")
 
 
@@ -42,10 +43,10 @@ def show_library_warnings() -> None:
   """Prints the library's logged warnings (replaced NaN voxels, rounded directions, skipped
   files) as `warning: ...` lines on stderr; absl's handler would hide them below FATAL."""
   import logging  # pylint: disable=import-outside-toplevel
+
   import tqdm  # pylint: disable=import-outside-toplevel
 
   class AboveProgressBars(logging.Handler):
-
     def emit(self, record):
       tqdm.tqdm.write(self.format(record), file=sys.stderr)
 
@@ -67,6 +68,7 @@ def check_writable(directory: str) -> None:
   """Raises OSError (one line through `run_guarded`) if files cannot be created in `directory`
   (made if missing), before any heavy work."""
   import errno  # pylint: disable=import-outside-toplevel
+
   os.makedirs(directory, exist_ok=True)
   if not os.access(directory, os.W_OK | os.X_OK):
     raise OSError(errno.EACCES, "not writable", directory)
@@ -75,6 +77,7 @@ def check_writable(directory: str) -> None:
 def workdir_held(workdir: str, purpose: str):
   """The workdir lock (`latentfm.train.workdir_lock`) for a command that writes into it."""
   from latentfm.train import workdir_lock  # pylint: disable=import-outside-toplevel
+
   return workdir_lock.hold(workdir, purpose)
 
 
@@ -99,8 +102,11 @@ def parse_flags(argv: list[str]) -> tuple[ml_collections.ConfigDict, str]:
 def _missing_config_file(argv: list[str]) -> str | None:
   """The `--config` file named in `argv` if it does not exist."""
   for i, arg in enumerate(argv):
-    value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
-        arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+    value = (
+      argv[i + 1]
+      if arg == "--config" and i + 1 < len(argv)
+      else (arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+    )
     if value is not None and not os.path.isfile(value.split(":", 1)[0]):
       return value.split(":", 1)[0]
   return None
@@ -125,6 +131,7 @@ def run_guarded(fn: Callable[[], object]) -> None:
   """
   # pylint: disable=import-outside-toplevel
   from latentfm.data.io import ManyErrors
+
   try:
     fn()
   except FloatingPointError as e:  # NaN/Inf losses or states (the last good checkpoint is kept)
@@ -140,10 +147,14 @@ def run_guarded(fn: Callable[[], object]) -> None:
 def _os_error_line(e: OSError) -> str:
   """One line for an OS-level failure, naming the path and what to do where that is clear."""
   import errno  # pylint: disable=import-outside-toplevel
+
   where = e.filename or ""
-  hints = {errno.ENOSPC: "the disk is full; free space and rerun (the last checkpoint is kept)",
-           errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-           errno.ELOOP: "symbolic link loop"}
+  hints = {
+    errno.ENOSPC: "the disk is full; free space and rerun (the last checkpoint is kept)",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.ELOOP: "symbolic link loop",
+  }
   reason = hints.get(e.errno, e.strerror or str(e).strip().splitlines()[0])
   return f"{where}: {reason}" if where else reason
 
@@ -155,4 +166,5 @@ def load_json(path: str) -> dict:
 
 def file_progress(desc: str, enabled: bool = True):
   import tqdm  # pylint: disable=import-outside-toplevel
+
   return lambda items: tqdm.tqdm(items, desc=desc, disable=not enabled, leave=False)

@@ -20,8 +20,12 @@ from experiments import common
 
 flags.DEFINE_string("workdir", "runs/demo", "Root directory for all stages.")
 flags.DEFINE_integer("num_samples", 8, "Volumes to sample at the end.")
-flags.DEFINE_enum("preset", "demo", ["demo", "cpu64"],
-                  "Config pair of both stages: demo (32³, minutes) or cpu64 (64³, under an hour).")
+flags.DEFINE_enum(
+  "preset",
+  "demo",
+  ["demo", "cpu64"],
+  "Config pair of both stages: demo (32³, minutes) or cpu64 (64³, under an hour).",
+)
 
 
 def run(workdir: str, num_samples: int, preset: str = "demo") -> None:
@@ -30,6 +34,7 @@ def run(workdir: str, num_samples: int, preset: str = "demo") -> None:
   from experiments.configs import flow as flow_configs
   from experiments.configs import vqgan as vqgan_configs
   from latentfm.atomic_write import next_free_dir
+
   vq_dir, flow_dir = os.path.join(workdir, "vqgan"), os.path.join(workdir, "flow")
   print(f"== stage 1/4: VQ-GAN ({preset} config)", flush=True)
   metrics = vqgan.train_and_evaluate(vqgan_configs.get_config(preset), vq_dir)
@@ -40,8 +45,12 @@ def run(workdir: str, num_samples: int, preset: str = "demo") -> None:
   metrics = flow.train_and_evaluate(config, flow_dir)
   print(f"flow: step {metrics['step']}, loss {metrics['loss']:.4f}", flush=True)
   print("== stage 3/4: samples", flush=True)
-  sample.run(flow_dir, out=next_free_dir(os.path.join(workdir, "samples")), num=num_samples,
-             balanced=config.model.num_classes > 0)
+  sample.run(
+    flow_dir,
+    out=next_free_dir(os.path.join(workdir, "samples")),
+    num=num_samples,
+    balanced=config.model.num_classes > 0,
+  )
   print("== stage 4/4: evaluation", flush=True)
   # Fewer per-stage samples and edits than a full evaluation, to keep the demo within minutes.
   print(evaluate.run(flow_dir, per_stage=2, edit_subjects=4), flush=True)

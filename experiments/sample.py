@@ -23,50 +23,81 @@ import numpy as np
 
 from experiments import common
 
+
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A trained flow stage's workdir.")
-  flags.DEFINE_string("out", None, "A new or empty output directory (default: the first new or "
-                      "empty of WORKDIR/samples, WORKDIR/samples_1, ...).")
+  flags.DEFINE_string(
+    "out",
+    None,
+    "A new or empty output directory (default: the first new or "
+    "empty of WORKDIR/samples, WORKDIR/samples_1, ...).",
+  )
   flags.DEFINE_integer("num", 8, "Number of volumes.")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
-  flags.DEFINE_enum("solver", None,
-                    ["euler", "heun", "midpoint", "tsit5", "dopri5", "ddpm", "ddim"],
-                    "Rectified flow: an ODE solver (default euler); DDPM: ddpm (ancestral, all "
-                    "steps) or ddim (default).")
-  flags.DEFINE_integer("steps", 50, "Fixed-step solvers and ddim: steps; adaptive: initial "
-                       "step 1/steps.")
+  flags.DEFINE_enum(
+    "solver",
+    None,
+    ["euler", "heun", "midpoint", "tsit5", "dopri5", "ddpm", "ddim"],
+    "Rectified flow: an ODE solver (default euler); DDPM: ddpm (ancestral, all "
+    "steps) or ddim (default).",
+  )
+  flags.DEFINE_integer(
+    "steps", 50, "Fixed-step solvers and ddim: steps; adaptive: initial step 1/steps."
+  )
   flags.DEFINE_float("eta", 0.0, "ddim: noise level (0 deterministic, 1 ancestral).")
   flags.DEFINE_bool("snap", False, "Snap latents to the nearest codebook vectors first.")
   flags.DEFINE_integer("label", None, "Conditional flows: the class (stage) of every volume.")
   flags.DEFINE_bool("balanced", False, "Conditional flows: equal counts of every class.")
-  flags.DEFINE_float("guidance", 1.0, "Classifier-free guidance weight w (0: unconditional, "
-                     "1: conditional, >1: amplified).")
-  flags.DEFINE_integer("decode_tile", None, "Decode in overlapping tiles of this many latent "
-                       "voxels (memory bounded by the tile; the same volumes).")
-
+  flags.DEFINE_float(
+    "guidance",
+    1.0,
+    "Classifier-free guidance weight w (0: unconditional, 1: conditional, >1: amplified).",
+  )
+  flags.DEFINE_integer(
+    "decode_tile",
+    None,
+    "Decode in overlapping tiles of this many latent "
+    "voxels (memory bounded by the tile; the same volumes).",
+  )
 
 
 def choose_out(workdir: str, out: str | None) -> str:
   """The output folder: `out` if new or empty (refused otherwise), or by default the first new
   or empty one of WORKDIR/samples, WORKDIR/samples_1, ..."""
   from latentfm.atomic_write import next_free_dir  # pylint: disable=import-outside-toplevel
+
   if out is None:
     return next_free_dir(os.path.join(workdir, "samples"))
   if os.path.isdir(out) and os.listdir(out):
-    raise ValueError(f"--out {out} is not empty; choose a new folder (or leave out --out for "
-                     "the next free WORKDIR/samples_N)")
+    raise ValueError(
+      f"--out {out} is not empty; choose a new folder (or leave out --out for "
+      "the next free WORKDIR/samples_N)"
+    )
   return out
 
 
-def run(workdir: str, *, out: str | None = None, num: int = 8, seed: int = 0,
-        solver: str | None = None, steps: int = 50, snap: bool = False,
-        label: int | None = None, balanced: bool = False, guidance: float = 1.0,
-        decode_tile: int | None = None, eta: float = 0.0) -> str:
+def run(
+  workdir: str,
+  *,
+  out: str | None = None,
+  num: int = 8,
+  seed: int = 0,
+  solver: str | None = None,
+  steps: int = 50,
+  snap: bool = False,
+  label: int | None = None,
+  balanced: bool = False,
+  guidance: float = 1.0,
+  decode_tile: int | None = None,
+  eta: float = 0.0,
+) -> str:
   """Samples `num` volumes (of class `label`, or balanced over the classes) from the flow in
   `workdir` into a new folder; returns the folder. `solver` None picks the objective's
   default, `eta` is DDIM's noise level."""
   import jax  # pylint: disable=import-outside-toplevel
+
   from latentfm import sample  # pylint: disable=import-outside-toplevel
+
   if balanced and label is not None:
     raise ValueError("--label and --balanced exclude each other")
   out = choose_out(workdir, out)
@@ -78,18 +109,35 @@ def run(workdir: str, *, out: str | None = None, num: int = 8, seed: int = 0,
     solver = solver or sample.default_solver(models.objective)
     sample.check_solver(models.objective, solver)
     start = time.perf_counter()
-    volumes, nfe = sample.sample(jax.random.PRNGKey(seed), models, num, labels=labels,
-                                 guidance=guidance, solver=solver, steps=steps, eta=eta,
-                                 snap_to_codebook=snap, decode_tile=decode_tile)
+    volumes, nfe = sample.sample(
+      jax.random.PRNGKey(seed),
+      models,
+      num,
+      labels=labels,
+      guidance=guidance,
+      solver=solver,
+      steps=steps,
+      eta=eta,
+      snap_to_codebook=snap,
+      decode_tile=decode_tile,
+    )
     seconds = time.perf_counter() - start
     per_volume = None if labels is None else np.broadcast_to(labels, (num,))
     paths = sample.write_samples(out, volumes, geometry=models.geometry, labels=per_volume)
-  what = "" if per_volume is None else \
-      f", classes {sorted(set(per_volume.tolist()))} at guidance {guidance:g}"
-  where = (models.geometry.describe() if models.geometry else
-           "voxel size 1 mm (the VQ-GAN workdir records no training geometry)")
-  print(f"sample: {len(paths)} volumes of {volumes.shape[1:]} in {out} ({solver}, NFE {nfe}, "
-        f"{seconds:.1f} s including compilation{what}); {where}")
+  what = (
+    ""
+    if per_volume is None
+    else f", classes {sorted(set(per_volume.tolist()))} at guidance {guidance:g}"
+  )
+  where = (
+    models.geometry.describe()
+    if models.geometry
+    else "voxel size 1 mm (the VQ-GAN workdir records no training geometry)"
+  )
+  print(
+    f"sample: {len(paths)} volumes of {volumes.shape[1:]} in {out} ({solver}, NFE {nfe}, "
+    f"{seconds:.1f} s including compilation{what}); {where}"
+  )
   return out
 
 
@@ -102,9 +150,22 @@ def main(argv: list[str]) -> None:
     common.fail(f"--num must be positive, got {f.num}")
   if f.decode_tile is not None and f.decode_tile < 1:
     common.fail(f"--decode_tile must be positive, got {f.decode_tile}")
-  common.run_guarded(lambda: run(f.workdir, out=f.out, num=f.num, seed=f.seed, solver=f.solver,
-                                 steps=f.steps, snap=f.snap, label=f.label, balanced=f.balanced,
-                                 guidance=f.guidance, decode_tile=f.decode_tile, eta=f.eta))
+  common.run_guarded(
+    lambda: run(
+      f.workdir,
+      out=f.out,
+      num=f.num,
+      seed=f.seed,
+      solver=f.solver,
+      steps=f.steps,
+      snap=f.snap,
+      label=f.label,
+      balanced=f.balanced,
+      guidance=f.guidance,
+      decode_tile=f.decode_tile,
+      eta=f.eta,
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -26,22 +26,40 @@ def _present(labels: np.ndarray, num_classes: int) -> list[int]:
   return [s for s in range(num_classes) if (labels == s).any()]
 
 
-def guidance_sweep(models, key, classes: list[int], per_stage: int, guidances, classifier,
-                   extract, train_features, solver: str, steps: int) -> tuple[list, dict]:
+def guidance_sweep(
+  models,
+  key,
+  classes: list[int],
+  per_stage: int,
+  guidances,
+  classifier,
+  extract,
+  train_features,
+  solver: str,
+  steps: int,
+) -> tuple[list, dict]:
   """Per weight: balanced samples of `classes`, the classifier's accuracy on them and their
   Fréchet distance to the training set. Returns (rows, {w: (samples, labels)})."""
   # pylint: disable=import-outside-toplevel
   import jax
+
   from latentfm import sample
+
   labels = np.repeat(np.asarray(classes, np.int32), per_stage)
   rows, kept = [], {}
   for w in guidances:
-    volumes, nfe = sample.sample(key, models, len(labels), labels=labels, guidance=float(w),
-                                 solver=solver, steps=steps)
+    volumes, nfe = sample.sample(
+      key, models, len(labels), labels=labels, guidance=float(w), solver=solver, steps=steps
+    )
     predicted = classifier.predict(stage_metrics.stage_features(volumes))
-    rows.append({"guidance": float(w), "accuracy": float(np.mean(predicted == labels)),
-                 "fd": generative.frechet_distance(extract(volumes), train_features),
-                 "nfe": int(nfe)})
+    rows.append(
+      {
+        "guidance": float(w),
+        "accuracy": float(np.mean(predicted == labels)),
+        "fd": generative.frechet_distance(extract(volumes), train_features),
+        "nfe": int(nfe),
+      }
+    )
     kept[float(w)] = (volumes, labels)
     key = jax.random.fold_in(key, 1)
   return rows, kept
@@ -57,9 +75,17 @@ def cohort_seeds(vq_dir: str, names) -> np.ndarray | None:
   return np.asarray([seeds[n] for n in names], np.int64)
 
 
-def editing(models, volumes: np.ndarray, labels: np.ndarray, seeds: np.ndarray, shape,
-            classes: list[int], guidance: float, solver: str = "euler",
-            steps: int = 50) -> tuple[dict, dict]:
+def editing(
+  models,
+  volumes: np.ndarray,
+  labels: np.ndarray,
+  seeds: np.ndarray,
+  shape,
+  classes: list[int],
+  guidance: float,
+  solver: str = "euler",
+  steps: int = 50,
+) -> tuple[dict, dict]:
   """Edits every scan to every other class present and back to its own (the round trip).
 
   Returns (metrics, montage volumes): metrics has `edit` (`stage_metrics.edit_metrics` over all
@@ -68,10 +94,12 @@ def editing(models, volumes: np.ndarray, labels: np.ndarray, seeds: np.ndarray, 
   """
   # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp
+
   from latentfm import sample
   from latentfm.data import cohort
   from latentfm.metrics import image
   from latentfm.nn.vqgan import from_model_range, to_model_range
+
   template = cohort.load_template(tuple(int(s) for s in shape))
   src_idx, targets = [], []
   for i in range(len(labels)):
@@ -81,35 +109,66 @@ def editing(models, volumes: np.ndarray, labels: np.ndarray, seeds: np.ndarray, 
   src_idx, targets = np.asarray(src_idx), np.asarray(targets, np.int32)
   edited, nfe = [], 0
   for j in range(0, len(src_idx), 8):
-    out, used = sample.edit(models, volumes[src_idx[j:j + 8]], labels[src_idx[j:j + 8]],
-                            targets[j:j + 8], guidance=guidance, solver=solver, steps=steps)
+    out, used = sample.edit(
+      models,
+      volumes[src_idx[j : j + 8]],
+      labels[src_idx[j : j + 8]],
+      targets[j : j + 8],
+      guidance=guidance,
+      solver=solver,
+      steps=steps,
+    )
     edited.append(out)
     nfe = max(nfe, used)
   edited = np.concatenate(edited)
-  truth = np.stack([cohort.make_subject(template, int(t), int(seeds[i]))
-                    for i, t in zip(src_idx, targets)])
+  truth = np.stack(
+    [cohort.make_subject(template, int(t), int(seeds[i])) for i, t in zip(src_idx, targets)]
+  )
   other = targets != labels[src_idx]
-  metrics = {"edit": stage_metrics.edit_metrics(edited[other], volumes[src_idx[other]],
-                                                truth[other]),
-             "solver": solver, "nfe": int(nfe)}
+  metrics = {
+    "edit": stage_metrics.edit_metrics(edited[other], volumes[src_idx[other]], truth[other]),
+    "solver": solver,
+    "nfe": int(nfe),
+  }
   same = ~other
   x = to_model_range(jnp.asarray(volumes[src_idx[same]][..., None]))
   recon = np.asarray(from_model_range(models.vqgan.apply(models.vqgan_variables, x)["recon"]))
   metrics["round_trip"] = {
-      "psnr_to_input": stage_metrics.mean_ci(
-          np.asarray(image.psnr(edited[same], volumes[src_idx[same]]))),
-      "psnr_to_vqgan_recon": stage_metrics.mean_ci(
-          np.asarray(image.psnr(edited[same], recon[..., 0])))}
+    "psnr_to_input": stage_metrics.mean_ci(
+      np.asarray(image.psnr(edited[same], volumes[src_idx[same]]))
+    ),
+    "psnr_to_vqgan_recon": stage_metrics.mean_ci(
+      np.asarray(image.psnr(edited[same], recon[..., 0]))
+    ),
+  }
   subject = int(np.argmin(labels))
   rows = [j for j in range(len(src_idx)) if src_idx[j] == subject]
-  montage = {"truth": truth[rows], "edit": edited[rows], "targets": targets[rows],
-             "source": int(labels[subject])}
+  montage = {
+    "truth": truth[rows],
+    "edit": edited[rows],
+    "targets": targets[rows],
+    "source": int(labels[subject]),
+  }
   return metrics, montage
 
 
-def run(models, key, train, held_out, vq_dir: str, vq_shape, extract, out_dir: str, *,
-        per_stage: int = 4, guidances=(0.0, 1.0, 2.0, 4.0), guidance: float = 1.0,
-        solver: str = "euler", steps: int = 50, edit_subjects: int = 0) -> dict:
+def run(
+  models,
+  key,
+  train,
+  held_out,
+  vq_dir: str,
+  vq_shape,
+  extract,
+  out_dir: str,
+  *,
+  per_stage: int = 4,
+  guidances=(0.0, 1.0, 2.0, 4.0),
+  guidance: float = 1.0,
+  solver: str = "euler",
+  steps: int = 50,
+  edit_subjects: int = 0,
+) -> dict:
   """The per-stage section of the report (see the module docstring); figures go to `out_dir`.
 
   Args: train, held_out: `loader.Dataset`s of the VQ-GAN's real data (volumes with labels);
@@ -121,48 +180,73 @@ def run(models, key, train, held_out, vq_dir: str, vq_shape, extract, out_dir: s
   classes = _present(train.labels, models.num_classes)
   features = stage_metrics.stage_features(real)
   known = real_labels >= 0
-  section = {"classes": classes, "per_stage_samples": per_stage,
-             "classifier_cv_accuracy": stage_metrics.cross_validated_accuracy(
-                 features[known], real_labels[known]),
-             "real_counts": {int(s): int((real_labels == s).sum()) for s in classes}}
+  section = {
+    "classes": classes,
+    "per_stage_samples": per_stage,
+    "classifier_cv_accuracy": stage_metrics.cross_validated_accuracy(
+      features[known], real_labels[known]
+    ),
+    "real_counts": {int(s): int((real_labels == s).sum()) for s in classes},
+  }
   classifier = stage_metrics.fit_classifier(features[known], real_labels[known])
   sweep_ws = sorted(set(float(w) for w in guidances) | {float(guidance)})
-  rows, kept = guidance_sweep(models, key, classes, per_stage, sweep_ws, classifier, extract,
-                              extract(train.volumes), solver, steps)
+  rows, kept = guidance_sweep(
+    models,
+    key,
+    classes,
+    per_stage,
+    sweep_ws,
+    classifier,
+    extract,
+    extract(train.volumes),
+    solver,
+    steps,
+  )
   section["sweep"] = rows
-  section["fd_floor"] = generative.frechet_distance(extract(held_out.volumes),
-                                                    extract(train.volumes))
+  section["fd_floor"] = generative.frechet_distance(
+    extract(held_out.volumes), extract(train.volumes)
+  )
   section["guidance"] = float(guidance)
   volumes, labels = kept[float(guidance)]
   section["per_stage"] = stage_metrics.per_stage_morphometry(volumes, labels, real, real_labels)
-  section["ordered"] = {m: stage_metrics.ordered_like(section["per_stage"], m)
-                        for m in stage_metrics.MEASURES}
+  section["ordered"] = {
+    m: stage_metrics.ordered_like(section["per_stage"], m) for m in stage_metrics.MEASURES
+  }
   _sweep_plot(os.path.join(out_dir, "guidance.png"), rows, section["fd_floor"])
   _stage_montage(os.path.join(out_dir, "stages.png"), volumes, labels)
   seeds = cohort_seeds(vq_dir, held_out.names)
   if seeds is not None and models.objective == "rectified_flow":
-    section["editing"], montage = editing(models, held_out.volumes, held_out.labels, seeds,
-                                          vq_shape, classes, guidance, solver, steps)
+    section["editing"], montage = editing(
+      models, held_out.volumes, held_out.labels, seeds, vq_shape, classes, guidance, solver, steps
+    )
     _edit_montage(os.path.join(out_dir, "editing.png"), montage)
   return section
 
 
 def _round_robin(labels: np.ndarray, num: int) -> np.ndarray:
   """Indices of `num` scans (0: all) taking each stage in turn, so that few cover every stage."""
-  order = sorted(range(len(labels)), key=lambda i: (int(np.sum(labels[:i] == labels[i])),
-                                                    int(labels[i])))
+  order = sorted(
+    range(len(labels)), key=lambda i: (int(np.sum(labels[:i] == labels[i])), int(labels[i]))
+  )
   return np.asarray(order[:num] if num > 0 else order, np.int64)
 
 
 def _sweep_plot(path: str, rows: list, floor: float) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   fig, ax = plt.subplots(figsize=(4.5, 3.2))
   ax.plot([r["fd"] for r in rows], [r["accuracy"] for r in rows], "o-")
   for r in rows:
-    ax.annotate(f"w={r['guidance']:g}", (r["fd"], r["accuracy"]), fontsize=8,
-                xytext=(4, 4), textcoords="offset points")
+    ax.annotate(
+      f"w={r['guidance']:g}",
+      (r["fd"], r["accuracy"]),
+      fontsize=8,
+      xytext=(4, 4),
+      textcoords="offset points",
+    )
   ax.axvline(floor, color="k", ls="--", lw=1, label="FD floor (held-out real)")
   ax.set_xlabel("Fréchet distance to training set (lower is better)")
   ax.set_ylabel("stage classifier accuracy")
@@ -176,64 +260,101 @@ def _stage_montage(path: str, volumes: np.ndarray, labels: np.ndarray) -> None:
   # Not experiments.cohort: importing a command's module defines its flags a second time.
   from latentfm import viz  # pylint: disable=import-outside-toplevel
   from latentfm.data.cohort import STAGE_NAMES, VENTRICLE_LEVEL  # pylint: disable=import-outside-toplevel
+
   rows = [i for s in sorted(set(labels.tolist())) for i in np.flatnonzero(labels == s)[:2]]
-  viz.save_triplanar(path, volumes[rows], [f"asked {STAGE_NAMES[labels[i]]}" for i in rows],
-                     title="samples per requested stage", at=VENTRICLE_LEVEL)
+  viz.save_triplanar(
+    path,
+    volumes[rows],
+    [f"asked {STAGE_NAMES[labels[i]]}" for i in rows],
+    title="samples per requested stage",
+    at=VENTRICLE_LEVEL,
+  )
 
 
 def _edit_montage(path: str, montage: dict) -> None:
   # Not experiments.cohort: importing a command's module defines its flags a second time.
   from latentfm import viz  # pylint: disable=import-outside-toplevel
   from latentfm.data.cohort import STAGE_NAMES, VENTRICLE_LEVEL  # pylint: disable=import-outside-toplevel
+
   names = [STAGE_NAMES[t] for t in montage["targets"]]
   volumes = np.concatenate([montage["truth"], montage["edit"]])
-  captions = [f"truth {n}" for n in names] + [f"edit {STAGE_NAMES[montage['source']]}→{n}"
-                                              for n in names]
-  viz.save_triplanar(path, volumes, captions, title="counterfactual editing: one held-out "
-                     "subject, true stages (top) and edits (bottom)", at=VENTRICLE_LEVEL)
+  captions = [f"truth {n}" for n in names] + [
+    f"edit {STAGE_NAMES[montage['source']]}→{n}" for n in names
+  ]
+  viz.save_triplanar(
+    path,
+    volumes,
+    captions,
+    title="counterfactual editing: one held-out subject, true stages (top) and edits (bottom)",
+    at=VENTRICLE_LEVEL,
+  )
 
 
 def to_markdown(section: dict) -> str:
   """The per-stage section of `report.md`."""
   from latentfm.data.cohort import STAGE_NAMES  # pylint: disable=import-outside-toplevel
+
   name = lambda s: STAGE_NAMES[s] if s < len(STAGE_NAMES) else str(s)
-  fmt = lambda e: (f"{e['mean']:.4g} [{e['ci95'][0]:.3g}, {e['ci95'][1]:.3g}]"
-                   if e["n"] > 1 else (f"{e['mean']:.4g}" if e["n"] else "–"))
-  lines = ["## Per stage (class-conditional flow)", "",
-           f"Stage classifier (logistic regression on CSF/ventricle morphometry) on real "
-           f"volumes: **{section['classifier_cv_accuracy']:.2f}** accuracy, 5-fold "
-           f"cross-validated (chance {1 / len(section['classes']):.2f}). Real volumes per "
-           f"stage: " + ", ".join(f"{name(s)} {n}" for s, n in section["real_counts"].items()
-                                 ) + ".", "",
-           f"Guidance sweep ({section['per_stage_samples']} samples per stage; FD floor "
-           f"{section['fd_floor']:.4g}):", "",
-           "| guidance w | classifier accuracy on samples | Fréchet distance | NFE |",
-           "|---|---|---|---|"]
-  lines += [f"| {r['guidance']:g} | {r['accuracy']:.2f} | {r['fd']:.4g} | {r['nfe']} |"
-            for r in section["sweep"]]
-  lines += ["", f"Morphometry per requested stage at w = {section['guidance']:g} "
-            "(generated vs real of that stage; W1 between them):", "",
-            "| stage | CSF fraction: model | real | W1 | ventricle fraction: model | real | W1 |",
-            "|---|---|---|---|---|---|---|"]
+  fmt = lambda e: (
+    f"{e['mean']:.4g} [{e['ci95'][0]:.3g}, {e['ci95'][1]:.3g}]"
+    if e["n"] > 1
+    else (f"{e['mean']:.4g}" if e["n"] else "–")
+  )
+  lines = [
+    "## Per stage (class-conditional flow)",
+    "",
+    f"Stage classifier (logistic regression on CSF/ventricle morphometry) on real "
+    f"volumes: **{section['classifier_cv_accuracy']:.2f}** accuracy, 5-fold "
+    f"cross-validated (chance {1 / len(section['classes']):.2f}). Real volumes per "
+    f"stage: " + ", ".join(f"{name(s)} {n}" for s, n in section["real_counts"].items()) + ".",
+    "",
+    f"Guidance sweep ({section['per_stage_samples']} samples per stage; FD floor "
+    f"{section['fd_floor']:.4g}):",
+    "",
+    "| guidance w | classifier accuracy on samples | Fréchet distance | NFE |",
+    "|---|---|---|---|",
+  ]
+  lines += [
+    f"| {r['guidance']:g} | {r['accuracy']:.2f} | {r['fd']:.4g} | {r['nfe']} |"
+    for r in section["sweep"]
+  ]
+  lines += [
+    "",
+    f"Morphometry per requested stage at w = {section['guidance']:g} "
+    "(generated vs real of that stage; W1 between them):",
+    "",
+    "| stage | CSF fraction: model | real | W1 | ventricle fraction: model | real | W1 |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for s, m in section["per_stage"].items():
     cells = []
     for k in stage_metrics.MEASURES:
       w1 = m[k]["w1"]
       cells += [fmt(m[k]["model"]), fmt(m[k]["real"]), "–" if w1 is None else f"{w1:.3g}"]
     lines.append(f"| {name(int(s))} | " + " | ".join(cells) + " |")
-  lines += ["", "Generated stage means ordered like the real ones: " + ", ".join(
-      f"{k} {'yes' if v else 'no'}" for k, v in section["ordered"].items()) + "."]
+  lines += [
+    "",
+    "Generated stage means ordered like the real ones: "
+    + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in section["ordered"].items())
+    + ".",
+  ]
   if "editing" in section:
     e, r = section["editing"]["edit"], section["editing"]["round_trip"]
-    lines += ["", "Counterfactual editing of the held-out scans to every other stage (inverted "
-              f"and regenerated with {section['editing']['solver']}, NFE "
-              f"{section['editing']['nfe']} both ways), against the same subject generated at "
-              "that stage:", "",
-              "| measure | edit vs truth | unedited scan vs truth |", "|---|---|---|",
-              f"| PSNR (dB) | {fmt(e['psnr']['edit'])} | {fmt(e['psnr']['unedited'])} |",
-              f"| SSIM | {fmt(e['ssim']['edit'])} | {fmt(e['ssim']['unedited'])} |",
-              f"| ventricle-fraction shift | {fmt(e['ventricle_shift']['edit'])} | truth: "
-              f"{fmt(e['ventricle_shift']['truth'])} |", "",
-              f"Inversion round trip (own stage): PSNR {fmt(r['psnr_to_input'])} dB to the "
-              f"input, {fmt(r['psnr_to_vqgan_recon'])} dB to the VQ-GAN reconstruction."]
+    lines += [
+      "",
+      "Counterfactual editing of the held-out scans to every other stage (inverted "
+      f"and regenerated with {section['editing']['solver']}, NFE "
+      f"{section['editing']['nfe']} both ways), against the same subject generated at "
+      "that stage:",
+      "",
+      "| measure | edit vs truth | unedited scan vs truth |",
+      "|---|---|---|",
+      f"| PSNR (dB) | {fmt(e['psnr']['edit'])} | {fmt(e['psnr']['unedited'])} |",
+      f"| SSIM | {fmt(e['ssim']['edit'])} | {fmt(e['ssim']['unedited'])} |",
+      f"| ventricle-fraction shift | {fmt(e['ventricle_shift']['edit'])} | truth: "
+      f"{fmt(e['ventricle_shift']['truth'])} |",
+      "",
+      f"Inversion round trip (own stage): PSNR {fmt(r['psnr_to_input'])} dB to the "
+      f"input, {fmt(r['psnr_to_vqgan_recon'])} dB to the VQ-GAN reconstruction.",
+    ]
   return "\n".join(lines) + "\n"

@@ -13,7 +13,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -24,6 +23,7 @@ from latentfm.train import compiler, parallel, runner
 from latentfm.train.loop import Periodic, check_nonfinite_policy, guard_step
 from latentfm.train.vqgan_step import create_state, make_eval_step, make_train_step
 
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Rejects impossible settings before any heavy work (ValueError naming the key)."""
   shape, factors = tuple(config.data.shape), tuple(config.model.downsample)
@@ -31,15 +31,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.shape and model.downsample need 3 entries, got {shape}, {factors}")
   for s, f in zip(shape, factors):
     if f < 1 or f & (f - 1) or s % f:
-      raise ValueError(f"data.shape {shape} is not divisible by model.downsample {factors} "
-                       "(powers of two)")
+      raise ValueError(
+        f"data.shape {shape} is not divisible by model.downsample {factors} (powers of two)"
+      )
   if min(shape[1:]) < 16 and config.loss.perceptual_weight > 0:
     raise ValueError(f"data.shape {shape}: LPIPS slices need at least 16x16")
   if config.train.batch_size < 1:
     raise ValueError(f"train.batch_size must be positive, got {config.train.batch_size}")
   if config.train.batch_size % jax.device_count():
-    raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by the "
-                     f"{jax.device_count()} devices")
+    raise ValueError(
+      f"train.batch_size {config.train.batch_size} is not divisible by the "
+      f"{jax.device_count()} devices"
+    )
   if config.loss.gan_loss not in ("hinge", "vanilla"):
     raise ValueError(f"loss.gan_loss must be hinge or vanilla, got {config.loss.gan_loss!r}")
   check_nonfinite_policy(config.train.on_nonfinite)
@@ -60,24 +63,32 @@ def evaluate(eval_fn, state, val: loader.Dataset, mesh, limit: int) -> tuple[dic
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the VQ-GAN in `workdir`; returns the final validation metrics."""
   with runner.open_stage("vqgan", config, workdir, validate=validate_config) as run:
-    train_ds, val_ds = loader.load_splits(config.data, workdir, config.seed,
-                                          common.file_progress("preprocess", run.main_process),
-                                          on_change=run.data_changed)
-    augmentation = (loader.Augment(tuple(config.data.flip_axes),
-                                   tuple(config.data.intensity_range))
-                    if config.data.augment else None)
-    state = run.start(create_state(jax.random.PRNGKey(config.seed), config), train_ds,
-                      augmentation=augmentation)
+    train_ds, val_ds = loader.load_splits(
+      config.data,
+      workdir,
+      config.seed,
+      common.file_progress("preprocess", run.main_process),
+      on_change=run.data_changed,
+    )
+    augmentation = (
+      loader.Augment(tuple(config.data.flip_axes), tuple(config.data.intensity_range))
+      if config.data.augment
+      else None
+    )
+    state = run.start(
+      create_state(jax.random.PRNGKey(config.seed), config), train_ds, augmentation=augmentation
+    )
     mesh = run.mesh
     lpips_params = None
     if config.loss.perceptual_weight > 0:
       from latentfm.nn.lpips import load_params  # pylint: disable=import-outside-toplevel
+
       lpips_params = parallel.replicate(load_params(), mesh)
     policy = config.train.on_nonfinite
-    warm = compiler.jit(guard_step(make_train_step(config, use_gan=False), policy),
-                        donate_argnums=0)
-    full = compiler.jit(guard_step(make_train_step(config, use_gan=True), policy),
-                        donate_argnums=0)
+    warm = compiler.jit(
+      guard_step(make_train_step(config, use_gan=False), policy), donate_argnums=0
+    )
+    full = compiler.jit(guard_step(make_train_step(config, use_gan=True), policy), donate_argnums=0)
     start = config.loss.discriminator_start
 
     def train_step(state, batch, step):
@@ -94,18 +105,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       _, recon = evaluate(eval_fn, state, val_ds, mesh, min(2, limit))
       pairs = np.stack([v for pair in zip(val_ds.volumes[:2], recon) for v in pair])
       if run.main_process:
-        labels = [f"{kind} {name[:14]}" for name in val_ds.names[:2]
-                  for kind in ("input", "recon")]
-        viz.save_triplanar(os.path.join(workdir, "images", f"recon_{step:06d}.png"), pairs,
-                           labels, title=f"VQ-GAN step {step}")
+        labels = [f"{kind} {name[:14]}" for name in val_ds.names[:2] for kind in ("input", "recon")]
+        viz.save_triplanar(
+          os.path.join(workdir, "images", f"recon_{step:06d}.png"),
+          pairs,
+          labels,
+          title=f"VQ-GAN step {step}",
+        )
         run.writer.write_image(step, "val/input_vs_recon", viz.triplanar_image(pairs))
 
     if run.first_step == 0:
       run.writer.write_scalars(0, validation(0, state))
       images(0, state)
-    result = run.train(state, train_step,
-                       callbacks=[Periodic(config.train.eval_every, validation),
-                                  Periodic(config.train.image_every, images)])
+    result = run.train(
+      state,
+      train_step,
+      callbacks=[
+        Periodic(config.train.eval_every, validation),
+        Periodic(config.train.image_every, images),
+      ],
+    )
     return validation(result.step, result.state)
 
 

@@ -72,6 +72,7 @@ class Schedule:
 
   `alphas_cumprod_prev[t]` is alpha_bar_{t-1}, with alpha_bar_{-1} = 1.
   """
+
   betas: Array
   alphas_cumprod: Array
   alphas_cumprod_prev: Array
@@ -82,8 +83,13 @@ class Schedule:
     return self.betas.shape[0]
 
 
-def make_schedule(num_timesteps: int = 300, kind: str = "cosine", cosine_s: float = 0.008,
-                  max_beta: float = 0.9999, clip_z0: float = 0.0) -> Schedule:
+def make_schedule(
+  num_timesteps: int = 300,
+  kind: str = "cosine",
+  cosine_s: float = 0.008,
+  max_beta: float = 0.9999,
+  clip_z0: float = 0.0,
+) -> Schedule:
   """The schedule named `kind` (`cosine` or `linear`) over `num_timesteps` steps.
 
   The products are taken in float64, then stored as float32. `clip_z0` > 0 makes the samplers
@@ -100,19 +106,26 @@ def make_schedule(num_timesteps: int = 300, kind: str = "cosine", cosine_s: floa
   cumprod = np.cumprod(1.0 - betas)
   prev = np.concatenate([[1.0], cumprod[:-1]])
   as32 = lambda a: jnp.asarray(a, jnp.float32)
-  return Schedule(betas=as32(betas), alphas_cumprod=as32(cumprod), alphas_cumprod_prev=as32(prev),
-                  clip_z0=as32(max(clip_z0, 0.0)))
+  return Schedule(
+    betas=as32(betas),
+    alphas_cumprod=as32(cumprod),
+    alphas_cumprod_prev=as32(prev),
+    clip_z0=as32(max(clip_z0, 0.0)),
+  )
 
 
-def schedule_from_config(cfg: Mapping[str, Any], latent_abs_max: float | None = None
-                         ) -> Schedule:
+def schedule_from_config(cfg: Mapping[str, Any], latent_abs_max: float | None = None) -> Schedule:
   """The schedule of a config's `ddpm` section (`num_timesteps`, `schedule`, `cosine_s`,
   `max_beta`, `clip_denoised`); with `clip_denoised`, samplers clip predicted z0 to
   +-`latent_abs_max` (the training latents' largest |value|; no clipping when None)."""
   clip = latent_abs_max if cfg.get("clip_denoised", False) and latent_abs_max else 0.0
-  return make_schedule(int(cfg["num_timesteps"]), cfg.get("schedule", "cosine"),
-                       float(cfg.get("cosine_s", 0.008)), float(cfg.get("max_beta", 0.9999)),
-                       float(clip))
+  return make_schedule(
+    int(cfg["num_timesteps"]),
+    cfg.get("schedule", "cosine"),
+    float(cfg.get("cosine_s", 0.008)),
+    float(cfg.get("max_beta", 0.9999)),
+    float(clip),
+  )
 
 
 def _at(values: Array, t: Array, like: Array) -> Array:
@@ -150,13 +163,17 @@ def posterior(schedule: Schedule, z0: Array, z_t: Array, t: Array) -> tuple[Arra
   beta = _at(schedule.betas, t, z_t)
   abar, abar_prev = _at(schedule.alphas_cumprod, t, z_t), _at(schedule.alphas_cumprod_prev, t, z_t)
   mean = (beta * jnp.sqrt(abar_prev) * z0 + (1.0 - abar_prev) * jnp.sqrt(1.0 - beta) * z_t) / (
-      1.0 - abar)
+    1.0 - abar
+  )
   return mean, beta * (1.0 - abar_prev) / (1.0 - abar)
 
 
-def make_ddpm_loss_fn(apply_fn: Callable[..., Array], ddpm_cfg: Mapping[str, Any],
-                      num_classes: int = 0, p_uncond: float = 0.0
-                      ) -> Callable[..., tuple[Array, dict[str, Array]]]:
+def make_ddpm_loss_fn(
+  apply_fn: Callable[..., Array],
+  ddpm_cfg: Mapping[str, Any],
+  num_classes: int = 0,
+  p_uncond: float = 0.0,
+) -> Callable[..., tuple[Array, dict[str, Array]]]:
   """Builds `loss_fn(params, z0, key, train=True, labels=None) -> (loss, metrics)`, as
   `flow.make_fm_loss_fn`.
 
@@ -173,19 +190,25 @@ def make_ddpm_loss_fn(apply_fn: Callable[..., Array], ddpm_cfg: Mapping[str, Any
     raise ValueError(f"flow.p_uncond must be in [0, 1], got {p_uncond}")
   num_timesteps = schedule.num_timesteps
 
-  def loss_fn(params: Any, z0: Array, key: Array, train: bool = True,
-              labels: Array | None = None) -> tuple[Array, dict[str, Array]]:
+  def loss_fn(
+    params: Any, z0: Array, key: Array, train: bool = True, labels: Array | None = None
+  ) -> tuple[Array, dict[str, Array]]:
     noise_key, time_key, dropout_key = jax.random.split(key, 3)
     cond = flow.label_condition(key, labels, num_classes, p_uncond, train)
     # Drawn flat: XLA:CPU compiles rank-5 random draws slowly.
     noise = jax.random.normal(noise_key, (z0.size,), z0.dtype).reshape(z0.shape)
     t = jax.random.randint(time_key, (z0.shape[0],), 0, num_timesteps)
-    pred = apply_fn({"params": params}, q_sample(schedule, z0, t, noise),
-                    network_time(t, num_timesteps), train=train, rngs={"dropout": dropout_key},
-                    **cond)
+    pred = apply_fn(
+      {"params": params},
+      q_sample(schedule, z0, t, noise),
+      network_time(t, num_timesteps),
+      train=train,
+      rngs={"dropout": dropout_key},
+      **cond,
+    )
     loss = flow.fm_loss(pred, noise, kind)
     diff = (pred - noise).astype(jnp.float32)
-    return loss, {"loss": loss, "l1": jnp.mean(jnp.abs(diff)), "l2": jnp.mean(diff ** 2)}
+    return loss, {"loss": loss, "l1": jnp.mean(jnp.abs(diff)), "l2": jnp.mean(diff**2)}
 
   return loss_fn
 
@@ -208,8 +231,9 @@ def _ancestral(noise_fn, z_last, key, schedule):
   return z0, jnp.asarray(num_timesteps, jnp.int32)
 
 
-def sample_ddpm(noise_fn: NoiseFn, z_last: Array, key: Array, schedule: Schedule
-                ) -> tuple[Array, Array]:
+def sample_ddpm(
+  noise_fn: NoiseFn, z_last: Array, key: Array, schedule: Schedule
+) -> tuple[Array, Array]:
   """Ancestral DDPM sampling over all T steps; returns `(z0, nfe)` with nfe = T.
 
   Args:
@@ -241,7 +265,7 @@ def _ddim(noise_fn, z_last, key, schedule, steps, eta):
     # The noise that the (clipped) z0 implies, so that z0 and eps stay consistent with z_t.
     eps = jnp.where(schedule.clip_z0 > 0, (z - jnp.sqrt(abar) * z0) / jnp.sqrt(1.0 - abar), eps)
     abar_next = jnp.where(i + 1 < steps, jnp.take(abar_all, timestep(i + 1)), 1.0)
-    var = eta ** 2 * (1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next)
+    var = eta**2 * (1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next)
     direction = jnp.sqrt(jnp.maximum(1.0 - abar_next - var, 0.0))
     noise = _normal_like(jax.random.fold_in(key, t), z)
     return jnp.sqrt(abar_next) * z0 + direction * eps + jnp.sqrt(var) * noise
@@ -250,8 +274,15 @@ def _ddim(noise_fn, z_last, key, schedule, steps, eta):
   return z0, jnp.asarray(steps, jnp.int32)
 
 
-def sample_ddim(noise_fn: NoiseFn, z_last: Array, key: Array, schedule: Schedule, *,
-                steps: int = 50, eta: float = 0.0) -> tuple[Array, Array]:
+def sample_ddim(
+  noise_fn: NoiseFn,
+  z_last: Array,
+  key: Array,
+  schedule: Schedule,
+  *,
+  steps: int = 50,
+  eta: float = 0.0,
+) -> tuple[Array, Array]:
   """DDIM (Song et al.) with `steps` evenly spaced timesteps from T - 1 to 0; `(z0, nfe)`.
 
   The step from t to the next timestep s (alpha_bar_s = 1 after t = 0) is
@@ -271,5 +302,6 @@ def sample_ddim(noise_fn: NoiseFn, z_last: Array, key: Array, schedule: Schedule
     raise ValueError(f"DDIM steps must be in [1, T={schedule.num_timesteps}], got {steps}")
   if eta < 0:
     raise ValueError(f"DDIM eta must be >= 0, got {eta}")
-  return _ddim(noise_fn, z_last, key, schedule, jnp.asarray(steps, jnp.int32),
-               jnp.asarray(eta, jnp.float32))
+  return _ddim(
+    noise_fn, z_last, key, schedule, jnp.asarray(steps, jnp.int32), jnp.asarray(eta, jnp.float32)
+  )

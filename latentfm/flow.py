@@ -44,8 +44,9 @@ def target_velocity(z0: Array, z1: Array) -> Array:
   return z1 - z0
 
 
-def sample_time(key: Array, batch: int, kind: str = "uniform", mean: float = 0.0,
-                std: float = 1.0) -> Array:
+def sample_time(
+  key: Array, batch: int, kind: str = "uniform", mean: float = 0.0, std: float = 1.0
+) -> Array:
   """Training times for one batch.
 
   Args:
@@ -74,11 +75,11 @@ def fm_loss(pred: Array, target: Array, kind: str = "l2") -> Array:
   """
   diff = (pred - target).astype(jnp.float32)
   if kind == "l2":
-    return jnp.mean(diff ** 2)
+    return jnp.mean(diff**2)
   if kind == "l1":
     return jnp.mean(jnp.abs(diff))
   if kind == "hybrid":
-    return 0.9 * jnp.mean(jnp.abs(diff)) + 0.1 * jnp.mean(diff ** 2)
+    return 0.9 * jnp.mean(jnp.abs(diff)) + 0.1 * jnp.mean(diff**2)
   raise ValueError(f"unknown loss {kind!r}; choose one of {LOSS_KINDS}")
 
 
@@ -92,8 +93,9 @@ def drop_labels(key: Array, labels: Array, p_uncond: float, null_label: int) -> 
   return jnp.where(drop, null_label, labels).astype(jnp.int32)
 
 
-def label_condition(key: Array, labels: Array | None, num_classes: int, p_uncond: float,
-                    train: bool) -> dict[str, Array]:
+def label_condition(
+  key: Array, labels: Array | None, num_classes: int, p_uncond: float, train: bool
+) -> dict[str, Array]:
   """The network's `label` keyword for one batch: none for an unconditional model (num_classes
   0), else the labels int `(B,)`, each dropped to the null class with probability `p_uncond`
   while training (drawn from `fold_in(key, 3)`, leaving the other draws of `key` unchanged)."""
@@ -106,8 +108,9 @@ def label_condition(key: Array, labels: Array | None, num_classes: int, p_uncond
   return {"label": drop_labels(jax.random.fold_in(key, 3), labels, p_uncond, num_classes)}
 
 
-def make_fm_loss_fn(apply_fn: Callable[..., Array], flow_cfg: Mapping[str, Any],
-                    num_classes: int = 0) -> Callable[..., tuple[Array, dict[str, Array]]]:
+def make_fm_loss_fn(
+  apply_fn: Callable[..., Array], flow_cfg: Mapping[str, Any], num_classes: int = 0
+) -> Callable[..., tuple[Array, dict[str, Array]]]:
   """Builds `loss_fn(params, z0, key, train=True, labels=None) -> (loss, metrics)`.
 
   `apply_fn(variables, z, t, train=..., rngs=..., label=...)` is a velocity network's `apply`
@@ -136,19 +139,26 @@ def make_fm_loss_fn(apply_fn: Callable[..., Array], flow_cfg: Mapping[str, Any],
   if not 0.0 <= p_uncond <= 1.0:
     raise ValueError(f"flow.p_uncond must be in [0, 1], got {p_uncond}")
 
-  def loss_fn(params: Any, z0: Array, key: Array, train: bool = True,
-              labels: Array | None = None) -> tuple[Array, dict[str, Array]]:
+  def loss_fn(
+    params: Any, z0: Array, key: Array, train: bool = True, labels: Array | None = None
+  ) -> tuple[Array, dict[str, Array]]:
     noise_key, time_key, dropout_key = jax.random.split(key, 3)
     cond = label_condition(key, labels, num_classes, p_uncond, train)
     # Drawn flat: XLA:CPU compiles rank-5 random draws slowly.
     z1 = jax.random.normal(noise_key, (z0.size,), z0.dtype).reshape(z0.shape)
     t = sample_time(time_key, z0.shape[0], sampling, mean, std)
     target = target_velocity(z0, z1)
-    pred = apply_fn({"params": params}, interpolate(z0, z1, t), t, train=train,
-                    rngs={"dropout": dropout_key}, **cond)
+    pred = apply_fn(
+      {"params": params},
+      interpolate(z0, z1, t),
+      t,
+      train=train,
+      rngs={"dropout": dropout_key},
+      **cond,
+    )
     loss = fm_loss(pred, target, kind)
     diff = (pred - target).astype(jnp.float32)
-    metrics = {"loss": loss, "l1": jnp.mean(jnp.abs(diff)), "l2": jnp.mean(diff ** 2)}
+    metrics = {"loss": loss, "l1": jnp.mean(jnp.abs(diff)), "l2": jnp.mean(diff**2)}
     return loss, metrics
 
   return loss_fn
@@ -157,13 +167,16 @@ def make_fm_loss_fn(apply_fn: Callable[..., Array], flow_cfg: Mapping[str, Any],
 @flax.struct.dataclass
 class LatentStats:
   """Per-channel mean and standard deviation of the encoder latents (a JAX pytree)."""
+
   mean: Array
   std: Array
 
   def to_dict(self) -> dict[str, list[float]]:
     """Plain lists of floats, ready for `json.dump`."""
-    return {"mean": np.asarray(self.mean, np.float64).tolist(),
-            "std": np.asarray(self.std, np.float64).tolist()}
+    return {
+      "mean": np.asarray(self.mean, np.float64).tolist(),
+      "std": np.asarray(self.std, np.float64).tolist(),
+    }
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "LatentStats":

@@ -66,8 +66,9 @@ def random_slices(key: Array, x: Array, y: Array) -> tuple[Array, Array]:
   return x[rows, idx], y[rows, idx]
 
 
-def perceptual_loss(lpips_apply: Callable[[Array, Array], Array], key: Array, x: Array,
-                    y: Array) -> Array:
+def perceptual_loss(
+  lpips_apply: Callable[[Array, Array], Array], key: Array, x: Array, y: Array
+) -> Array:
   """Mean LPIPS over one random depth slice per volume (see `random_slices`).
 
   `lpips_apply(xs, ys) -> (B,)` takes NHWC images in [-1, 1], e.g. `nn.lpips.lpips_fn()`.
@@ -119,15 +120,14 @@ def g_loss(kind: str, fake_logits: Array) -> Array:
   return fn(fake_logits)
 
 
-def feature_matching_loss(fake_features: Sequence[Array],
-                          real_features: Sequence[Array]) -> Array:
+def feature_matching_loss(fake_features: Sequence[Array], real_features: Sequence[Array]) -> Array:
   """pix2pixHD feature matching: sum_i 4/n * mean|fake_i - sg(real_i)| over n feature maps."""
   if len(fake_features) != len(real_features) or not fake_features:
-    raise ValueError(f"need equally many (>0) feature maps, got {len(fake_features)} "
-                     f"and {len(real_features)}")
+    raise ValueError(
+      f"need equally many (>0) feature maps, got {len(fake_features)} and {len(real_features)}"
+    )
   w = 4.0 / len(fake_features)
-  return sum(w * l1_loss(f, jax.lax.stop_gradient(r))
-             for f, r in zip(fake_features, real_features))
+  return sum(w * l1_loss(f, jax.lax.stop_gradient(r)) for f, r in zip(fake_features, real_features))
 
 
 def gan_factor(step: Array | int, start: Array | int) -> Array:
@@ -145,8 +145,9 @@ def last_layer(params: Mapping[str, Any], path: Sequence[str] = LAST_LAYER) -> A
   return params
 
 
-def replace_last_layer(params: Mapping[str, Any], kernel: Array,
-                       path: Sequence[str] = LAST_LAYER) -> dict[str, Any]:
+def replace_last_layer(
+  params: Mapping[str, Any], kernel: Array, path: Sequence[str] = LAST_LAYER
+) -> dict[str, Any]:
   """A copy of `params` with the leaf at `path` replaced (only the dicts on the path are copied)."""
   if not path:
     return kernel
@@ -156,9 +157,12 @@ def replace_last_layer(params: Mapping[str, Any], kernel: Array,
   return out
 
 
-def last_layer_grads(forward: Callable[[Array], tuple[Array, Any]], kernel: Array,
-                     rec_loss_fn: Callable[[Array], Array],
-                     gan_loss_fn: Callable[[Array], Array]) -> tuple[Array, Any, Array, Array]:
+def last_layer_grads(
+  forward: Callable[[Array], tuple[Array, Any]],
+  kernel: Array,
+  rec_loss_fn: Callable[[Array], Array],
+  gan_loss_fn: Callable[[Array], Array],
+) -> tuple[Array, Any, Array, Array]:
   """Gradients of two losses of the reconstruction w.r.t. the last-layer kernel.
 
   Args:
@@ -190,11 +194,19 @@ def adaptive_weight(rec_grad: Any, gan_grad: Any, max_weight: float = 1e4) -> Ar
 # ----------------------------------------------------------------------------- assembled
 
 
-def vqgan_generator_loss(x: Array, recon: Array, commitment: Array, perceptual: Array,
-                         fake_image: DiscOutput, real_image: DiscOutput,
-                         fake_volume: DiscOutput, real_volume: DiscOutput,
-                         config: ml_collections.ConfigDict, step: Array | int,
-                         adaptive: Array | None = None) -> tuple[Array, dict[str, Array]]:
+def vqgan_generator_loss(
+  x: Array,
+  recon: Array,
+  commitment: Array,
+  perceptual: Array,
+  fake_image: DiscOutput,
+  real_image: DiscOutput,
+  fake_volume: DiscOutput,
+  real_volume: DiscOutput,
+  config: ml_collections.ConfigDict,
+  step: Array | int,
+  adaptive: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
   """Generator (autoencoder) objective.
 
   Args:
@@ -217,28 +229,35 @@ def vqgan_generator_loss(x: Array, recon: Array, commitment: Array, perceptual: 
   lam = jax.lax.stop_gradient(adaptive) if config.adaptive_weight else 1.0
   factor = gan_factor(step, config.discriminator_start)
   terms = {
-      "l1": l1_loss(x, recon),
-      "commitment": jnp.asarray(commitment, jnp.float32),
-      "perceptual": jnp.asarray(perceptual, jnp.float32),
-      "g_image": g_loss(config.gan_loss, fake_image[0]),
-      "g_volume": g_loss(config.gan_loss, fake_volume[0]),
+    "l1": l1_loss(x, recon),
+    "commitment": jnp.asarray(commitment, jnp.float32),
+    "perceptual": jnp.asarray(perceptual, jnp.float32),
+    "g_image": g_loss(config.gan_loss, fake_image[0]),
+    "g_volume": g_loss(config.gan_loss, fake_volume[0]),
   }
-  terms["feature_matching"] = (feature_matching_loss(fake_image[1], real_image[1])
-                               + feature_matching_loss(fake_volume[1], real_volume[1]))
+  terms["feature_matching"] = feature_matching_loss(
+    fake_image[1], real_image[1]
+  ) + feature_matching_loss(fake_volume[1], real_volume[1])
   terms["gan_weight"] = factor * lam
   gan = config.image_gan_weight * terms["g_image"] + config.volume_gan_weight * terms["g_volume"]
-  terms["loss"] = (config.l1_weight * terms["l1"]
-                   + config.commitment_weight * terms["commitment"]
-                   + config.perceptual_weight * terms["perceptual"]
-                   + terms["gan_weight"] * gan
-                   + factor * config.gan_feat_weight * terms["feature_matching"])
+  terms["loss"] = (
+    config.l1_weight * terms["l1"]
+    + config.commitment_weight * terms["commitment"]
+    + config.perceptual_weight * terms["perceptual"]
+    + terms["gan_weight"] * gan
+    + factor * config.gan_feat_weight * terms["feature_matching"]
+  )
   return terms["loss"], terms
 
 
-def vqgan_discriminator_loss(real_image_logits: Array, fake_image_logits: Array,
-                             real_volume_logits: Array, fake_volume_logits: Array,
-                             config: ml_collections.ConfigDict,
-                             step: Array | int) -> tuple[Array, dict[str, Array]]:
+def vqgan_discriminator_loss(
+  real_image_logits: Array,
+  fake_image_logits: Array,
+  real_volume_logits: Array,
+  fake_volume_logits: Array,
+  config: ml_collections.ConfigDict,
+  step: Array | int,
+) -> tuple[Array, dict[str, Array]]:
   """Discriminator objective on real / fake (detached recon) logits of both discriminators.
 
   Returns `(loss, terms)` with terms d_image, d_volume, d_loss and the mean logits
@@ -246,13 +265,14 @@ def vqgan_discriminator_loss(real_image_logits: Array, fake_image_logits: Array,
   """
   factor = gan_factor(step, config.discriminator_start)
   terms = {
-      "d_image": d_loss(config.gan_loss, real_image_logits, fake_image_logits),
-      "d_volume": d_loss(config.gan_loss, real_volume_logits, fake_volume_logits),
-      "real_image_logit": jnp.mean(real_image_logits),
-      "fake_image_logit": jnp.mean(fake_image_logits),
-      "real_volume_logit": jnp.mean(real_volume_logits),
-      "fake_volume_logit": jnp.mean(fake_volume_logits),
+    "d_image": d_loss(config.gan_loss, real_image_logits, fake_image_logits),
+    "d_volume": d_loss(config.gan_loss, real_volume_logits, fake_volume_logits),
+    "real_image_logit": jnp.mean(real_image_logits),
+    "fake_image_logit": jnp.mean(fake_image_logits),
+    "real_volume_logit": jnp.mean(real_volume_logits),
+    "fake_volume_logit": jnp.mean(fake_volume_logits),
   }
-  terms["d_loss"] = factor * (config.image_gan_weight * terms["d_image"]
-                              + config.volume_gan_weight * terms["d_volume"])
+  terms["d_loss"] = factor * (
+    config.image_gan_weight * terms["d_image"] + config.volume_gan_weight * terms["d_volume"]
+  )
   return terms["d_loss"], terms

@@ -26,7 +26,6 @@ def _eager_fsal(cls: type) -> type:
   """
 
   class Eager(cls):
-
     def init(self, terms, t0, t1, y0, args):
       state = super().init(terms, t0, t1, y0, args)
       if state is None:
@@ -39,11 +38,11 @@ def _eager_fsal(cls: type) -> type:
 
 # name -> (solver class, adaptive)
 _SOLVERS = {
-    "euler": (diffrax.Euler, False),
-    "heun": (diffrax.Heun, False),
-    "midpoint": (diffrax.Midpoint, False),
-    "tsit5": (_eager_fsal(diffrax.Tsit5), True),
-    "dopri5": (_eager_fsal(diffrax.Dopri5), True),
+  "euler": (diffrax.Euler, False),
+  "heun": (diffrax.Heun, False),
+  "midpoint": (diffrax.Midpoint, False),
+  "tsit5": (_eager_fsal(diffrax.Tsit5), True),
+  "dopri5": (_eager_fsal(diffrax.Dopri5), True),
 }
 SOLVERS = tuple(_SOLVERS)
 
@@ -68,14 +67,31 @@ def _integrate(velocity_fn, z1, solver_name, steps, rtol, atol, t0, t1, max_step
     controller = diffrax.ConstantStepSize()
   term = diffrax.ODETerm(lambda t, z, args: velocity_fn(z, t))
   sol = diffrax.diffeqsolve(
-      term, solver, t0=t0, t1=t1, dt0=(t1 - t0) / steps, y0=z1,
-      stepsize_controller=controller, saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
+    term,
+    solver,
+    t0=t0,
+    t1=t1,
+    dt0=(t1 - t0) / steps,
+    y0=z1,
+    stepsize_controller=controller,
+    saveat=diffrax.SaveAt(t1=True),
+    max_steps=max_steps,
+  )
   return sol.ys[-1], _evaluations_per_run(solver, sol.stats["num_steps"])
 
 
-def integrate(velocity_fn: VelocityFn, z1: Array, *, solver: str = "euler", steps: int = 50,
-              rtol: float = 1e-5, atol: float = 1e-5, t0: float = 1.0, t1: float = 0.0,
-              max_steps: int = 4096) -> tuple[Array, Array]:
+def integrate(
+  velocity_fn: VelocityFn,
+  z1: Array,
+  *,
+  solver: str = "euler",
+  steps: int = 50,
+  rtol: float = 1e-5,
+  atol: float = 1e-5,
+  t0: float = 1.0,
+  t1: float = 0.0,
+  max_steps: int = 4096,
+) -> tuple[Array, Array]:
   """Integrates dz/dt = velocity_fn(z, t) from `t0` to `t1`; returns `(z(t1), nfe)`.
 
   `velocity_fn(z, t)` takes the whole batch and a scalar time. The solve is compiled once per
@@ -91,5 +107,14 @@ def integrate(velocity_fn: VelocityFn, z1: Array, *, solver: str = "euler", step
     raise ValueError(f"steps must be in [1, max_steps={max_steps}], got {steps}")
   if not (rtol > 0 and atol > 0):
     raise ValueError(f"rtol and atol must be positive, got {rtol} and {atol}")
-  return _integrate(velocity_fn, z1, solver, jnp.asarray(steps, jnp.int32), float(rtol),
-                    float(atol), float(t0), float(t1), int(max_steps))
+  return _integrate(
+    velocity_fn,
+    z1,
+    solver,
+    jnp.asarray(steps, jnp.int32),
+    float(rtol),
+    float(atol),
+    float(t0),
+    float(t1),
+    int(max_steps),
+  )

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentfm import ddpm
-from latentfm.ode import SOLVERS, VelocityFn, integrate  # noqa: F401 (public API)
 from latentfm.flow import LatentStats, denormalize, normalize
 from latentfm.nn.vqgan import from_model_range, to_model_range
+from latentfm.ode import SOLVERS, VelocityFn, integrate  # noqa: F401 (public API)
 from latentfm.train import compiler
 
 Array = jax.Array
@@ -52,6 +52,7 @@ class ModelVelocity:
   counts as one evaluation (its cost is that of a 2B batch). `guidance` 0 gives the
   unconditional field, 1 the conditional one.
   """
+
   apply_fn: Callable[..., Array] = flax.struct.field(pytree_node=False)
   params: Any
   labels: Array | None = None
@@ -64,16 +65,25 @@ class ModelVelocity:
     if self.labels is None:
       return self.apply_fn({"params": self.params}, z, tb, train=False)
     null = jnp.full((b,), self.null_label, jnp.int32)
-    both = self.apply_fn({"params": self.params}, jnp.concatenate([z, z]),
-                         jnp.concatenate([tb, tb]), train=False,
-                         label=jnp.concatenate([jnp.asarray(self.labels, jnp.int32), null]))
+    both = self.apply_fn(
+      {"params": self.params},
+      jnp.concatenate([z, z]),
+      jnp.concatenate([tb, tb]),
+      train=False,
+      label=jnp.concatenate([jnp.asarray(self.labels, jnp.int32), null]),
+    )
     v_c, v_u = both[:b], both[b:]
     return v_u + jnp.asarray(self.guidance, z.dtype) * (v_c - v_u)
 
 
-def velocity_from_model(apply_fn: Callable[..., Array], params: Any, *,
-                        labels: Array | None = None, guidance: float = 1.0,
-                        null_label: int | None = None) -> ModelVelocity:
+def velocity_from_model(
+  apply_fn: Callable[..., Array],
+  params: Any,
+  *,
+  labels: Array | None = None,
+  guidance: float = 1.0,
+  null_label: int | None = None,
+) -> ModelVelocity:
   """Wraps e.g. `UNet3D(...).apply` and its `params` as `velocity_fn(z, t)` (t broadcast).
 
   Args:
@@ -83,16 +93,22 @@ def velocity_from_model(apply_fn: Callable[..., Array], params: Any, *,
   """
   if labels is not None and null_label is None:
     raise ValueError("guided sampling needs the null_label of the conditional network")
-  return ModelVelocity(apply_fn=apply_fn, params=params, labels=labels,
-                       guidance=jnp.asarray(guidance, jnp.float32), null_label=null_label)
+  return ModelVelocity(
+    apply_fn=apply_fn,
+    params=params,
+    labels=labels,
+    guidance=jnp.asarray(guidance, jnp.float32),
+    null_label=null_label,
+  )
 
 
 def guided(velocity: ModelVelocity, labels: Array | None, guidance: float) -> ModelVelocity:
   """The same trained field conditioned on `labels` int `(B,)` with weight `guidance`."""
   if labels is None:
     return velocity
-  return dataclasses.replace(velocity, labels=jnp.asarray(labels, jnp.int32),
-                             guidance=jnp.asarray(guidance, jnp.float32))
+  return dataclasses.replace(
+    velocity, labels=jnp.asarray(labels, jnp.int32), guidance=jnp.asarray(guidance, jnp.float32)
+  )
 
 
 # ----------------------------------------------------------------------------- trained models
@@ -130,23 +146,38 @@ def load(workdir: str, vqgan_workdir: str | None = None) -> Models:
   from latentfm.data import geometry  # pylint: disable=import-outside-toplevel
   from latentfm.nn.unet3d import UNet3D  # pylint: disable=import-outside-toplevel
   from latentfm.train import flow_step, stages  # pylint: disable=import-outside-toplevel
+
   config = stages.load_stage_config(workdir, "flow")
   vqgan_workdir = vqgan_workdir or config.vqgan_workdir
   vq_config, vq_model, vq_vars, vq_step = stages.restore_vqgan(vqgan_workdir)
   meta = stages.read_extra(workdir)
   shape = tuple(int(s) for s in meta["latent_shape"])
-  state, extra, step = stages.restore_latest(workdir, flow_step.create_state,
-                                             jax.random.PRNGKey(0), config, shape)
+  state, extra, step = stages.restore_latest(
+    workdir, flow_step.create_state, jax.random.PRNGKey(0), config, shape
+  )
   unet = UNet3D.from_config(config.model)
-  velocity = velocity_from_model(unet.apply, state["ema_params"],
-                                 null_label=unet.num_classes or None)
+  velocity = velocity_from_model(
+    unet.apply, state["ema_params"], null_label=unet.num_classes or None
+  )
   objective = flow_step.objective(config)
-  schedule = (ddpm.schedule_from_config(config.ddpm, extra.get("latent_abs_max"))
-              if objective == "ddpm" else None)
-  return Models(velocity=velocity, vqgan=vq_model, vqgan_variables=vq_vars,
-                stats=LatentStats.from_dict(extra["latent_stats"]), latent_shape=shape,
-                flow_step=step, vqgan_step=vq_step, num_classes=unet.num_classes,
-                geometry=geometry.read(vqgan_workdir), objective=objective, schedule=schedule)
+  schedule = (
+    ddpm.schedule_from_config(config.ddpm, extra.get("latent_abs_max"))
+    if objective == "ddpm"
+    else None
+  )
+  return Models(
+    velocity=velocity,
+    vqgan=vq_model,
+    vqgan_variables=vq_vars,
+    stats=LatentStats.from_dict(extra["latent_stats"]),
+    latent_shape=shape,
+    flow_step=step,
+    vqgan_step=vq_step,
+    num_classes=unet.num_classes,
+    geometry=geometry.read(vqgan_workdir),
+    objective=objective,
+    schedule=schedule,
+  )
 
 
 def _check_labels(models: Models, labels: Any, num: int) -> np.ndarray | None:
@@ -155,8 +186,7 @@ def _check_labels(models: Models, labels: Any, num: int) -> np.ndarray | None:
     return None
   if models.num_classes == 0:
     raise ValueError("labels given, but this flow is unconditional (model.num_classes = 0)")
-  out = np.broadcast_to(np.asarray(labels), (num,)) if np.ndim(labels) == 0 else \
-      np.asarray(labels)
+  out = np.broadcast_to(np.asarray(labels), (num,)) if np.ndim(labels) == 0 else np.asarray(labels)
   if out.shape != (num,) or not np.issubdtype(out.dtype, np.integer):
     raise ValueError(f"labels must be one integer or {num} integers, got {np.asarray(labels)!r}")
   if out.min() < 0 or out.max() >= models.num_classes:
@@ -175,15 +205,25 @@ def check_solver(objective: str, solver: str) -> None:
   """ValueError unless `solver` samples models of `objective` (`rectified_flow` or `ddpm`)."""
   allowed = ddpm.SAMPLERS if objective == "ddpm" else SOLVERS
   if solver not in allowed:
-    raise ValueError(f"solver {solver!r} does not sample a {objective} model; choose one of "
-                     f"{allowed}")
+    raise ValueError(
+      f"solver {solver!r} does not sample a {objective} model; choose one of {allowed}"
+    )
 
 
-def generate_latents(network: VelocityFn, z1: Array, key: Array, *,
-                     objective: str = "rectified_flow", schedule: ddpm.Schedule | None = None,
-                     solver: str = "euler", steps: int = 50, eta: float = 0.0,
-                     rtol: float = 1e-5, atol: float = 1e-5,
-                     max_steps: int = 4096) -> tuple[Array, Array]:
+def generate_latents(
+  network: VelocityFn,
+  z1: Array,
+  key: Array,
+  *,
+  objective: str = "rectified_flow",
+  schedule: ddpm.Schedule | None = None,
+  solver: str = "euler",
+  steps: int = 50,
+  eta: float = 0.0,
+  rtol: float = 1e-5,
+  atol: float = 1e-5,
+  max_steps: int = 4096,
+) -> tuple[Array, Array]:
   """Noise `z1` (B, d, h, w, C) to normalised latents with either objective's sampler.
 
   Rectified flow integrates `network` (the velocity) with `solver` in `SOLVERS` (`key`
@@ -197,8 +237,9 @@ def generate_latents(network: VelocityFn, z1: Array, key: Array, *,
     return ddpm.sample_ddpm(network, z1, key, schedule)
   if solver == "ddim":
     return ddpm.sample_ddim(network, z1, key, schedule, steps=steps, eta=eta)
-  return integrate(network, z1, solver=solver, steps=steps, rtol=rtol, atol=atol,
-                   max_steps=max_steps)
+  return integrate(
+    network, z1, solver=solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps
+  )
 
 
 @compiler.jit(static_argnums=0)
@@ -219,18 +260,25 @@ RANGE_TOLERANCE = 0.05
 
 def volume_shape(models: Models) -> tuple[int, int, int]:
   """The (D, H, W) of the volumes the VQ-GAN encodes to `models.latent_shape`."""
-  return tuple(int(s) * int(f) for s, f in zip(models.latent_shape[:3],
-                                                 models.vqgan.downsample))
+  return tuple(int(s) * int(f) for s, f in zip(models.latent_shape[:3], models.vqgan.downsample))
 
 
 def _check_batch(name: str, array: Array, expected: tuple[int, ...]) -> None:
   if tuple(array.shape[1:]) != tuple(expected) or array.ndim != len(expected) + 1:
-    raise ValueError(f"{name} must have shape [N, {', '.join(map(str, expected))}] for this "
-                     f"model, got {tuple(array.shape)}")
+    raise ValueError(
+      f"{name} must have shape [N, {', '.join(map(str, expected))}] for this "
+      f"model, got {tuple(array.shape)}"
+    )
 
 
-def decode(models: Models, z0: Array, snap_to_codebook: bool = False, *,
-           tile: Any = None, overlap: int | None = None) -> Array:
+def decode(
+  models: Models,
+  z0: Array,
+  snap_to_codebook: bool = False,
+  *,
+  tile: Any = None,
+  overlap: int | None = None,
+) -> Array:
   """Normalised latents → volumes [N, D, H, W] in [0, 1] (optionally snapped to the codebook).
 
   Args:
@@ -250,15 +298,29 @@ def decode(models: Models, z0: Array, snap_to_codebook: bool = False, *,
   if tile is None:
     return _decode(models.vqgan, models.vqgan_variables, z, bool(snap_to_codebook))
   from latentfm.tiled_decode import decode_tiled  # pylint: disable=import-outside-toplevel
+
   if snap_to_codebook:
     z = _snap(models.vqgan, models.vqgan_variables, z)
   return jnp.asarray(decode_tiled(models.vqgan, models.vqgan_variables, z, tile, overlap))
 
 
-def sample(key: Array, models: Models, num: int, *, labels: Any = None, guidance: float = 1.0,
-           solver: str | None = None, steps: int = 50, rtol: float = 1e-5, atol: float = 1e-5,
-           eta: float = 0.0, snap_to_codebook: bool = False, batch_size: int = 8,
-           max_steps: int = 4096, decode_tile: Any = None) -> tuple[np.ndarray, int]:
+def sample(
+  key: Array,
+  models: Models,
+  num: int,
+  *,
+  labels: Any = None,
+  guidance: float = 1.0,
+  solver: str | None = None,
+  steps: int = 50,
+  rtol: float = 1e-5,
+  atol: float = 1e-5,
+  eta: float = 0.0,
+  snap_to_codebook: bool = False,
+  batch_size: int = 8,
+  max_steps: int = 4096,
+  decode_tile: Any = None,
+) -> tuple[np.ndarray, int]:
   """`num` synthetic volumes and the NFE per batch.
 
   Noise z1 ~ N(0, I) becomes latents through `generate_latents` with `solver` (default
@@ -287,11 +349,20 @@ def sample(key: Array, models: Models, num: int, *, labels: Any = None, guidance
     lo = i * batch_size
     n = min(batch_size, num - lo)
     z1 = jax.random.normal(k, (n,) + models.latent_shape)
-    velocity = guided(models.velocity, None if labels is None else labels[lo:lo + n], guidance)
+    velocity = guided(models.velocity, None if labels is None else labels[lo : lo + n], guidance)
     z0, used = generate_latents(
-        velocity, z1, jax.random.fold_in(k, 1), objective=models.objective,
-        schedule=models.schedule, solver=solver, steps=steps, eta=eta, rtol=rtol, atol=atol,
-        max_steps=max_steps)
+      velocity,
+      z1,
+      jax.random.fold_in(k, 1),
+      objective=models.objective,
+      schedule=models.schedule,
+      solver=solver,
+      steps=steps,
+      eta=eta,
+      rtol=rtol,
+      atol=atol,
+      max_steps=max_steps,
+    )
     out.append(np.asarray(decode(models, z0, snap_to_codebook, tile=decode_tile)))
     nfe = max(nfe, int(used))
   return np.concatenate(out), nfe
@@ -306,10 +377,18 @@ def balanced_labels(num: int, num_classes: int) -> np.ndarray:
   return np.repeat(np.arange(num_classes, dtype=np.int32), counts)
 
 
-def encode_to_noise(models: Models, volumes: Array, *, labels: Any = None,
-                    guidance: float = 1.0, solver: str = "tsit5", steps: int = 50,
-                    rtol: float = 1e-5, atol: float = 1e-5, t_end: float = 1.0
-                    ) -> tuple[Array, Array]:
+def encode_to_noise(
+  models: Models,
+  volumes: Array,
+  *,
+  labels: Any = None,
+  guidance: float = 1.0,
+  solver: str = "tsit5",
+  steps: int = 50,
+  rtol: float = 1e-5,
+  atol: float = 1e-5,
+  t_end: float = 1.0,
+) -> tuple[Array, Array]:
   """Inverts real volumes: encode, normalise, integrate t = 0 → `t_end` (1: pure noise).
 
   Args:
@@ -323,24 +402,45 @@ def encode_to_noise(models: Models, volumes: Array, *, labels: Any = None,
     Rectified-flow models only.
   """
   if models.objective != "rectified_flow":
-    raise ValueError(f"encode_to_noise inverts rectified-flow models; this one is "
-                     f"{models.objective!r}")
+    raise ValueError(
+      f"encode_to_noise inverts rectified-flow models; this one is {models.objective!r}"
+    )
   volumes = jnp.asarray(volumes, jnp.float32)
   _check_batch("volumes", volumes, volume_shape(models))
   low, high = float(jnp.min(volumes)), float(jnp.max(volumes))
   if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
-    raise ValueError(f"volumes must hold values in [0, 1], got [{low:.4g}, {high:.4g}]; "
-                     "preprocess them as the VQ-GAN's data (latentfm.data.preprocess)")
+    raise ValueError(
+      f"volumes must hold values in [0, 1], got [{low:.4g}, {high:.4g}]; "
+      "preprocess them as the VQ-GAN's data (latentfm.data.preprocess)"
+    )
   x = to_model_range(volumes[..., None])
   labels = _check_labels(models, labels, x.shape[0])
   z = models.vqgan.apply(models.vqgan_variables, x, method=models.vqgan.encode)
-  return integrate(guided(models.velocity, labels, guidance), normalize(z, models.stats),
-                   solver=solver, steps=steps, rtol=rtol, atol=atol, t0=0.0, t1=float(t_end))
+  return integrate(
+    guided(models.velocity, labels, guidance),
+    normalize(z, models.stats),
+    solver=solver,
+    steps=steps,
+    rtol=rtol,
+    atol=atol,
+    t0=0.0,
+    t1=float(t_end),
+  )
 
 
-def edit(models: Models, volumes: Array, source_labels: Any, target_labels: Any, *,
-         guidance: float = 1.0, strength: float = 1.0, solver: str = "tsit5", steps: int = 50,
-         rtol: float = 1e-5, atol: float = 1e-5) -> tuple[np.ndarray, int]:
+def edit(
+  models: Models,
+  volumes: Array,
+  source_labels: Any,
+  target_labels: Any,
+  *,
+  guidance: float = 1.0,
+  strength: float = 1.0,
+  solver: str = "tsit5",
+  steps: int = 50,
+  rtol: float = 1e-5,
+  atol: float = 1e-5,
+) -> tuple[np.ndarray, int]:
   """Counterfactual editing: the same scans at another class.
 
   Each scan is inverted under its own label up to t = `strength` (1: all the way to noise,
@@ -355,16 +455,39 @@ def edit(models: Models, volumes: Array, source_labels: Any, target_labels: Any,
   if not 0.0 < strength <= 1.0:
     raise ValueError(f"strength must be in (0, 1], got {strength}")
   n = np.shape(volumes)[0]
-  noise, nfe_in = encode_to_noise(models, volumes, labels=source_labels, solver=solver,
-                                  steps=steps, rtol=rtol, atol=atol, t_end=strength)
+  noise, nfe_in = encode_to_noise(
+    models,
+    volumes,
+    labels=source_labels,
+    solver=solver,
+    steps=steps,
+    rtol=rtol,
+    atol=atol,
+    t_end=strength,
+  )
   target = _check_labels(models, target_labels, n)
-  z0, nfe_out = integrate(guided(models.velocity, target, guidance), noise, solver=solver,
-                          steps=steps, rtol=rtol, atol=atol, t0=float(strength), t1=0.0)
+  z0, nfe_out = integrate(
+    guided(models.velocity, target, guidance),
+    noise,
+    solver=solver,
+    steps=steps,
+    rtol=rtol,
+    atol=atol,
+    t0=float(strength),
+    t1=0.0,
+  )
   return np.asarray(decode(models, z0)), int(nfe_in) + int(nfe_out)
 
 
-def write_samples(directory: str, volumes: np.ndarray, *, geometry: Any = None,
-                  spacing: float = 1.0, prefix: str = "sample", labels: Any = None) -> list[str]:
+def write_samples(
+  directory: str,
+  volumes: np.ndarray,
+  *,
+  geometry: Any = None,
+  spacing: float = 1.0,
+  prefix: str = "sample",
+  labels: Any = None,
+) -> list[str]:
   """Writes volumes [N, D, H, W] as NIfTI plus one tri-planar PNG; returns the NIfTI paths.
 
   Args:
@@ -378,10 +501,13 @@ def write_samples(directory: str, volumes: np.ndarray, *, geometry: Any = None,
   from latentfm import atomic_write, viz  # pylint: disable=import-outside-toplevel
   from latentfm.data import geometry as geometry_lib  # pylint: disable=import-outside-toplevel
   from latentfm.data.io import write_volume  # pylint: disable=import-outside-toplevel
+
   geometry = geometry or geometry_lib.isotropic(spacing)
   if os.path.isdir(directory) and os.listdir(directory):
-    raise ValueError(f"{directory} is not empty; samples are written only to a new or empty "
-                     "folder, so that no set mixes old and new samples")
+    raise ValueError(
+      f"{directory} is not empty; samples are written only to a new or empty "
+      "folder, so that no set mixes old and new samples"
+    )
   suffix = lambda i: "" if labels is None else f"_class{int(labels[i])}"
   names = [f"{prefix}_{i:04d}{suffix(i)}.nii.gz" for i in range(len(volumes))]
   with atomic_write.atomic_dir(directory) as partial:
@@ -390,7 +516,9 @@ def write_samples(directory: str, volumes: np.ndarray, *, geometry: Any = None,
     if labels is not None:
       with open(os.path.join(partial, "labels.csv"), "w", encoding="utf-8") as f:
         f.write("file,label\n" + "".join(f"{n},{int(l)}\n" for n, l in zip(names, labels)))
-    viz.save_triplanar(os.path.join(partial, f"{prefix}s.png"), volumes[:8],
-                       [f"{prefix} {i}{suffix(i).replace('_', ' ')}"
-                        for i in range(min(8, len(volumes)))])
+    viz.save_triplanar(
+      os.path.join(partial, f"{prefix}s.png"),
+      volumes[:8],
+      [f"{prefix} {i}{suffix(i).replace('_', ' ')}" for i in range(min(8, len(volumes)))],
+    )
   return [os.path.join(directory, name) for name in names]

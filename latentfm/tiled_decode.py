@@ -53,6 +53,7 @@ def decoder_margin(model: Any) -> int:
   each of its output; the last conv one voxel of the volume.
   """
   from latentfm.nn.vqgan import stage_strides  # pylint: disable=import-outside-toplevel
+
   radius, scale = np.zeros(3), np.ones(3)
   for strides in stage_strides(model.downsample):
     strides = np.asarray(strides, float)
@@ -62,8 +63,9 @@ def decoder_margin(model: Any) -> int:
   return math.ceil(float(np.max(radius + 1 / scale)))
 
 
-def blend_weights(size: int, starts: Sequence[int], tile: int, scale: int,
-                  margin: int = 0) -> np.ndarray:
+def blend_weights(
+  size: int, starts: Sequence[int], tile: int, scale: int, margin: int = 0
+) -> np.ndarray:
   """Weights `(len(starts), size * scale)` of tiles `[start, start + tile)` along one axis, at
   `scale` voxels per latent voxel; they sum to 1 at every voxel.
 
@@ -87,8 +89,10 @@ def blend_weights(size: int, starts: Sequence[int], tile: int, scale: int,
   weights = np.stack(weights)
   total = weights.sum(axis=0, keepdims=True)
   if not np.all(total > 0):
-    raise ValueError(f"tiles of {tile} starting at {list(starts)} leave voxels uncovered "
-                     f"outside the {margin}-voxel margins; use larger tiles")
+    raise ValueError(
+      f"tiles of {tile} starting at {list(starts)} leave voxels uncovered "
+      f"outside the {margin}-voxel margins; use larger tiles"
+    )
   return weights / total
 
 
@@ -119,9 +123,16 @@ def _interceptor(fixed, capture, weights, captured):
       captured.append(jnp.stack([grouped(w), grouped(w * xf), grouped(w * xf * xf)], -1))
     if k < len(fixed):
       mean, var = fixed[k]
-      return group_norm_given_stats(x, module.get_variable("params", "scale"),
-                                    module.get_variable("params", "bias"), mean, var,
-                                    module.epsilon, module.silu, module.dtype)
+      return group_norm_given_stats(
+        x,
+        module.get_variable("params", "scale"),
+        module.get_variable("params", "bias"),
+        mean,
+        var,
+        module.epsilon,
+        module.silu,
+        module.dtype,
+      )
     return next_fun(*args, **kwargs)
 
   return intercept
@@ -154,8 +165,14 @@ def norm_input_shapes(model: Any, variables: dict, z: Array) -> list[tuple[int, 
   return seen
 
 
-def decode_tiled(model: Any, variables: dict, z: Array, tile: Sequence[int] | int,
-                 overlap: int | None = None, global_norms: bool = True) -> np.ndarray:
+def decode_tiled(
+  model: Any,
+  variables: dict,
+  z: Array,
+  tile: Sequence[int] | int,
+  overlap: int | None = None,
+  global_norms: bool = True,
+) -> np.ndarray:
   """Decodes latents `z` (N, d, h, w, C) tile by tile; memory is that of one tile's decode.
 
   Args:
@@ -179,26 +196,47 @@ def decode_tiled(model: Any, variables: dict, z: Array, tile: Sequence[int] | in
   margin = decoder_margin(model)
   overlap = 2 * margin + 2 if overlap is None else int(overlap)
   if any(t < n and t <= overlap for t, n in zip(tile, latent)):
-    raise ValueError(f"tiles of {tile} latent voxels must be larger than the overlap "
-                     f"{overlap} (this decoder's exact overlap is {2 * margin + 2})")
+    raise ValueError(
+      f"tiles of {tile} latent voxels must be larger than the overlap "
+      f"{overlap} (this decoder's exact overlap is {2 * margin + 2})"
+    )
   grid = [tile_starts(n, t, overlap) for n, t in zip(latent, tile)]
-  corners = [tuple(int(c) for c in corner) for corner in
-             np.array(np.meshgrid(*grid, indexing="ij")).reshape(3, -1).T]
-  tile_of = lambda corner: z[:, corner[0]:corner[0] + tile[0], corner[1]:corner[1] + tile[1],
-                             corner[2]:corner[2] + tile[2]]
+  corners = [
+    tuple(int(c) for c in corner)
+    for corner in np.array(np.meshgrid(*grid, indexing="ij")).reshape(3, -1).T
+  ]
+  tile_of = lambda corner: z[
+    :,
+    corner[0] : corner[0] + tile[0],
+    corner[1] : corner[1] + tile[1],
+    corner[2] : corner[2] + tile[2],
+  ]
   shapes = norm_input_shapes(model, variables, tile_of(corners[0]))
 
   def weights(corner, spatial):  # the blend weights of a tile at a spatial shape of its decode
     scale = [s // t for s, t in zip(spatial, tile)]
-    rows = [blend_weights(n, g, t, s, margin)[g.index(c), c * s:(c + t) * s]
-            for n, g, t, s, c in zip(latent, grid, tile, scale, corner)]
+    rows = [
+      blend_weights(n, g, t, s, margin)[g.index(c), c * s : (c + t) * s]
+      for n, g, t, s, c in zip(latent, grid, tile, scale, corner)
+    ]
     return np.einsum("i,j,k->ijk", *rows).astype(np.float32)
 
   fixed = []
   for k in range(len(shapes) if global_norms else 0):
-    sums = sum(np.asarray(_pass(model, variables, tile_of(c), tuple(fixed), k,
-                                {shapes[k]: jnp.asarray(weights(c, shapes[k]))}), np.float64)
-               for c in corners)
+    sums = sum(
+      np.asarray(
+        _pass(
+          model,
+          variables,
+          tile_of(c),
+          tuple(fixed),
+          k,
+          {shapes[k]: jnp.asarray(weights(c, shapes[k]))},
+        ),
+        np.float64,
+      )
+      for c in corners
+    )
     mean = sums[..., 1] / sums[..., 0]
     var = np.maximum(sums[..., 2] / sums[..., 0] - mean * mean, 0.0)
     fixed.append((jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -23,8 +22,9 @@ def _as_batch(volumes) -> np.ndarray:
   return arr
 
 
-def mid_slices(volume: np.ndarray, at: Sequence[float] = (0.5, 0.5, 0.5)
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mid_slices(
+  volume: np.ndarray, at: Sequence[float] = (0.5, 0.5, 0.5)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Axial, coronal and sagittal slices of a (D, H, W) volume at fractional position `at`.
 
   Arrays are indexed (z, y, x); slices are flipped so that z points up on screen. The default
@@ -46,11 +46,18 @@ def triplanar_image(volumes, pad: int = 2, at: Sequence[float] = (0.5, 0.5, 0.5)
   return np.concatenate(rows, axis=0)
 
 
-def save_triplanar(path: str, volumes, row_labels: Sequence[str] | None = None,
-                   title: str | None = None, vmin: float = 0.0, vmax: float = 1.0,
-                   at: Sequence[float] = (0.5, 0.5, 0.5)) -> str:
+def save_triplanar(
+  path: str,
+  volumes,
+  row_labels: Sequence[str] | None = None,
+  title: str | None = None,
+  vmin: float = 0.0,
+  vmax: float = 1.0,
+  at: Sequence[float] = (0.5, 0.5, 0.5),
+) -> str:
   """Writes a PNG with one row per volume and the three slices (see `mid_slices`) as columns."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -58,8 +65,7 @@ def save_triplanar(path: str, volumes, row_labels: Sequence[str] | None = None,
   n = len(batch)
   if row_labels is not None and len(row_labels) != n:
     raise ValueError(f"{len(row_labels)} row labels for {n} volumes")
-  fig, axes = plt.subplots(n, 3, figsize=(6.0, 2.0 * n + (0.4 if title else 0.0)),
-                           squeeze=False)
+  fig, axes = plt.subplots(n, 3, figsize=(6.0, 2.0 * n + (0.4 if title else 0.0)), squeeze=False)
   for i, vol in enumerate(batch):
     for j, (plane, img) in enumerate(zip(PLANES, mid_slices(vol, at))):
       ax = axes[i, j]

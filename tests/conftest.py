@@ -42,6 +42,5 @@ def volume_dir(tmp_path):
   d = tmp_path / "scans"
   d.mkdir()
   for i in range(5):
-    write_volume(str(d / f"scan_{i}.nii.gz"),
-                 Volume(blob_volume(seed=i), spacing=(2.0, 2.0, 2.0)))
+    write_volume(str(d / f"scan_{i}.nii.gz"), Volume(blob_volume(seed=i), spacing=(2.0, 2.0, 2.0)))
   return d

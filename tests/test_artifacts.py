@@ -19,8 +19,7 @@ def test_pattern_of_period_2_and_4_is_prominent_and_blur_is_not():
   period4 = 0.03 * np.cos(np.pi / 2 * grid).sum(0)
   clean = artifacts.periodic_prominence(ndi.gaussian_filter(brains, (0, 1, 1, 1)))
   assert all(0.3 < v < 3 for v in clean.values()), clean
-  with2 = artifacts.checkerboard_ratio(ndi.gaussian_filter(brains, (0, 1, 1, 1)) + period2,
-                                       brains)
+  with2 = artifacts.checkerboard_ratio(ndi.gaussian_filter(brains, (0, 1, 1, 1)) + period2, brains)
   with4 = artifacts.checkerboard_ratio(brains + period4, brains)
   assert with2[2] > 10 and with4[4] > 2.5, (with2, with4)
   noisy = brains + 0.05 * np.random.default_rng(0).standard_normal(brains.shape)

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from testing_support import blob_volume
 
 from bench import fm_vs_ddpm
 from experiments.configs import flow as flow_configs
-from testing_support import blob_volume
 
 
 def _flat(d, prefix=""):
@@ -23,8 +23,12 @@ def test_the_two_runs_differ_only_in_objective_sampler_and_rate():
   assert fm["train.sample_every"] == 0 and fm["train.ckpt_every"] == 40
   reference = _flat(flow_configs.get_config("ddpm_demo").to_dict())
   assert {k for k in dm if dm[k] != reference[k]} <= {
-      "train.num_steps", "train.sample_every", "train.ckpt_every", "train.tensorboard",
-      "model.num_classes"}
+    "train.num_steps",
+    "train.sample_every",
+    "train.ckpt_every",
+    "train.tensorboard",
+    "model.num_classes",
+  }
   assert fm["model.num_classes"] == 0
 
 
@@ -35,8 +39,9 @@ def test_scorer_floor_and_ratio():
 
   def extract(v):
     calls.append(len(v))
-    return np.stack([v.mean(axis=(1, 2, 3)), v.std(axis=(1, 2, 3)), v[:, 8].mean(axis=(1, 2))],
-                    axis=1)
+    return np.stack(
+      [v.mean(axis=(1, 2, 3)), v.std(axis=(1, 2, 3)), v[:, 8].mean(axis=(1, 2))], axis=1
+    )
 
   scorer = fm_vs_ddpm.Scorer(train, held_out, extract)
   assert calls == [5, 4] and scorer.floor > 0
@@ -44,15 +49,34 @@ def test_scorer_floor_and_ratio():
   assert same["fd_ratio"] == pytest.approx(1.0) and calls[-1] == 4
   blurred = scorer.score(held_out * 0.5)
   assert blurred["fd_ratio"] > 10 and blurred["w1_brain"] >= 0
-  assert set(blurred) == {"fd", "fd_ratio", "w1_csf_fraction", "w1_ventricle_fraction",
-                          "w1_brain"}
+  assert set(blurred) == {"fd", "fd_ratio", "w1_csf_fraction", "w1_ventricle_fraction", "w1_brain"}
 
 
 def test_table_and_plot(tmp_path):
-  curve = [{"objective": o, "step": s, "train_seconds": 10.0 * s, "sampler": "x", "nfe": 50,
-            "fd": 2.0, "fd_ratio": 3.0 - s / 100} for o in fm_vs_ddpm.OBJECTIVES for s in (1, 2)]
-  sweep = [{"objective": "rectified_flow", "step": 2, "sampler": f"euler (steps {n})", "nfe": n,
-            "fd": 1.0, "fd_ratio": 2.0} for n in (5, 10)]
+  curve = [
+    {
+      "objective": o,
+      "step": s,
+      "train_seconds": 10.0 * s,
+      "sampler": "x",
+      "nfe": 50,
+      "fd": 2.0,
+      "fd_ratio": 3.0 - s / 100,
+    }
+    for o in fm_vs_ddpm.OBJECTIVES
+    for s in (1, 2)
+  ]
+  sweep = [
+    {
+      "objective": "rectified_flow",
+      "step": 2,
+      "sampler": f"euler (steps {n})",
+      "nfe": n,
+      "fd": 1.0,
+      "fd_ratio": 2.0,
+    }
+    for n in (5, 10)
+  ]
   text = fm_vs_ddpm.table(curve[:1])
   assert text.splitlines()[0].startswith("| objective | step | train_seconds |")
   assert text.splitlines()[2] == "| rectified_flow | 1 | 10.0 | x | 50 | 2 | 2.99 |  |  |  |"

@@ -20,7 +20,8 @@ def test_compile_step_counts_the_flops_of_a_matrix_product():
 def test_compile_step_counts_a_convolution():
   x, w = jnp.ones((2, 8, 8, 8, 4)), jnp.ones((3, 3, 3, 4, 6))
   conv = lambda a, b: jax.lax.conv_general_dilated(
-      a, b, (1, 1, 1), "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    a, b, (1, 1, 1), "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+  )
   _, flops = run.compile_step(conv, x, w)
   assert flops == pytest.approx(2 * 2 * 6**3 * 6 * 27 * 4, rel=0.01)
 
@@ -61,15 +62,22 @@ def test_cpu_matmul_rate_times_a_matrix_product(monkeypatch):
 def test_peak_flops_of_an_h200_is_the_dense_bf16_rate(monkeypatch):
   class Device:
     device_kind = "NVIDIA H200"
+
   monkeypatch.setattr(jax, "devices", lambda: [Device()])
   assert run.peak_flops("bfloat16") == 989e12
   row = run.report("step", 1.0, batch=1, flops=98.9e12, dtype="bfloat16")
   assert row["mfu"] == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("kind, bf16", [("NVIDIA H100 80GB HBM3", 989e12),
-                                        ("NVIDIA H100 PCIe", 756e12),
-                                        ("NVIDIA H100 NVL", 835e12), ("Tesla T4", None)])
+@pytest.mark.parametrize(
+  "kind, bf16",
+  [
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("Tesla T4", None),
+  ],
+)
 def test_peak_flops_tells_the_h100_cards_apart(monkeypatch, kind, bf16):
   monkeypatch.setattr(jax, "devices", lambda: [type("Device", (), {"device_kind": kind})()])
   assert run.peak_flops("bfloat16") == bf16
@@ -83,13 +91,15 @@ def test_ratio_summary_pairs_the_rounds():
 
 @pytest.mark.parametrize("stage", ["conv3", "resblock"])
 def test_piece_stages_give_input_and_parameter_gradients_at_the_decoders_last_width(stage):
-  args = argparse.Namespace(size=8, batch=1, dtype="float32", downsample=4, remat=False,
-                            recompute_norms=False)
+  args = argparse.Namespace(
+    size=8, batch=1, dtype="float32", downsample=4, remat=False, recompute_norms=False
+  )
   (work,) = {"conv3": run.bench_conv3, "resblock": run.bench_resblock}[stage](args)
   assert work.stage == stage and work.label.startswith(f"{stage} fwd+bwd 8^3x32 b1")
   param_grads, x_grad = work.call()
   assert x_grad.shape == (1, 8, 8, 8, run.piece_width()) == (1, 8, 8, 8, 32)
   assert float(jnp.abs(x_grad).max()) > 0
-  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(param_grads)
-             if g.ndim > 1)  # kernels and norm scales; a bias before a GroupNorm gets ~0
+  assert all(
+    float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(param_grads) if g.ndim > 1
+  )  # kernels and norm scales; a bias before a GroupNorm gets ~0
   assert set(run.TORCH_STAGES) >= {stage}

@@ -4,14 +4,26 @@ import argparse
 import re
 
 import pytest
+from testing_support import run_module
 
 from bench import scaling
-from testing_support import run_module
 
 
 def test_times_the_sharded_flow_step_on_two_forced_devices():
-  out = run_module("bench.scaling", "--devices", "2", "--per-device-batch", "1", "--latent", "4",
-                   "--config", "demo", "--repeats", "1", timeout=300)
+  out = run_module(
+    "bench.scaling",
+    "--devices",
+    "2",
+    "--per-device-batch",
+    "1",
+    "--latent",
+    "4",
+    "--config",
+    "demo",
+    "--repeats",
+    "1",
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr
   row = re.search(r"^\| 2 \| 2 \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", out.stdout, re.M)
   assert row, out.stdout
@@ -23,8 +35,9 @@ def test_times_the_sharded_flow_step_on_two_forced_devices():
 
 def test_a_failing_device_count_is_named_and_the_exit_status_is_one(capsys):
   assert scaling.main(["--devices", "1", "--config", "nope", "--repeats", "1"]) == 1
-  assert re.search(r"^\| 1 \| failed: ValueError: unknown config 'nope'", capsys.readouterr().out,
-                   re.M)
+  assert re.search(
+    r"^\| 1 \| failed: ValueError: unknown config 'nope'", capsys.readouterr().out, re.M
+  )
 
 
 def test_device_counts_parse_positive_integers_only():

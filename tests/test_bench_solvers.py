@@ -16,7 +16,7 @@ def test_sweep_errors_shrink_with_steps_and_tolerance():
   velocity = lambda z, t: z @ jnp.asarray(A.T, z.dtype)
   ref, ref_nfe = solvers.reference(velocity, Z1)
   exact = np.asarray(Z1) @ scipy.linalg.expm(-A).T
-  scale = float(np.sqrt(np.mean(exact ** 2)))
+  scale = float(np.sqrt(np.mean(exact**2)))
   assert float(np.sqrt(np.mean((np.asarray(ref) - exact) ** 2))) < 1e-5 * scale
   rows = list(solvers.sweep(velocity, Z1, ref, tolerances=(1e-2, 1e-5)))
   by_name = {(r["solver"], r["setting"]): r for r in rows}
@@ -37,8 +37,13 @@ def test_sweep_errors_shrink_with_steps_and_tolerance():
 
 def test_equal_error_takes_the_cheapest_tsit5_within_euler_100s_error():
   row = lambda solver, nfe, error: {"solver": solver, "setting": "", "nfe": nfe, "error": error}
-  rows = [row("euler", 50, 2e-3), row("euler", 100, 1e-3), row("tsit5", 20, 5e-3),
-          row("tsit5", 40, 9e-4), row("tsit5", 60, 1e-5)]
+  rows = [
+    row("euler", 50, 2e-3),
+    row("euler", 100, 1e-3),
+    row("tsit5", 20, 5e-3),
+    row("tsit5", 40, 9e-4),
+    row("tsit5", 60, 1e-5),
+  ]
   assert solvers.equal_error(rows)[1]["nfe"] == 40
   assert solvers.equal_error(rows[:3])[1] is None
   assert solvers.equal_error(rows)[0] is rows[1]

@@ -22,21 +22,21 @@ def make_state(w_shape=(3, 4), seed=0):
   rng = np.random.default_rng(seed)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   params = {
-      "enc": {"w": normal(*w_shape),
-              "b": normal(w_shape[-1]).astype(jnp.bfloat16)},
-      "dec": {"w": normal(2, 2, 2, 1, 4)},
+    "enc": {"w": normal(*w_shape), "b": normal(w_shape[-1]).astype(jnp.bfloat16)},
+    "dec": {"w": normal(2, 2, 2, 1, 4)},
   }
   adam, empty = optax.adam(1e-3).init(params)
   adam = adam._replace(
-      count=jnp.asarray(seed + 1, jnp.int32),
-      mu=jax.tree.map(lambda p: normal(*p.shape).astype(p.dtype), params),
-      nu=jax.tree.map(lambda p: normal(*p.shape).astype(p.dtype), params))
+    count=jnp.asarray(seed + 1, jnp.int32),
+    mu=jax.tree.map(lambda p: normal(*p.shape).astype(p.dtype), params),
+    nu=jax.tree.map(lambda p: normal(*p.shape).astype(p.dtype), params),
+  )
   return {
-      "params": params,
-      "opt_state": (adam, empty),
-      "step": jnp.asarray(11 + seed, jnp.int32),
-      "codebook_initialised": jnp.asarray(seed % 2 == 0),
-      "rng": jax.random.PRNGKey(seed + 100),
+    "params": params,
+    "opt_state": (adam, empty),
+    "step": jnp.asarray(11 + seed, jnp.int32),
+    "codebook_initialised": jnp.asarray(seed % 2 == 0),
+    "rng": jax.random.PRNGKey(seed + 100),
   }
 
 
@@ -85,8 +85,8 @@ def test_round_trip_bit_exact(ckdir):
   assert restored["codebook_initialised"].dtype == jnp.bool_
   # Abstract targets work too.
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      state)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
   restored, _, _ = ckpt.restore(manager, abstract, step=11)
   assert_bit_exact(restored, state)
   ckpt.close(manager)
@@ -95,16 +95,22 @@ def test_round_trip_bit_exact(ckdir):
 def test_data_state_and_extra_round_trip(ckdir):
   state = make_state()
   data_state = {"epoch": 2, "raw": b"\x00\xff grain", "nested": [1, {"b": b""}]}
-  extra = {"latent_mean": np.float32(0.5), "latent_std": np.array([1.0, 2.0]),
-           "config": {"lr": 3e-4, "name": "thesis"}}
+  extra = {
+    "latent_mean": np.float32(0.5),
+    "latent_std": np.array([1.0, 2.0]),
+    "config": {"lr": 3e-4, "name": "thesis"},
+  }
   manager = ckpt.open_manager(ckdir, async_save=False)
   ckpt.save(manager, 1, state, data_state=data_state, extra=extra)
   grain_like = b'{\n    "last_seen_indices": {"0": 7}\n}'
   ckpt.save(manager, 2, state, data_state=grain_like, extra={"k": [1, 2]})
   _, ds, ex = ckpt.restore(manager, state, step=1)
   assert ds == data_state
-  assert ex == {"latent_mean": 0.5, "latent_std": [1.0, 2.0],
-                "config": {"lr": 3e-4, "name": "thesis"}}
+  assert ex == {
+    "latent_mean": 0.5,
+    "latent_std": [1.0, 2.0],
+    "config": {"lr": 3e-4, "name": "thesis"},
+  }
   _, ds, ex = ckpt.restore(manager, state)
   assert ds == grain_like and isinstance(ds, bytes)
   assert ex == {"k": [1, 2]}
@@ -114,10 +120,10 @@ def test_data_state_and_extra_round_trip(ckdir):
 def test_grain_iterator_state_round_trip(ckdir):
   grain = pytest.importorskip("grain.python")
   loader = grain.DataLoader(
-      data_source=grain.RangeDataSource(0, 20, 1),
-      sampler=grain.IndexSampler(20, grain.NoSharding(), shuffle=True,
-                                 num_epochs=1, seed=0),
-      worker_count=0)
+    data_source=grain.RangeDataSource(0, 20, 1),
+    sampler=grain.IndexSampler(20, grain.NoSharding(), shuffle=True, num_epochs=1, seed=0),
+    worker_count=0,
+  )
   it = iter(loader)
   for _ in range(5):
     next(it)
@@ -189,8 +195,7 @@ def test_mismatch_raises_and_leaves_checkpoint(ckdir):
   with pytest.raises(ckpt.CheckpointMismatchError) as info:
     ckpt.restore(manager, target)
   msg = str(info.value)
-  assert ("params/new is in the target (shape (7,)) but not in the "
-          "checkpoint") in msg
+  assert ("params/new is in the target (shape (7,)) but not in the checkpoint") in msg
   assert "params/dec/w is in the checkpoint" in msg
 
   assert snapshot(ckdir) == before
@@ -240,8 +245,7 @@ def test_missing_checkpoint_and_process_data(ckdir):
 
 def test_json_encoding():
   value = {"a": (1, b"\x01"), "b": np.int64(3), "c": None}
-  assert ckpt.decode_json(ckpt.encode_json(value)) == {
-      "a": [1, b"\x01"], "b": 3, "c": None}
+  assert ckpt.decode_json(ckpt.encode_json(value)) == {"a": [1, b"\x01"], "b": 3, "c": None}
   with pytest.raises(TypeError):
     ckpt.encode_json({"a": object()})
   with pytest.raises(TypeError):
@@ -265,9 +269,13 @@ print("saved 2", flush=True)
 
 def test_sigkill_during_save_keeps_last_good_checkpoint(ckdir):
   """A process killed while Orbax writes step 2 leaves step 1 intact and restorable."""
-  size = 64 * 2 ** 20  # 256 MB of float32: the write takes long enough to be caught mid-way
-  proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVER, str(ckdir), str(size)],
-                          stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+  size = 64 * 2**20  # 256 MB of float32: the write takes long enough to be caught mid-way
+  proc = subprocess.Popen(
+    [sys.executable, "-c", KILLED_SAVER, str(ckdir), str(size)],
+    stdout=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+  )
   assert proc.stdout.readline().strip() == "saved 1"
   tmp, final = ckdir / "2.orbax-checkpoint-tmp", ckdir / "2"
   deadline = time.time() + 60

@@ -20,7 +20,7 @@ def csf_fraction(volume: np.ndarray) -> float:
 def ventricle_fraction(volume: np.ndarray) -> float:
   """Dark voxels in the central quarter-box of the volume, where the lateral ventricles lie."""
   n = volume.shape[0]
-  centre = volume[n * 3 // 8:n * 5 // 8, n * 3 // 8:n * 5 // 8, n * 3 // 8:n * 5 // 8]
+  centre = volume[n * 3 // 8 : n * 5 // 8, n * 3 // 8 : n * 5 // 8, n * 3 // 8 : n * 5 // 8]
   white = np.percentile(volume[volume > 0.05], 90)
   return float((centre < 0.6 * white).mean())
 

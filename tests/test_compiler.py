@@ -49,14 +49,23 @@ def test_jit_matches_jax_jit():
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Code that compiles without `latentfm.train.compiler` (names as the tokenizer sees them).
-RAW_JIT = {("jax", ".", "jit"), ("jax", ".", "pmap"), ("eqx", ".", "filter_jit"),
-           ("import", "equinox"), ("import", "jit"), ("import", "pjit")}
+RAW_JIT = {
+  ("jax", ".", "jit"),
+  ("jax", ".", "pmap"),
+  ("eqx", ".", "filter_jit"),
+  ("import", "equinox"),
+  ("import", "jit"),
+  ("import", "pjit"),
+}
 
 
 def _raw_jits(path: pathlib.Path) -> list[int]:
   """Lines of `path` whose code (not strings or comments) calls a jit other than the helper's."""
-  tokens = [t for t in tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
-            if t.type in (tokenize.NAME, tokenize.OP)]
+  tokens = [
+    t
+    for t in tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+    if t.type in (tokenize.NAME, tokenize.OP)
+  ]
   found = []
   for n in (2, 3):
     for window in zip(*(tokens[i:] for i in range(n))):
@@ -70,8 +79,11 @@ def test_library_compiles_only_through_the_compiler_helper():
   `compiler.filter_jit`, so it gets the CPU options; a plain `jax.jit` there fails this."""
   files = [p for d in ("latentfm", "experiments") for p in sorted((ROOT / d).rglob("*.py"))]
   assert len(files) > 40
-  offenders = {str(p.relative_to(ROOT)): lines for p in files
-               if p.name != "compiler.py" and (lines := _raw_jits(p))}
+  offenders = {
+    str(p.relative_to(ROOT)): lines
+    for p in files
+    if p.name != "compiler.py" and (lines := _raw_jits(p))
+  }
   assert not offenders, f"compile with latentfm.train.compiler.jit instead: {offenders}"
   probe = ROOT / "latentfm" / "train" / "compiler.py"
   assert _raw_jits(probe)  # the detector sees the helper's own jax.jit
@@ -81,6 +93,7 @@ def test_library_compiles_only_through_the_compiler_helper():
 def compiles(monkeypatch):
   """(module name, XLA option overrides) of every compilation while the test runs."""
   from jax._src import compiler as xla_compiler  # pylint: disable=import-outside-toplevel
+
   seen, original = [], xla_compiler.compile_or_get_cached
 
   def record(backend, computation, devices, options, *args, **kwargs):
@@ -107,30 +120,36 @@ def test_sampling_and_metrics_compile_with_the_options(compiles):
   """Sampling (the Diffrax solve, decode), image metrics and the random-conv features compile
   with the CPU options (shapes no other test compiles)."""
   from testing_support import tiny_vqgan_config  # pylint: disable=import-outside-toplevel
+
   from latentfm import flow, sample  # pylint: disable=import-outside-toplevel
   from latentfm.metrics import features, image  # pylint: disable=import-outside-toplevel
   from latentfm.nn.vqgan import VQGAN  # pylint: disable=import-outside-toplevel
+
   model = VQGAN.from_config(tiny_vqgan_config().model)
   z1 = jnp.ones((1, 4, 6, 4, model.embedding_dim))
   variables = _filled(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 8, 12, 8, 1))))
   z0, _ = sample.integrate(lambda z, t: -z, z1, steps=2)
   stats = flow.LatentStats(np.zeros(z1.shape[-1], np.float32), np.ones(z1.shape[-1], np.float32))
-  volumes = np.asarray(sample.decode(sample.Models(None, model, variables, stats, z1.shape[1:],
-                                                   0, 0), z0))
+  volumes = np.asarray(
+    sample.decode(sample.Models(None, model, variables, stats, z1.shape[1:], 0, 0), z0)
+  )
   image.psnr(volumes[..., None], volumes[..., None])
   image.ssim(volumes[..., None], volumes[..., None], win_size=3)
   features.random_conv_features(widths=(2,), scales=(1,), batch_size=1)(volumes)
-  _assert_compiled_with_options(compiles, [
-      "jit__integrate", "jit__decode", "jit_psnr", "jit_ssim", "jit__random_conv_apply"])
+  _assert_compiled_with_options(
+    compiles, ["jit__integrate", "jit__decode", "jit_psnr", "jit_ssim", "jit__random_conv_apply"]
+  )
 
 
 def test_lpips_and_pretrained_features_compile_with_the_options(compiles):
   from latentfm.metrics import vgg_features  # pylint: disable=import-outside-toplevel
   from latentfm.nn import lpips  # pylint: disable=import-outside-toplevel
+
   volumes = np.linspace(0.0, 1.0, 8 * 12 * 8, dtype=np.float32).reshape(1, 8, 12, 8)
   image_shape = jnp.ones((1, 16, 16, 1))
-  params = _filled(jax.eval_shape(lpips.LPIPS().init, jax.random.PRNGKey(0), image_shape,
-                                  image_shape))
+  params = _filled(
+    jax.eval_shape(lpips.LPIPS().init, jax.random.PRNGKey(0), image_shape, image_shape)
+  )
   lpips.lpips_fn(params)(jnp.zeros((1, 17, 17, 1)), jnp.ones((1, 17, 17, 1)))
   vgg_features.vgg25d_features(params, num_slices=1, size=16, taps=(0,), batch_size=1)(volumes)
   _assert_compiled_with_options(compiles, ["jit_apply", "jit__features"])
@@ -140,6 +159,7 @@ def test_helper_functions_nest_inside_other_jits(compiles):
   """A library function called inside the user's own jit is traced into it (JAX rejects
   compiler options on nested jits) and the enclosing compile's options apply."""
   from latentfm.metrics import image  # pylint: disable=import-outside-toplevel
+
   x = jnp.linspace(0.0, 1.0, 2 * 5 * 3 * 7).reshape(2, 5, 3, 7)
 
   def psnr_plus_one(a, b):

@@ -16,8 +16,16 @@ THESIS_PARAMS = 37_910_568
 
 
 def _tiny_unet(num_classes):
-  return UNet3D(channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                num_heads=2, time_embed_dim=16, norm_groups=4, num_classes=num_classes)
+  return UNet3D(
+    channels=8,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_levels=(1,),
+    num_heads=2,
+    time_embed_dim=16,
+    norm_groups=4,
+    num_classes=num_classes,
+  )
 
 
 def test_thesis_stays_unconditional_and_a_label_table_costs_its_size():
@@ -84,8 +92,7 @@ def test_guided_field_is_the_cfg_combination_from_one_batched_call():
   z1 = jnp.zeros((2, 3, 3))
   labels = jnp.array([0, 2])
   for w in (0.0, 1.0, 2.5):
-    velocity = sample.velocity_from_model(apply_fn, table, labels=labels, guidance=w,
-                                          null_label=3)
+    velocity = sample.velocity_from_model(apply_fn, table, labels=labels, guidance=w, null_label=3)
     z0, nfe = sample.integrate(velocity, z1, steps=4)
     v_u, v_c = table[3], table[labels]
     expected = -(v_u + w * (v_c - v_u))  # z0 = z1 - v (t runs from 1 to 0)
@@ -110,8 +117,9 @@ def test_cohort_stage_proportions():
   np.testing.assert_array_equal(np.bincount(thesis, minlength=4), [0, 1, 29, 70])
   assert not np.array_equal(thesis, np.sort(thesis))  # shuffled ...
   np.testing.assert_array_equal(thesis, cohort.cohort_stages(100, 0, (0, 0.01, 0.29, 0.7)))
-  np.testing.assert_array_equal(np.bincount(cohort.cohort_stages(7, 1, (1, 1, 1, 1))),
-                                [2, 2, 2, 1])  # largest remainder: counts sum to n
+  np.testing.assert_array_equal(
+    np.bincount(cohort.cohort_stages(7, 1, (1, 1, 1, 1))), [2, 2, 2, 1]
+  )  # largest remainder: counts sum to n
   np.testing.assert_array_equal(cohort.cohort_stages(6), [0, 1, 2, 3, 0, 1])  # round robin
   for bad in ((1, 1), (-1, 1, 1, 1), (0, 0, 0, 0)):
     with pytest.raises(ValueError, match="proportions"):
@@ -142,16 +150,18 @@ def test_stage_classifier_and_per_stage_morphometry_on_real_stages(real32):
   assert stage_metrics.cross_validated_accuracy(features, shuffled) < 0.45
   # Real volumes of each stage standing in for samples: their means are ordered like the data.
   half = np.arange(40) // 4 % 2 == 0  # every stage in both halves
-  per_stage = stage_metrics.per_stage_morphometry(volumes[half], labels[half], volumes[~half],
-                                                  labels[~half])
+  per_stage = stage_metrics.per_stage_morphometry(
+    volumes[half], labels[half], volumes[~half], labels[~half]
+  )
   assert sorted(per_stage) == [0, 1, 2, 3]
   vent = [per_stage[s]["ventricle_fraction"]["real"]["mean"] for s in range(4)]
   assert vent == sorted(vent)  # atrophy enlarges the ventricles
   assert stage_metrics.ordered_like(per_stage, "ventricle_fraction")
   swapped = {s: per_stage[3 - s] for s in range(4)}
   for s in range(4):
-    swapped[s] = {k: dict(swapped[s][k], real=per_stage[s][k]["real"])
-                  for k in stage_metrics.MEASURES}
+    swapped[s] = {
+      k: dict(swapped[s][k], real=per_stage[s][k]["real"]) for k in stage_metrics.MEASURES
+    }
   assert not stage_metrics.ordered_like(swapped, "ventricle_fraction")
 
 
@@ -164,13 +174,15 @@ def test_edit_metrics_against_truth(real32):
   m = stage_metrics.edit_metrics(truth, source, truth)  # a perfect edit
   assert m["psnr"]["edit"]["mean"] > 60 and m["ssim"]["edit"]["mean"] > 0.999
   assert m["psnr"]["unedited"]["mean"] < 40
-  np.testing.assert_allclose(m["ventricle_shift"]["edit"]["mean"],
-                             m["ventricle_shift"]["truth"]["mean"])
+  np.testing.assert_allclose(
+    m["ventricle_shift"]["edit"]["mean"], m["ventricle_shift"]["truth"]["mean"]
+  )
   assert m["ventricle_shift"]["truth"]["mean"] > 0  # stage 3 has larger ventricles
 
 
 def test_edited_subjects_cover_the_stages_first():
   from experiments.stage_eval import _round_robin  # pylint: disable=import-outside-toplevel
+
   labels = np.array([0, 0, 1, 3, 1, 2])
   np.testing.assert_array_equal(_round_robin(labels, 4), [0, 2, 5, 3])  # one of each stage
   np.testing.assert_array_equal(_round_robin(labels, 0), [0, 2, 5, 3, 1, 4])  # all

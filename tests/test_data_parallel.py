@@ -56,14 +56,21 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_four_devices_match_one():
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-             + " --xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ,
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT,
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  errors = {line.split()[0]: [float(v) for v in line.split()[1:]]
-            for line in result.stdout.splitlines() if line.split()}
+  errors = {
+    line.split()[0]: [float(v) for v in line.split()[1:]]
+    for line in result.stdout.splitlines()
+    if line.split()
+  }
   assert set(errors) == {"flow", "vqgan"}
   for name, (param_err, metric_err) in errors.items():
     assert param_err < 1e-5 and metric_err < 1e-5, (name, param_err, metric_err)

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testing_arrays import normal as _normal
 
 from latentfm import ddpm
-from testing_arrays import normal as _normal
 
 T = 300
 
@@ -28,8 +28,9 @@ def test_cosine_schedule_matches_its_formula():
 def test_linear_schedule_and_bad_settings():
   s = ddpm.make_schedule(1000, "linear")
   assert float(s.betas[0]) == pytest.approx(1e-4) and float(s.betas[-1]) == pytest.approx(0.02)
-  np.testing.assert_allclose(s.alphas_cumprod, np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    s.alphas_cumprod, np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), rtol=1e-5
+  )
   assert float(ddpm.make_schedule(250, "linear").betas[-1]) == pytest.approx(0.08)  # x 1000/T
   with pytest.raises(ValueError, match="cosine"):
     ddpm.make_schedule(T, "sigmoid")
@@ -48,8 +49,7 @@ def test_forward_process_posterior_and_z0_inversion():
   # Posterior q(z_{t-1} | z_t, z0) by Bayes' rule per element: prior N(sqrt(abar') z0,
   # 1 - abar') times the likelihood N(z_t; sqrt(1 - beta) z_{t-1}, beta).
   tt = 150
-  beta, abar_t, abar_p = (float(a[tt]) for a in (s.betas, s.alphas_cumprod,
-                                                  s.alphas_cumprod_prev))
+  beta, abar_t, abar_p = (float(a[tt]) for a in (s.betas, s.alphas_cumprod, s.alphas_cumprod_prev))
   precision = 1 / (1 - abar_p) + (1 - beta) / beta
   mean_bayes = (np.sqrt(abar_p) * z0 / (1 - abar_p) + np.sqrt(1 - beta) * zt / beta) / precision
   mean, var = ddpm.posterior(s, z0, zt, tt)
@@ -92,13 +92,19 @@ def _gaussian_predictor(schedule, count=False):
     if count:
       jax.debug.callback(lambda: EVALS.append(1))
     abar = schedule.alphas_cumprod[jnp.round(t_net * schedule.num_timesteps).astype(jnp.int32)]
-    return jnp.sqrt(1 - abar) * (z - jnp.sqrt(abar) * MU) / (abar * SIGMA ** 2 + 1 - abar)
+    return jnp.sqrt(1 - abar) * (z - jnp.sqrt(abar) * MU) / (abar * SIGMA**2 + 1 - abar)
+
   return eps
 
 
-@pytest.mark.parametrize("sampler, kwargs, tol", [
-    ("ddpm", {}, 0.05), ("ddim", {"steps": 100, "eta": 0.0}, 0.05),
-    ("ddim", {"steps": T, "eta": 0.0}, 0.025)])
+@pytest.mark.parametrize(
+  "sampler, kwargs, tol",
+  [
+    ("ddpm", {}, 0.05),
+    ("ddim", {"steps": 100, "eta": 0.0}, 0.05),
+    ("ddim", {"steps": T, "eta": 0.0}, 0.025),
+  ],
+)
 def test_samplers_recover_gaussian_mean_and_variance(sampler, kwargs, tol):
   """Moments within the samplers' discretisation bias (the standard deviation of the sharpest
   channel, sigma 0.2, comes out 3% low with 100 or 300 ancestral steps, 1% with DDIM-300)
@@ -115,20 +121,24 @@ def test_samplers_recover_gaussian_mean_and_variance(sampler, kwargs, tol):
 def test_nfe_counts_and_ddim_eta_1_over_all_steps_is_ancestral():
   s = ddpm.make_schedule(40)
   z_last = _normal((2, 2, 2, 2, 4), 3)
-  for run, kwargs, expected in [(ddpm.sample_ddpm, {}, 40),
-                                (ddpm.sample_ddim, {"steps": 7}, 7),
-                                (ddpm.sample_ddim, {"steps": 1}, 1),
-                                (ddpm.sample_ddim, {"steps": 40, "eta": 1.0}, 40)]:
+  for run, kwargs, expected in [
+    (ddpm.sample_ddpm, {}, 40),
+    (ddpm.sample_ddim, {"steps": 7}, 7),
+    (ddpm.sample_ddim, {"steps": 1}, 1),
+    (ddpm.sample_ddim, {"steps": 40, "eta": 1.0}, 40),
+  ]:
     EVALS.clear()
     _, nfe = run(_gaussian_predictor(s, count=True), z_last, jax.random.key(2), s, **kwargs)
     jax.effects_barrier()
     assert int(nfe) == len(EVALS) == expected, kwargs
   ancestral, _ = ddpm.sample_ddpm(_gaussian_predictor(s), z_last, jax.random.key(2), s)
-  ddim, _ = ddpm.sample_ddim(_gaussian_predictor(s), z_last, jax.random.key(2), s, steps=40,
-                             eta=1.0)
+  ddim, _ = ddpm.sample_ddim(
+    _gaussian_predictor(s), z_last, jax.random.key(2), s, steps=40, eta=1.0
+  )
   np.testing.assert_allclose(ddim, ancestral, rtol=1e-4, atol=1e-4)
-  deterministic, _ = ddpm.sample_ddim(_gaussian_predictor(s), z_last, jax.random.key(2), s,
-                                      steps=40, eta=0.0)
+  deterministic, _ = ddpm.sample_ddim(
+    _gaussian_predictor(s), z_last, jax.random.key(2), s, steps=40, eta=0.0
+  )
   assert np.abs(np.asarray(deterministic) - np.asarray(ancestral)).max() > 0.1
   with pytest.raises(ValueError, match="steps"):
     ddpm.sample_ddim(_gaussian_predictor(s), z_last, jax.random.key(2), s, steps=41)
@@ -146,17 +156,25 @@ def test_clipping_bounds_the_predicted_z0():
   assert float(ddpm.schedule_from_config(cfg).clip_z0) == 0.0  # no range known: no clipping
   out, _ = ddpm.sample_ddim(zero, z_last, jax.random.key(0), free, steps=5)
   assert np.abs(np.asarray(out)).max() > 1e3
-  for run, kwargs in [(ddpm.sample_ddim, {"steps": 5}), (ddpm.sample_ddim, {"steps": 5, "eta": 1}),
-                      (ddpm.sample_ddpm, {})]:
+  for run, kwargs in [
+    (ddpm.sample_ddim, {"steps": 5}),
+    (ddpm.sample_ddim, {"steps": 5, "eta": 1}),
+    (ddpm.sample_ddpm, {}),
+  ]:
     out, _ = run(zero, z_last, jax.random.key(0), clipped, **kwargs)
     assert np.abs(np.asarray(out)).max() <= 3.0 + 1e-5, kwargs
 
 
 def test_ddpm_config_is_medicaldiffusions_baseline():
   from experiments.configs.flow import get_config  # pylint: disable=import-outside-toplevel
+
   c = get_config("ddpm")
   assert (c.flow.objective, c.ddpm.num_timesteps, c.ddpm.schedule, c.ddpm.loss) == (
-      "ddpm", 300, "cosine", "l1")
+    "ddpm",
+    300,
+    "cosine",
+    "l1",
+  )
   assert c.model.time_scale * (T - 1) / T == T - 1  # the embedding sees the integer step
   assert (c.optim.lr, c.optim.ema_decay, c.ddpm.clip_denoised) == (1e-4, 0.995, True)
   assert get_config("thesis").flow.objective == "rectified_flow"

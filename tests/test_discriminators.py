@@ -37,8 +37,9 @@ def test_2d_features_and_logits():
   disc = PatchDiscriminator(channels=8, num_layers=3, spatial_dims=2)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 1)), jnp.float32)
   variables = jax.jit(disc.init)(jax.random.key(0), x)
-  (logits, feats), upd = jax.jit(
-      lambda v: disc.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
+  (logits, feats), upd = jax.jit(lambda v: disc.apply(v, x, train=True, mutable=["batch_stats"]))(
+    variables
+  )
   assert logits.shape == (2, output_size(32, 3), output_size(32, 3), 1) == (2, 7, 7, 1)
   assert len(feats) == 4
   assert [f.shape[-1] for f in feats] == [8, 16, 32, 64]
@@ -68,7 +69,9 @@ def test_bfloat16_compute_float32_parameters_and_outputs():
   (logits, feats), stats = run(disc)
   (logits_h, feats_h), stats_h = run(half)
   assert logits_h.dtype == jnp.float32 and all(f.dtype == jnp.float32 for f in feats_h)
-  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves((stats_h, jax.eval_shape(
-      half.init, jax.random.key(0), x))))
+  assert all(
+    a.dtype == jnp.float32
+    for a in jax.tree.leaves((stats_h, jax.eval_shape(half.init, jax.random.key(0), x)))
+  )
   err = float(jnp.max(jnp.abs(logits_h - logits)))
   assert 0 < err < 0.05 * float(jnp.max(jnp.abs(logits)))

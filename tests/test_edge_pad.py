@@ -4,19 +4,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from latentfm.nn.cpu import edge_pad as ep
 from testing_arrays import normal as _normal
 
+from latentfm.nn.cpu import edge_pad as ep
 
-@pytest.mark.parametrize("shape, widths", [
-    ((2, 5, 4, 6, 3), ((1, 1), (1, 1), (1, 1))),      # the convs' case
-    ((1, 6, 5, 7, 2), ((1, 2), (0, 0), (2, 1))),      # asymmetric, one axis untouched
-    ((2, 4, 3, 5, 1), ((0, 1), (3, 0), (1, 1))),      # widths larger than the border plane
-    ((2, 7, 6, 3), ((1, 1), (2, 1))),                 # 2D
-    ((3, 9, 2), ((2, 1),)),                           # 1D
-    ((1, 1, 4, 2, 2), ((1, 1), (1, 1), (1, 1))),      # size-1 and size-2 axes: plain autodiff
-])
+
+@pytest.mark.parametrize(
+  "shape, widths",
+  [
+    ((2, 5, 4, 6, 3), ((1, 1), (1, 1), (1, 1))),  # the convs' case
+    ((1, 6, 5, 7, 2), ((1, 2), (0, 0), (2, 1))),  # asymmetric, one axis untouched
+    ((2, 4, 3, 5, 1), ((0, 1), (3, 0), (1, 1))),  # widths larger than the border plane
+    ((2, 7, 6, 3), ((1, 1), (2, 1))),  # 2D
+    ((3, 9, 2), ((2, 1),)),  # 1D
+    ((1, 1, 4, 2, 2), ((1, 1), (1, 1), (1, 1))),  # size-1 and size-2 axes: plain autodiff
+  ],
+)
 def test_value_and_gradient_match_jnp_pad(shape, widths):
   x = _normal(shape)
   reference = lambda v: jnp.pad(v, ((0, 0), *widths, (0, 0)), mode="edge")
@@ -30,8 +33,9 @@ def test_value_and_gradient_match_jnp_pad(shape, widths):
 
 def test_concat_version_matches_jnp_pad():
   x, widths = _normal((2, 3, 4, 5, 2)), ((2, 1), (0, 1), (1, 0))
-  np.testing.assert_array_equal(ep.edge_pad_concat(x, widths),
-                                jnp.pad(x, ((0, 0), *widths, (0, 0)), mode="edge"))
+  np.testing.assert_array_equal(
+    ep.edge_pad_concat(x, widths), jnp.pad(x, ((0, 0), *widths, (0, 0)), mode="edge")
+  )
 
 
 def test_zero_widths_return_the_input():

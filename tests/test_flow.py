@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testing_arrays import normal as _normal
 
 from latentfm import flow
-from testing_arrays import normal as _normal
 
 
 def test_interpolation_endpoints_and_per_example_time():
@@ -42,8 +42,12 @@ def test_loss_vanishes_for_exact_field(sampling):
   c = _normal((4, 4, 4, 3), 2, scale=0.5)
   z0 = jnp.broadcast_to(c, (4, *c.shape))
   for kind in flow.LOSS_KINDS:
-    cfg = {"loss": kind, "time_sampling": sampling, "logit_normal_mean": 0.0,
-           "logit_normal_std": 1.0}
+    cfg = {
+      "loss": kind,
+      "time_sampling": sampling,
+      "logit_normal_mean": 0.0,
+      "logit_normal_std": 1.0,
+    }
     loss_fn = jax.jit(flow.make_fm_loss_fn(_exact_field, cfg))
     loss, metrics = loss_fn({"c": c}, z0, jax.random.key(0))
     assert float(loss) < 1e-4 and float(metrics["l2"]) < 1e-8, kind

@@ -29,10 +29,8 @@ def test_frechet_matches_diagonal_closed_form():
   rng = np.random.default_rng(0)
   mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
   var1, var2 = rng.uniform(0.1, 2.0, 6), rng.uniform(0.1, 2.0, 6)
-  expected = np.sum((mu1 - mu2) ** 2) + np.sum(
-      var1 + var2 - 2.0 * np.sqrt(var1 * var2))
-  got = gm.frechet_distance_from_stats(mu1, np.diag(var1), mu2, np.diag(var2),
-                                       eps=0.0)
+  expected = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2.0 * np.sqrt(var1 * var2))
+  got = gm.frechet_distance_from_stats(mu1, np.diag(var1), mu2, np.diag(var2), eps=0.0)
   np.testing.assert_allclose(got, expected, rtol=1e-10)
 
 
@@ -98,20 +96,19 @@ def test_kid_matches_brute_force():
   c = rng.normal(size=(9, 5))
   k = gm.polynomial_kernel
   assert gm.mmd2_unbiased(k(a, a), k(c, c), k(a, c)) == pytest.approx(
-      _brute_mmd2(a, c, poly), abs=1e-6)
+    _brute_mmd2(a, c, poly), abs=1e-6
+  )
 
 
 def test_mmd_rbf_matches_brute_force_with_median_heuristic():
   rng = np.random.default_rng(5)
   a, b = rng.normal(size=(5, 3)), rng.normal(size=(7, 3)) + 0.5
   pooled = np.concatenate([a, b])
-  h = np.median([np.linalg.norm(x - y)
-                 for x, y in itertools.combinations(pooled, 2)])
+  h = np.median([np.linalg.norm(x - y) for x, y in itertools.combinations(pooled, 2)])
   rbf = lambda x, y: np.exp(-np.sum((x - y) ** 2) / (2.0 * h * h))
   assert gm.mmd_rbf(a, b) == pytest.approx(_brute_mmd2(a, b, rbf), abs=1e-6)
   rbf1 = lambda x, y: np.exp(-np.sum((x - y) ** 2) / 2.0)
-  assert gm.mmd_rbf(a, b, bandwidth=1.0) == pytest.approx(
-      _brute_mmd2(a, b, rbf1), abs=1e-6)
+  assert gm.mmd_rbf(a, b, bandwidth=1.0) == pytest.approx(_brute_mmd2(a, b, rbf1), abs=1e-6)
 
 
 def test_kid_and_mmd_near_zero_for_same_distribution():
@@ -119,8 +116,7 @@ def test_kid_and_mmd_near_zero_for_same_distribution():
   a, b = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
   shifted = rng.normal(size=(200, 16)) + 0.5
   same, _ = gm.kernel_inception_distance(a, b, subset_size=100, num_subsets=20)
-  diff, _ = gm.kernel_inception_distance(a, shifted, subset_size=100,
-                                         num_subsets=20)
+  diff, _ = gm.kernel_inception_distance(a, shifted, subset_size=100, num_subsets=20)
   assert abs(same) < 0.05 * diff and diff > 0.1
   assert abs(gm.mmd_rbf(a, b)) < 0.1 * gm.mmd_rbf(a, shifted)
 
@@ -128,8 +124,7 @@ def test_kid_and_mmd_near_zero_for_same_distribution():
 # ---------------------------------------------------------------- features --
 
 
-def test_random_conv_features_deterministic_and_batch_invariant(cohort48,
-                                                                 conv_features):
+def test_random_conv_features_deterministic_and_batch_invariant(cohort48, conv_features):
   volumes = cohort48[0][:5]
   f = conv_features(volumes)
   assert f.shape == (5, 2 * (16 + 32 + 64) + 3 * (16 + 4))
@@ -185,7 +180,7 @@ def test_pairwise_ms_ssim_and_diversity(cohort48):
 def _phantom(shape=32):
   """A sphere: CSF core (0.25), WM (0.9), GM rim (0.65), sulcal CSF shell."""
   grid = np.indices((shape,) * 3) - (shape - 1) / 2.0
-  r = np.sqrt((grid ** 2).sum(0))
+  r = np.sqrt((grid**2).sum(0))
   v = np.zeros((shape,) * 3, np.float32)
   v[r < 13] = 0.25
   v[r < 12] = 0.65
@@ -222,8 +217,7 @@ def test_wasserstein_and_morphometry_distance(cohort48):
   x = rng.normal(size=50)
   assert gm.wasserstein_1(x, x + 0.7) == pytest.approx(0.7)
   y = rng.normal(size=30)
-  assert gm.wasserstein_1(x, y) == pytest.approx(
-      scipy.stats.wasserstein_distance(x, y))
+  assert gm.wasserstein_1(x, y) == pytest.approx(scipy.stats.wasserstein_distance(x, y))
   volumes, stages = cohort48
   early, late = volumes[stages == 0], volumes[stages == 3]
   same = gm.morphometry_distance(early, early)
@@ -242,7 +236,7 @@ def test_nearest_neighbour_distances_match_brute_force():
   r = rng.random((7, 4, 4, 4)).astype(np.float32)
   d, i = gm.nearest_neighbour_distances(q, r, batch_size=3)
   diff = q[:, None].astype(np.float64) - r[None]
-  brute = np.sqrt((diff ** 2).mean(axis=(2, 3, 4)))
+  brute = np.sqrt((diff**2).mean(axis=(2, 3, 4)))
   np.testing.assert_allclose(d, brute.min(1), rtol=1e-12)
   np.testing.assert_array_equal(i, brute.argmin(1))
 
@@ -265,8 +259,7 @@ def test_memorisation_flags_copies_only(cohort48, conv_features):
   assert rep["generated_to_train"][2:].min() > rep["privacy_threshold"]
   assert rep["threshold_p5"] >= rep["privacy_threshold"]
   assert rep["chance_fraction"] == pytest.approx(1 / 9)
-  feat = gm.memorisation_report(generated[:1], train, held_out,
-                                feature_fn=conv_features)
+  feat = gm.memorisation_report(generated[:1], train, held_out, feature_fn=conv_features)
   assert feat["space"] == "feature" and list(feat["flagged_indices"]) == [0]
 
 
@@ -303,17 +296,19 @@ def test_bootstrap_ci_of_mean():
 
 def test_bootstrap_ci_coverage():
   rng = np.random.default_rng(13)
-  hits = [lo < 0.0 < hi for lo, hi in
-          (gm.bootstrap_ci(rng.normal(size=100), num_resamples=300, seed=k)
-           for k in range(100))]
+  hits = [
+    lo < 0.0 < hi
+    for lo, hi in (
+      gm.bootstrap_ci(rng.normal(size=100), num_resamples=300, seed=k) for k in range(100)
+    )
+  ]
   assert 0.85 <= np.mean(hits) <= 1.0
 
 
 def test_bootstrap_ci_two_sample_statistics():
   rng = np.random.default_rng(14)
   a, b = rng.normal(size=300), rng.normal(size=200) + 1.0
-  low, high = gm.bootstrap_ci(lambda x, y: y.mean() - x.mean(), a, b,
-                              num_resamples=500)
+  low, high = gm.bootstrap_ci(lambda x, y: y.mean() - x.mean(), a, b, num_resamples=500)
   assert low < 1.0 < high
   fa, fb = rng.normal(size=(60, 3)), rng.normal(size=(60, 3)) + 1.0
   low, high = gm.bootstrap_ci(gm.frechet_distance, fa, fb, num_resamples=100)
@@ -330,5 +325,6 @@ def test_otsu_threshold_matches_skimage_half_a_bin_up(seed):
   values = np.concatenate([rng.normal(0.2, 0.05, 3000), rng.normal(0.7 + 0.05 * seed, 0.1, 5000)])
   half_bin = 0.5 * (values.max() - values.min()) / 256
   assert ft.otsu_threshold(values) == pytest.approx(
-      filters.threshold_otsu(values, nbins=256) + half_bin, abs=1e-9)
+    filters.threshold_otsu(values, nbins=256) + half_bin, abs=1e-9
+  )
   assert ft.otsu_threshold(np.full(5, 3.0)) == 3.0  # constant input: its value

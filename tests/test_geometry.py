@@ -26,8 +26,9 @@ def ellipsoid_scan(spacing_xyz, seed=0) -> Volume:
   inside = (x / 70.0) ** 2 + (y / 90.0) ** 2 + (z / 60.0) ** 2 <= 1.0
   noise = np.random.default_rng(seed).normal(0.0, 10.0, inside.shape)
   array = np.where(inside, 100.0 + noise, 0.0).astype(np.float32).transpose(2, 1, 0)
-  return Volume(array=array, spacing=tuple(spacing), origin=(10.0, -20.0, 5.0),
-                direction=FLIPPED_XY)
+  return Volume(
+    array=array, spacing=tuple(spacing), origin=(10.0, -20.0, 5.0), direction=FLIPPED_XY
+  )
 
 
 def physical_extent(image: sitk.Image, threshold: float = 0.25) -> np.ndarray:
@@ -85,8 +86,15 @@ def test_summary_takes_the_median_and_the_commonest_direction(caplog):
 
 def test_training_split_geometry_is_recorded_in_the_workdir(volume_dir, tmp_path):
   """The training run's `load_splits` writes geometry.json; a reading caller does not."""
-  c = ml_collections.ConfigDict({"dir": str(volume_dir), "shape": (8, 8, 8), "spacing": 2.0,
-                                 "val_fraction": 0.4, "split_seed": 0})
+  c = ml_collections.ConfigDict(
+    {
+      "dir": str(volume_dir),
+      "shape": (8, 8, 8),
+      "spacing": 2.0,
+      "val_fraction": 0.4,
+      "split_seed": 0,
+    }
+  )
   reader = str(tmp_path / "reader")
   loader.load_splits(c, reader)
   assert geometry.read(reader) is None

@@ -7,18 +7,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from testing_arrays import max_relative_error, normal
 
 from latentfm.nn import layers
 from latentfm.nn.group_norm import GroupNorm
-from testing_arrays import max_relative_error, normal
 
 
 def _inputs(shape):
   """An input off zero mean and unit scale, varied parameters, and a cotangent."""
   rng = np.random.default_rng(2)
   c = shape[-1]
-  params = {"params": {"scale": jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32),
-                       "bias": jnp.asarray(rng.uniform(-1, 1, c), jnp.float32)}}
+  params = {
+    "params": {
+      "scale": jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32),
+      "bias": jnp.asarray(rng.uniform(-1, 1, c), jnp.float32),
+    }
+  }
   return normal(shape, 0, 0.7, 2.0), params, normal(shape, 1)
 
 
@@ -38,9 +42,15 @@ def _value_and_grads(fn, params, x, cotangent):
 
 
 @pytest.mark.parametrize("recompute", [True, False])
-@pytest.mark.parametrize("shape,groups,silu", [
-    ((2, 6, 5, 4, 32), 32, True), ((2, 6, 5, 4, 64), 32, True), ((2, 4, 4, 4, 16), 4, False),
-    ((3, 8, 6, 8), 2, True)])
+@pytest.mark.parametrize(
+  "shape,groups,silu",
+  [
+    ((2, 6, 5, 4, 32), 32, True),
+    ((2, 6, 5, 4, 64), 32, True),
+    ((2, 4, 4, 4, 16), 4, False),
+    ((3, 8, 6, 8), 2, True),
+  ],
+)
 def test_value_and_gradients_match_flax(shape, groups, silu, recompute):
   x, params, cotangent = _inputs(shape)
   ours = _ours(groups, silu, recompute=recompute)
@@ -82,6 +92,7 @@ def test_backward_keeps_less_memory():
       for i in range(4):
         x = layer(p, x) * (1.0 + 0.1 * i)
       return jnp.sum(x * cotangent)
+
     compiled = jax.jit(jax.grad(loss, (0, 1))).lower(params, x).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

@@ -18,8 +18,8 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from testing_support import FAST_COMPILE_XLA_FLAGS
+
 from latentfm.nn.vqgan import from_model_range, to_model_range
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,13 +30,25 @@ def guarded_array(shape: tuple[int, ...], side: str) -> np.ndarray:
   """A float32 array whose data ends ("after") or starts ("before") at a PROT_NONE page."""
   libc = ctypes.CDLL("libc.so.6", use_errno=True)
   libc.mmap.restype = ctypes.c_void_p
-  libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                        ctypes.c_int, ctypes.c_long]
+  libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+  ]
   libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
   nbytes = int(np.prod(shape)) * 4
   pages = -(-nbytes // mmap.PAGESIZE) + 1
-  base = libc.mmap(None, pages * mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE,
-                   mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+  base = libc.mmap(
+    None,
+    pages * mmap.PAGESIZE,
+    mmap.PROT_READ | mmap.PROT_WRITE,
+    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+    -1,
+    0,
+  )
   if side == "after":
     guard, start = base + (pages - 1) * mmap.PAGESIZE, base + (pages - 1) * mmap.PAGESIZE - nbytes
   else:
@@ -74,13 +86,26 @@ else:
 def run_child(what: str, side: str, size: int) -> subprocess.CompletedProcess:
   # The suite's fast-compile settings (conftest) change the generated code: the child gets XLA's
   # default emitters and optimisation level (3), the code users run.
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if not any(name in f for name in FAST_COMPILE_XLA_FLAGS))
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=(flags + " --xla_backend_optimization_level=3").strip())
+  flags = " ".join(
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not any(name in f for name in FAST_COMPILE_XLA_FLAGS)
+  )
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=(flags + " --xla_backend_optimization_level=3").strip(),
+  )
   code = CHILD.format(tests=os.path.join(ROOT, "tests"))
-  return subprocess.run([sys.executable, "-c", code, what, side, str(size)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-c", code, what, side, str(size)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 @pytest.mark.parametrize("side", ["after", "before"])
@@ -98,10 +123,15 @@ def test_vqgan_gan_step_stays_inside_batch():
 
 
 def test_model_range_round_trip_matches_affine_map():
-  x = np.concatenate([np.random.default_rng(1).random(10_000, dtype=np.float32),
-                      np.float32([0.0, 0.25, 0.5, 1.0, 1e-8, np.nextafter(0.25, 0)])])
+  x = np.concatenate(
+    [
+      np.random.default_rng(1).random(10_000, dtype=np.float32),
+      np.float32([0.0, 0.25, 0.5, 1.0, 1e-8, np.nextafter(0.25, 0)]),
+    ]
+  )
   y = np.asarray(to_model_range(jnp.asarray(x)))
   np.testing.assert_array_equal(y, x * np.float32(2) - np.float32(1))
-  np.testing.assert_array_equal(np.asarray(from_model_range(jnp.asarray(y))),
-                                np.clip((y + np.float32(1)) / np.float32(2), 0, 1))
+  np.testing.assert_array_equal(
+    np.asarray(from_model_range(jnp.asarray(y))), np.clip((y + np.float32(1)) / np.float32(2), 0, 1)
+  )
   assert float(from_model_range(jnp.float32(3.0))) == 1.0

@@ -15,8 +15,9 @@ import textwrap
 import pytest
 
 pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-    reason="the settings are glibc's")
+  platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+  reason="the settings are glibc's",
+)
 
 _STEP = """
 import json, resource, statistics
@@ -38,8 +39,14 @@ print(json.dumps({{"applied": applied, "faults": statistics.median_high(faults[8
 
 def _run(code: str) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, check=True,
-                       capture_output=True, text=True, timeout=300).stdout
+  out = subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(code)],
+    env=env,
+    check=True,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  ).stdout
   return json.loads(out.strip().splitlines()[-1])
 
 

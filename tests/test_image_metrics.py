@@ -24,8 +24,7 @@ def _pair(shape, seed=0, noise=(0.02, 0.08)):
   """(reference + small noise, reference + more noise), float32 in [0, 1]."""
   rng = np.random.default_rng(seed + 1)
   ref = _smooth(shape, seed)
-  x, y = (np.clip(ref + s * rng.standard_normal(shape), 0, 1).astype(np.float32)
-          for s in noise)
+  x, y = (np.clip(ref + s * rng.standard_normal(shape), 0, 1).astype(np.float32) for s in noise)
   return x, y
 
 
@@ -35,12 +34,11 @@ def test_mse_nmse_psnr_match_numpy():
   y = rng.random((3, 6, 7, 8)).astype(np.float32)
   x64, y64 = x.astype(np.float64), y.astype(np.float64)
   ref_mse = ((x64 - y64) ** 2).mean(axis=(1, 2, 3))
-  ref_nmse = ((x64 - y64) ** 2).sum(axis=(1, 2, 3)) / (y64 ** 2).sum(axis=(1, 2, 3))
+  ref_nmse = ((x64 - y64) ** 2).sum(axis=(1, 2, 3)) / (y64**2).sum(axis=(1, 2, 3))
   np.testing.assert_allclose(im.mse(x, y), ref_mse, rtol=1e-6)
   np.testing.assert_allclose(im.nmse(x, y), ref_nmse, rtol=1e-6)
   np.testing.assert_allclose(im.psnr(x, y), 10 * np.log10(1.0 / ref_mse), rtol=1e-6)
-  np.testing.assert_allclose(im.psnr(x, y, data_range=2.0),
-                             10 * np.log10(4.0 / ref_mse), rtol=1e-6)
+  np.testing.assert_allclose(im.psnr(x, y, data_range=2.0), 10 * np.log10(4.0 / ref_mse), rtol=1e-6)
   # In float64 the agreement is to rounding.
   with jax.enable_x64(True):
     np.testing.assert_allclose(im.mse(x64, y64), ref_mse, rtol=1e-13)
@@ -60,30 +58,44 @@ def test_psnr_matches_skimage():
   np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape,sigma,win_size,data_range", [
+@pytest.mark.parametrize(
+  "shape,sigma,win_size,data_range",
+  [
     ((24, 28, 32), 1.5, 11, 1.0),  # skimage default window for sigma 1.5
-    ((24, 24, 24), 1.0, 9, 2.0),   # 2 * int(3.5 * 1.0 + 0.5) + 1 = 9
-])
+    ((24, 24, 24), 1.0, 9, 2.0),  # 2 * int(3.5 * 1.0 + 0.5) + 1 = 9
+  ],
+)
 def test_ssim_matches_skimage(shape, sigma, win_size, data_range):
   metrics = pytest.importorskip("skimage.metrics", reason=SKIMAGE_REASON)
   x, y = _pair((2, *shape), seed=len(shape) + win_size)
   x, y = x * data_range, y * data_range
   ours = np.asarray(im.ssim(x, y, data_range=data_range, sigma=sigma, win_size=win_size))
-  ref = np.array([
+  ref = np.array(
+    [
       metrics.structural_similarity(
-          x[i].astype(np.float64), y[i].astype(np.float64), data_range=data_range,
-          gaussian_weights=True, sigma=sigma, use_sample_covariance=False,
-          channel_axis=None)
-      for i in range(2)])
+        x[i].astype(np.float64),
+        y[i].astype(np.float64),
+        data_range=data_range,
+        gaussian_weights=True,
+        sigma=sigma,
+        use_sample_covariance=False,
+        channel_axis=None,
+      )
+      for i in range(2)
+    ]
+  )
   assert 0.2 < ref.min() < ref.max() < 0.99  # a non-trivial regime
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape,win_size", [
+@pytest.mark.parametrize(
+  "shape,win_size",
+  [
     ((48, 48, 48), 3),  # 5 scales, standard weights used as given
     ((24, 40, 48), 3),  # 4 scales: first 4 weights renormalised
     ((40, 72, 72), 5),  # 4 scales with a wider window
-])
+  ],
+)
 def test_ms_ssim_matches_pytorch_msssim(shape, win_size):
   """pytorch_msssim uses valid Gaussian convolution (= our convention), pools
   with zero padding at odd sides and asserts min(H, W) > 16 (win_size - 1), so
@@ -100,10 +112,14 @@ def test_ms_ssim_matches_pytorch_msssim(shape, win_size):
   torch.set_num_threads(1)  # Depthwise conv3d oversubscribes small CPU hosts.
   try:
     ref = pms.ms_ssim(
-        torch.from_numpy(x[:, None].astype(np.float64)),
-        torch.from_numpy(y[:, None].astype(np.float64)),
-        data_range=1.0, size_average=False, win_size=win_size, win_sigma=1.5,
-        weights=weights.tolist()).numpy()
+      torch.from_numpy(x[:, None].astype(np.float64)),
+      torch.from_numpy(y[:, None].astype(np.float64)),
+      data_range=1.0,
+      size_average=False,
+      win_size=win_size,
+      win_sigma=1.5,
+      weights=weights.tolist(),
+    ).numpy()
   finally:
     torch.set_num_threads(threads)
   ours = np.asarray(im.ms_ssim(x, y, win_size=win_size))
@@ -132,10 +148,13 @@ def test_ms_ssim_combines_ssim_scales():
   for j in range(3):
     s, cs = (np.asarray(v) for v in im.ssim(xs, ys, win_size=5, return_cs=True))
     expected = expected * np.maximum(s if j == 2 else cs, 0) ** w[j]
-    xs, ys = (a[:, :a.shape[1] // 2 * 2, :a.shape[2] // 2 * 2, :a.shape[3] // 2 * 2]
-              for a in (xs, ys))
-    xs, ys = (a.reshape(2, a.shape[1] // 2, 2, a.shape[2] // 2, 2, a.shape[3] // 2, 2)
-              .mean(axis=(2, 4, 6)) for a in (xs, ys))
+    xs, ys = (
+      a[:, : a.shape[1] // 2 * 2, : a.shape[2] // 2 * 2, : a.shape[3] // 2 * 2] for a in (xs, ys)
+    )
+    xs, ys = (
+      a.reshape(2, a.shape[1] // 2, 2, a.shape[2] // 2, 2, a.shape[3] // 2, 2).mean(axis=(2, 4, 6))
+      for a in (xs, ys)
+    )
   np.testing.assert_allclose(im.ms_ssim(x, y, win_size=5), expected, rtol=1e-5)
 
 
@@ -144,8 +163,7 @@ def test_identity_symmetry_and_channel_axis():
   np.testing.assert_allclose(im.ssim(x, x), 1.0, atol=1e-6)
   np.testing.assert_allclose(im.ms_ssim(x, x, win_size=5), 1.0, atol=1e-6)
   np.testing.assert_allclose(im.ssim(x, y), im.ssim(y, x), atol=1e-6)
-  np.testing.assert_allclose(im.ms_ssim(x, y, win_size=5),
-                             im.ms_ssim(y, x, win_size=5), atol=1e-6)
+  np.testing.assert_allclose(im.ms_ssim(x, y, win_size=5), im.ms_ssim(y, x, win_size=5), atol=1e-6)
   np.testing.assert_allclose(im.ssim(x[..., None], y[..., None]), im.ssim(x, y))
   np.testing.assert_allclose(im.psnr(x[..., None], y[..., None]), im.psnr(x, y))
   # A brightness shift changes only the luminance term: cs stays 1.
@@ -170,12 +188,15 @@ def test_metrics_degrade_with_noise():
 def test_batched_equals_per_volume_and_jit():
   x, y = _pair((3, 20, 20, 20), seed=11)
   fns = {
-      "mse": im.mse, "nmse": im.nmse, "psnr": im.psnr, "ssim": im.ssim,
-      "ms_ssim": lambda a, b: im.ms_ssim(a, b, win_size=5),
+    "mse": im.mse,
+    "nmse": im.nmse,
+    "psnr": im.psnr,
+    "ssim": im.ssim,
+    "ms_ssim": lambda a, b: im.ms_ssim(a, b, win_size=5),
   }
   for name, fn in fns.items():
     batched = np.asarray(fn(x, y))
-    single = np.concatenate([np.asarray(fn(x[i:i + 1], y[i:i + 1])) for i in range(3)])
+    single = np.concatenate([np.asarray(fn(x[i : i + 1], y[i : i + 1])) for i in range(3)])
     np.testing.assert_allclose(batched, single, rtol=1e-6, err_msg=name)
     jitted = jax.jit(fn)(x, y)
     np.testing.assert_allclose(jitted, batched, rtol=1e-6, err_msg=name)
@@ -199,7 +220,7 @@ def test_invalid_inputs():
 def test_gaussian_window_is_the_normalised_sampled_gaussian():
   g = im.gaussian_window(11, 1.5)
   t = np.arange(-5, 6)
-  np.testing.assert_allclose(g, np.exp(-t**2 / 4.5) / np.exp(-t**2 / 4.5).sum(), rtol=1e-12)
+  np.testing.assert_allclose(g, np.exp(-(t**2) / 4.5) / np.exp(-(t**2) / 4.5).sum(), rtol=1e-12)
   assert g.argmax() == 5 and g.sum() == pytest.approx(1.0)
   for bad in (0, 4):
     with pytest.raises(ValueError, match="positive odd"):

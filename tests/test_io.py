@@ -3,17 +3,18 @@ import gzip
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from testing_support import blob_volume
 
 from latentfm.data.io import Volume, VolumeError, is_volume_file, read_volume, write_volume
-from testing_support import blob_volume
 
 DIRECTION = tuple(np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]], float).ravel())
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".mha", ".nrrd"])
 def test_round_trip_keeps_values_and_geometry(tmp_path, suffix):
-  vol = Volume(blob_volume(), spacing=(1.5, 2.0, 0.75), origin=(-10.0, 5.5, 3.0),
-               direction=DIRECTION)
+  vol = Volume(
+    blob_volume(), spacing=(1.5, 2.0, 0.75), origin=(-10.0, 5.5, 3.0), direction=DIRECTION
+  )
   path = tmp_path / f"v{suffix}"
   write_volume(path, vol)
   back = read_volume(path)

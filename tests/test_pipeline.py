@@ -6,22 +6,21 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from testing_support import tiny_vqgan_config
 
 from experiments import flow as flow_stage
 from experiments import sample as sample_cli
 from experiments import vqgan as vqgan_stage
 from experiments.configs import flow as flow_configs
-import jax.numpy as jnp
-
 from latentfm import sample
 from latentfm.data import geometry
+from latentfm.data.io import read_volume
 from latentfm.flow import normalize
 from latentfm.nn.vqgan import to_model_range
-from latentfm.data.io import read_volume
 from latentfm.train.writer import read_metrics
-from testing_support import tiny_vqgan_config
 
 
 def tiny_vqgan(num_steps):
@@ -80,6 +79,7 @@ def test_flow_outputs(trained):
   assert latents.shape == (12, 8, 8, 8, 8) and flips == (2,)
   # The manifest's stages reach the latent dataset, mirror images keeping their subject's.
   from latentfm.data import loader
+
   vq_config = tiny_vqgan(2)
   train, _ = loader.load_splits(vq_config.data, str(trained / "vqgan"), vq_config.seed)
   assert len(set(train.labels.tolist())) > 1
@@ -111,10 +111,14 @@ def test_sampling_api(trained, tmp_path):
 
 
 def test_sample_command(trained, tmp_path, capsys):
-  sample_cli.run(str(trained / "flow"), out=str(tmp_path / "s"), num=2, seed=0, solver="euler",
-                 steps=4)
-  assert sorted(os.listdir(tmp_path / "s")) == ["sample_0000.nii.gz", "sample_0001.nii.gz",
-                                                "samples.png"]
+  sample_cli.run(
+    str(trained / "flow"), out=str(tmp_path / "s"), num=2, seed=0, solver="euler", steps=4
+  )
+  assert sorted(os.listdir(tmp_path / "s")) == [
+    "sample_0000.nii.gz",
+    "sample_0001.nii.gz",
+    "samples.png",
+  ]
   # Written with the VQ-GAN's training data geometry: the cohort's voxels, cropped to the
   # head and resized to 16³, are several mm wide; the centre of the volume is at 0 mm.
   recorded = geometry.read(str(trained / "vqgan"))
@@ -124,8 +128,9 @@ def test_sample_command(trained, tmp_path, capsys):
   np.testing.assert_allclose(vol.direction, recorded.direction, atol=1e-6)
   centre = np.asarray(vol.direction).reshape(3, 3) @ (7.5 * np.asarray(vol.spacing))
   np.testing.assert_allclose(np.asarray(vol.origin) + centre, 0.0, atol=1e-3)
-  assert f"voxel size {' x '.join(f'{s:.3g}' for s in recorded.spacing)} mm" in \
-      capsys.readouterr().out
+  assert (
+    f"voxel size {' x '.join(f'{s:.3g}' for s in recorded.spacing)} mm" in capsys.readouterr().out
+  )
 
 
 def test_conditional_sampling_and_editing(trained):
@@ -144,17 +149,20 @@ def test_conditional_sampling_and_editing(trained):
   assert edited.shape == a.shape and nfe == 8 and 0 <= edited.min() and edited.max() <= 1
   # A shallow inversion hardly moves the latent: the edit is the autoencoder's round trip.
   light, _ = sample.edit(models, a, [0, 3], [3, 0], steps=4, solver="euler", strength=1e-3)
-  z = models.vqgan.apply(models.vqgan_variables, to_model_range(jnp.asarray(a)[..., None]),
-                         method=models.vqgan.encode)
+  z = models.vqgan.apply(
+    models.vqgan_variables, to_model_range(jnp.asarray(a)[..., None]), method=models.vqgan.encode
+  )
   round_trip = np.asarray(sample.decode(models, normalize(z, models.stats)))
   np.testing.assert_allclose(light, round_trip, atol=2e-3)
   # With a field that is table[label] everywhere, inverting under the source label adds
   # table[source] and generating under the target subtracts table[target] (Euler is exact).
   table = jnp.array([0.0, 0.5, -0.5, 1.0, 0.0])  # classes 0..3, null class 4
   toy = lambda variables, z, t, train, label: jnp.broadcast_to(
-      variables["params"][label].reshape(-1, 1, 1, 1, 1), z.shape)
+    variables["params"][label].reshape(-1, 1, 1, 1, 1), z.shape
+  )
   toy_models = dataclasses.replace(
-      models, velocity=sample.velocity_from_model(toy, table, null_label=4))
+    models, velocity=sample.velocity_from_model(toy, table, null_label=4)
+  )
   edited, _ = sample.edit(toy_models, a, [1, 3], [2, 0], steps=4, solver="euler")
   shift = (table[jnp.array([1, 3])] - table[jnp.array([2, 0])]).reshape(-1, 1, 1, 1, 1)
   expected = np.asarray(sample.decode(models, normalize(z, models.stats) + shift))
@@ -164,8 +172,9 @@ def test_conditional_sampling_and_editing(trained):
 
 
 def test_sample_command_balanced(trained, tmp_path):
-  sample_cli.run(str(trained / "flow"), out=str(tmp_path / "s"), num=6, steps=4, balanced=True,
-                 guidance=2.0)
+  sample_cli.run(
+    str(trained / "flow"), out=str(tmp_path / "s"), num=6, steps=4, balanced=True, guidance=2.0
+  )
   rows = (tmp_path / "s" / "labels.csv").read_text().splitlines()
   assert rows[0] == "file,label" and [r.split(",")[1] for r in rows[1:]] == list("001123")
   assert (tmp_path / "s" / "sample_0005_class3.nii.gz").is_file()
@@ -188,17 +197,26 @@ def test_quickstart_notebook_runs(trained, tmp_path, monkeypatch):
   """experiments/notebooks/quickstart.ipynb executes without error on the tiny pipeline."""
   nbformat = pytest.importorskip("nbformat", reason="the notebook test needs the test extra")
   from nbclient import NotebookClient  # pylint: disable=import-outside-toplevel
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for name, value in {"LATENTFM_WORKDIR": str(trained / "flow"), "LATENTFM_STEPS": "4",
-                      "LATENTFM_OUT": str(tmp_path), "JAX_PLATFORMS": "cpu",
-                      "PYTHONPATH": root, "MPLBACKEND": "Agg"}.items():
+  for name, value in {
+    "LATENTFM_WORKDIR": str(trained / "flow"),
+    "LATENTFM_STEPS": "4",
+    "LATENTFM_OUT": str(tmp_path),
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": root,
+    "MPLBACKEND": "Agg",
+  }.items():
     monkeypatch.setenv(name, value)
-  notebook = nbformat.read(os.path.join(root, "experiments", "notebooks", "quickstart.ipynb"),
-                           as_version=4)
-  NotebookClient(notebook, timeout=300, kernel_name="python3",
-                 resources={"metadata": {"path": root}}).execute()
-  printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code"
-                    for o in c.get("outputs", []))
+  notebook = nbformat.read(
+    os.path.join(root, "experiments", "notebooks", "quickstart.ipynb"), as_version=4
+  )
+  NotebookClient(
+    notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": root}}
+  ).execute()
+  printed = "".join(
+    o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
+  )
   assert "latent (8, 8, 8, 8) -> volume (16, 16, 16)" in printed and "NFE 4" in printed
   assert "stage " in printed and "round trip mean |error|" in printed
   assert len(os.listdir(tmp_path / "samples")) == 3  # two NIfTI files and the montage
@@ -206,8 +224,10 @@ def test_quickstart_notebook_runs(trained, tmp_path, monkeypatch):
 
 def test_evaluate_report(trained):
   from experiments import evaluate
-  markdown = evaluate.run(str(trained / "flow"), num_samples=4, solver="euler", steps=4, seed=0,
-                          per_stage=1)
+
+  markdown = evaluate.run(
+    str(trained / "flow"), num_samples=4, solver="euler", steps=4, seed=0, per_stage=1
+  )
   report = json.loads((trained / "flow" / "eval" / "report.json").read_text())
   assert report["sizes"] == {"samples": 4, "train": 6, "held_out": 2}
   assert set(report["thesis_table"]["model"]) == {"mse", "nmse", "psnr", "ssim", "ms_ssim"}
@@ -217,8 +237,14 @@ def test_evaluate_report(trained):
   assert set(report["reconstruction"]) >= {"psnr", "ssim", "checkerboard_p2"}
   assert "| psnr ↑ |" in markdown and "VQ-GAN reconstruction" in markdown
   assert "Volumes of voxel size" in markdown and report["geometry"]["num_volumes"] == 6
-  for name in ("report.md", "samples.png", "distances.png", "guidance.png", "stages.png",
-               "editing.png"):
+  for name in (
+    "report.md",
+    "samples.png",
+    "distances.png",
+    "guidance.png",
+    "stages.png",
+    "editing.png",
+  ):
     assert (trained / "flow" / "eval" / name).is_file()
   stages = report["stages"]
   assert [r["guidance"] for r in stages["sweep"]] == [0.0, 1.0, 2.0, 4.0]
@@ -253,7 +279,7 @@ def test_api_checks_inputs_against_the_model(trained):
   with pytest.raises(ValueError, match=r"volumes must have shape \[N, 16, 16, 16\].*32, 32, 32"):
     sample.encode_to_noise(models, np.zeros((1, 32, 32, 32)))
   with pytest.raises(ValueError, match=r"values in \[0, 1\], got \[0, 255\]"):
-    sample.encode_to_noise(models, np.linspace(0, 255, 16 ** 3).reshape(1, 16, 16, 16))
+    sample.encode_to_noise(models, np.linspace(0, 255, 16**3).reshape(1, 16, 16, 16))
   with pytest.raises(ValueError, match=r"got \[-0.5"):
     sample.encode_to_noise(models, np.full((1, 16, 16, 16), -0.5))
   with pytest.raises(ValueError, match=r"z0 must have shape \[N, 8, 8, 8, 8\]"):
@@ -281,6 +307,8 @@ def test_workdirs_work_from_anywhere_and_move_together(trained, tmp_path, monkey
   monkeypatch.chdir(tmp_path)
   models = sample.load(os.path.join("moved", "flow"))
   assert models.flow_step == 3 and models.latent_shape == (8, 8, 8, 8)
+
+
 def tiny_ddpm(vq_dir, num_steps):
   """`tiny_flow` under the DDPM objective at a constant rate (a resume may change num_steps)."""
   c = tiny_flow(vq_dir, num_steps)
@@ -303,7 +331,8 @@ def test_ddpm_resumed_run_matches_uninterrupted_and_samples(trained, tmp_path):
   # Every loss: params, Adam, EMA, data order and noise resumed (the 2-step run also previewed
   # samples at its last step).
   assert [{k: v for k, v in r.items() if k != "sample_nfe"} for r in read_metrics(str(part))] == [
-      {k: v for k, v in r.items() if k != "sample_nfe"} for r in rows]
+    {k: v for k, v in r.items() if k != "sample_nfe"} for r in rows
+  ]
 
   models = sample.load(str(full))
   assert models.objective == "ddpm" and models.schedule.num_timesteps == 20

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
+from testing_support import blob_volume
 
 from latentfm.data import preprocess as pp
 from latentfm.data.io import Volume, VolumeError
-from testing_support import blob_volume
 
 
 def test_resample_to_target_spacing_keeps_geometry():
@@ -106,7 +106,7 @@ def _ball(shape, spacing_zyx, radius_mm=16.0):
   """A ball of `radius_mm`, brightest at its centre and fading smoothly to 0 at its surface, in
   a (D, H, W) grid of `spacing_zyx` mm voxels."""
   axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing_zyx)]
-  r = np.sqrt(sum(g ** 2 for g in np.meshgrid(*axes, indexing="ij")))
+  r = np.sqrt(sum(g**2 for g in np.meshgrid(*axes, indexing="ij")))
   return (100.0 * np.maximum(0.0, 1.0 - (r / radius_mm) ** 2)).astype(np.float32)
 
 

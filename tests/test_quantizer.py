@@ -19,8 +19,14 @@ def _state(embeddings, cluster_size=None, embed_sum=None, initialized=True):
   e = jnp.asarray(embeddings, jnp.float32)
   cs = jnp.ones(e.shape[0]) if cluster_size is None else jnp.asarray(cluster_size, jnp.float32)
   es = e * cs[:, None] if embed_sum is None else jnp.asarray(embed_sum, jnp.float32)
-  return {"codebook": {"embeddings": e, "cluster_size": cs, "embed_sum": es,
-                       "initialized": jnp.array(initialized)}}
+  return {
+    "codebook": {
+      "embeddings": e,
+      "cluster_size": cs,
+      "embed_sum": es,
+      "initialized": jnp.array(initialized),
+    }
+  }
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,8 +35,9 @@ def _train_fn(k, decay=0.99, restart=True):
 
   @jax.jit
   def step(variables, z, seed):
-    return vq.apply(variables, z, train=True, rngs={"codebook": jax.random.key(seed)},
-                    mutable=["codebook"])
+    return vq.apply(
+      variables, z, train=True, rngs={"codebook": jax.random.key(seed)}, mutable=["codebook"]
+    )
 
   return step
 
@@ -76,8 +83,9 @@ def test_nearest_code_and_outputs_in_eval_mode():
   assert out["indices"].shape == (2, 3, 3, 3)
   codes = emb[np.asarray(out["indices"])]
   np.testing.assert_allclose(out["quantized"], codes, atol=1e-6)
-  np.testing.assert_allclose(out["commitment_loss"], np.mean((np.asarray(z) - codes) ** 2),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    out["commitment_loss"], np.mean((np.asarray(z) - codes) ** 2), rtol=1e-5
+  )
   np.testing.assert_array_equal(vq.apply(variables, z, method=vq.nearest), out["indices"])
   np.testing.assert_allclose(vq.apply(variables, z, method=vq.snap), codes, atol=1e-6)
   np.testing.assert_allclose(vq.apply(variables, out["indices"], method=vq.lookup), codes)
@@ -168,13 +176,13 @@ def test_eval_and_immutable_calls_leave_codebook_alone():
   variables = _state(_data((8, D), 10))
   z = _data((1, 2, 2, 2, D), 11)
   _, upd = vq.apply(variables, z, train=False, mutable=["codebook"])
-  np.testing.assert_array_equal(upd["codebook"]["embeddings"],
-                                variables["codebook"]["embeddings"])
+  np.testing.assert_array_equal(upd["codebook"]["embeddings"], variables["codebook"]["embeddings"])
   vq.apply(variables, z, train=True)  # collection not mutable: no update, no rng needed
 
 
 def test_nearest_code_is_the_brute_force_argmin():
   from latentfm.nn.quantizer import nearest_code  # pylint: disable=import-outside-toplevel
+
   flat, codes = np.asarray(_data((200, D), 0)), np.asarray(_data((64, D), 1)) * 2.0
   brute = np.argmin(((flat[:, None, :] - codes[None]) ** 2).sum(-1), axis=1)
   np.testing.assert_array_equal(nearest_code(jnp.asarray(flat), jnp.asarray(codes)), brute)

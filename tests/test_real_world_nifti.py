@@ -7,9 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from testing_support import blob_volume
 
 from latentfm.data.io import VolumeError, read_volume
-from testing_support import blob_volume
 
 
 def write_nifti(path, array_zyx, affine, qform=True):

@@ -8,11 +8,13 @@ from latentfm.metrics import features, report
 def test_to_markdown_lists_every_metric_with_its_bracket():
   rng = np.random.default_rng(0)
   volumes = lambda n: rng.random((n, 32, 32, 32)).astype(np.float32)
-  result = report.evaluate(volumes(4), volumes(6), volumes(3),
-                           {"hist": features.intensity_histogram_features()})
+  result = report.evaluate(
+    volumes(4), volumes(6), volumes(3), {"hist": features.intensity_histogram_features()}
+  )
   text = report.to_markdown(result)
-  rows = {line.split(" | ")[0].strip("| ↑↓"): line for line in text.splitlines()
-          if line.startswith("| ")}
+  rows = {
+    line.split(" | ")[0].strip("| ↑↓"): line for line in text.splitlines() if line.startswith("| ")
+  }
   for name in report.IMAGE_METRICS:
     entry = result["thesis_table"]["model"][name]
     low, high = entry["ci95"]

@@ -40,7 +40,7 @@ def _solve(solver, steps, **kw):
 
 def test_euler_is_thesis_algorithm_3():
   def v(z, t):  # nonlinear and time dependent, so that the time grid matters
-    return jnp.sin(z) * (1.0 + t) - 0.3 * z * t ** 2
+    return jnp.sin(z) * (1.0 + t) - 0.3 * z * t**2
 
   n = 7
   z = Z1
@@ -52,15 +52,17 @@ def test_euler_is_thesis_algorithm_3():
   assert int(nfe) == n
 
 
-@pytest.mark.parametrize("solver, order, evals_per_step, bound", [
-    ("euler", 1, 1, 0.3), ("heun", 2, 2, 0.01), ("midpoint", 2, 2, 0.01)])
+@pytest.mark.parametrize(
+  "solver, order, evals_per_step, bound",
+  [("euler", 1, 1, 0.3), ("heun", 2, 2, 0.01), ("midpoint", 2, 2, 0.01)],
+)
 def test_fixed_step_convergence_order(solver, order, evals_per_step, bound):
   """Error at N = 20 within a loose bound; halving the step divides it by ~2^order."""
   e1, nfe1, counted1 = _solve(solver, 20)
   e2, nfe2, counted2 = _solve(solver, 40)
   assert (nfe1, nfe2) == (counted1, counted2) == (20 * evals_per_step, 40 * evals_per_step)
   assert e1 < bound
-  assert 0.7 * 2 ** order < e1 / e2 < 1.4 * 2 ** order
+  assert 0.7 * 2**order < e1 / e2 < 1.4 * 2**order
 
 
 @pytest.mark.parametrize("solver", ["tsit5", "dopri5"])
@@ -77,8 +79,9 @@ def test_adaptive_solvers_meet_tolerance_and_count_evaluations(solver):
 def test_tsit5_beats_euler_100():
   e_euler, nfe_euler, _ = _solve("euler", 100)
   e_tsit, nfe_tsit, _ = _solve("tsit5", 50, rtol=1e-5, atol=1e-5)
-  print(f"euler-100: error {e_euler:.2e}, NFE {nfe_euler}; "
-        f"tsit5: error {e_tsit:.2e}, NFE {nfe_tsit}")
+  print(
+    f"euler-100: error {e_euler:.2e}, NFE {nfe_euler}; tsit5: error {e_tsit:.2e}, NFE {nfe_tsit}"
+  )
   assert nfe_tsit < nfe_euler == 100
   assert e_tsit <= e_euler
 
@@ -105,8 +108,9 @@ def test_no_recompilation_on_repeated_calls():
 
   sample.integrate(sample.velocity_from_model(apply_fn, {"w": jnp.float32(1.0)}), Z1, steps=5)
   n = len(traces)
-  out, _ = sample.integrate(sample.velocity_from_model(apply_fn, {"w": jnp.float32(2.0)}), Z1,
-                            steps=5)
+  out, _ = sample.integrate(
+    sample.velocity_from_model(apply_fn, {"w": jnp.float32(2.0)}), Z1, steps=5
+  )
   assert len(traces) == n
   # Euler on dz/dt = -w t z is a product of scalar factors.
   factor = np.prod([1 + 2.0 * (1 - i / 5) / 5 for i in range(5)])
@@ -120,15 +124,24 @@ def test_unknown_solver_raises():
 
 # ------------------------------------------------- sample() and decode() against their parts
 
+
 @pytest.fixture(scope="module")
 def tiny_models():
   """A tiny random VQ-GAN with per-channel latent statistics far from (0, 1)."""
   model = VQGAN(n_hiddens=4, downsample=(2, 2, 2), embedding_dim=4, n_codes=8)
   variables = jax.jit(model.init)(jax.random.PRNGKey(3), jnp.zeros((1, 8, 8, 8, 1)))
-  stats = LatentStats(mean=np.array([0.8, -1.5, 0.3, 2.0], np.float32),
-                      std=np.array([0.5, 3.0, 1.5, 0.2], np.float32))
-  return sample.Models(velocity=None, vqgan=model, vqgan_variables=variables, stats=stats,
-                       latent_shape=(4, 4, 4, 4), flow_step=0, vqgan_step=0)
+  stats = LatentStats(
+    mean=np.array([0.8, -1.5, 0.3, 2.0], np.float32), std=np.array([0.5, 3.0, 1.5, 0.2], np.float32)
+  )
+  return sample.Models(
+    velocity=None,
+    vqgan=model,
+    vqgan_variables=variables,
+    stats=stats,
+    latent_shape=(4, 4, 4, 4),
+    flow_step=0,
+    vqgan_step=0,
+  )
 
 
 def _decoded(models, z_normalised):

@@ -17,8 +17,9 @@ def test_default_is_the_plain_constant_rate():
 
 
 def test_warmup_then_cosine_to_the_final_fraction():
-  lr = schedules.learning_rate(_optim(schedule="cosine", warmup_steps=10,
-                                      final_lr_fraction=0.1), 110)
+  lr = schedules.learning_rate(
+    _optim(schedule="cosine", warmup_steps=10, final_lr_fraction=0.1), 110
+  )
   values = np.array([float(lr(i)) for i in range(111)])
   np.testing.assert_allclose(values[[0, 5, 10]], [0.0, 5e-4, 1e-3], rtol=1e-6)
   np.testing.assert_allclose(values[60], 1e-4 + 0.5 * 9e-4, rtol=1e-5)  # half way down

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from test_verified_checkpoints import flip_bytes, largest_array_file
 
 from experiments.configs import shared
 from latentfm.data import loader
 from latentfm.train import run_record, runner, workdir_lock
 from latentfm.train.writer import read_metrics
-from test_verified_checkpoints import flip_bytes, largest_array_file
 
 
 def toy_config(num_steps=4, lr=0.1):
@@ -33,8 +33,11 @@ def toy_config(num_steps=4, lr=0.1):
 
 def toy_data():
   rng = np.random.default_rng(0)
-  return loader.Dataset(rng.random((6, 4, 4, 4), dtype=np.float32),
-                        np.arange(6, dtype=np.int32), tuple(map(str, range(6))))
+  return loader.Dataset(
+    rng.random((6, 4, 4, 4), dtype=np.float32),
+    np.arange(6, dtype=np.int32),
+    tuple(map(str, range(6))),
+  )
 
 
 def run_toy(workdir, config):
@@ -42,7 +45,7 @@ def run_toy(workdir, config):
 
   @jax.jit
   def step(state, batch):
-    w = state["w"] + lr * jnp.mean(batch["image"]) 
+    w = state["w"] + lr * jnp.mean(batch["image"])
     return {"w": w, "step": state["step"] + 1}, {"loss": jnp.mean(w)}
 
   with runner.open_stage("toy", config, str(workdir), validate=lambda c: None) as run:
@@ -55,15 +58,21 @@ def run_toy(workdir, config):
 
 def files(directory):
   """Relative path -> bytes of every file but the lock (which names the latest holder)."""
-  return {os.path.relpath(os.path.join(r, p), directory): open(os.path.join(r, p), "rb").read()
-          for r, _, fs in os.walk(directory) for p in fs if p != workdir_lock.LOCK_NAME}
+  return {
+    os.path.relpath(os.path.join(r, p), directory): open(os.path.join(r, p), "rb").read()
+    for r, _, fs in os.walk(directory)
+    for p in fs
+    if p != workdir_lock.LOCK_NAME
+  }
 
 
 def test_changed_setting_is_refused_then_recorded_when_allowed(tmp_path):
   run_toy(tmp_path, toy_config())
   before = files(tmp_path)
-  with pytest.raises(run_record.SettingsChangedError,
-                     match=r"other settings \(optim\.lr 0\.1 -> 0\.5\).*allow_changes"):
+  with pytest.raises(
+    run_record.SettingsChangedError,
+    match=r"other settings \(optim\.lr 0\.1 -> 0\.5\).*allow_changes",
+  ):
     run_toy(tmp_path, toy_config(num_steps=6, lr=0.5))
   assert files(tmp_path) == before  # nothing written, nothing rotated away
   changed = toy_config(num_steps=8, lr=0.5)
@@ -89,18 +98,27 @@ def test_run_length_may_change_freely(tmp_path):
 
 def test_second_run_on_a_workdir_is_refused(tmp_path):
   with workdir_lock.hold(str(tmp_path), "toy training"):
-    with pytest.raises(workdir_lock.WorkdirLockedError,
-                       match=rf"in use by pid {os.getpid()} on .*\(toy training, started"):
+    with pytest.raises(
+      workdir_lock.WorkdirLockedError,
+      match=rf"in use by pid {os.getpid()} on .*\(toy training, started",
+    ):
       run_toy(tmp_path, toy_config())
   assert not (tmp_path / "ckpt").exists()
 
 
 def test_lock_of_a_killed_run_is_taken_over(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from latentfm.train import workdir_lock\n"
-       f"with workdir_lock.hold({str(tmp_path)!r}, 'x'):\n  print('held', flush=True); "
-       "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    [
+      sys.executable,
+      "-c",
+      "import sys, time; from latentfm.train import workdir_lock\n"
+      f"with workdir_lock.hold({str(tmp_path)!r}, 'x'):\n  print('held', flush=True); "
+      "time.sleep(60)",
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert holder.stdout.readline().strip() == "held"
   with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {holder.pid} "):
     with workdir_lock.hold(str(tmp_path), "y"):

@@ -20,6 +20,7 @@ def lax_convs():
   with layers.use_conv_impl("lax"):
     yield
 
+
 LATENT = (18, 6, 6)
 
 
@@ -47,8 +48,7 @@ def latents():
   """Noise on a ramp along the tiled axis, so that a tile's own statistics are not the
   volume's."""
   z = np.random.default_rng(0).normal(size=(2,) + LATENT + (4,))
-  return jnp.asarray(z + 3 * np.linspace(-1, 1, LATENT[0])[None, :, None, None, None],
-                     jnp.float32)
+  return jnp.asarray(z + 3 * np.linspace(-1, 1, LATENT[0])[None, :, None, None, None], jnp.float32)
 
 
 def test_tiled_decode_equals_whole_volume_decode():
@@ -63,10 +63,10 @@ def test_tiled_decode_equals_whole_volume_decode():
   assert tiled_decode.decoder_margin(model.clone(downsample=(4, 4, 1))) == 13
   tiled = tiled_decode.decode_tiled(model, variables, z, (13, 6, 6))
   error = np.abs(tiled - whole).max()
-  thin = np.abs(tiled_decode.decode_tiled(model, variables, z, (13, 6, 6), overlap=4)
-                - whole).max()
-  own = np.abs(tiled_decode.decode_tiled(model, variables, z, (13, 6, 6), global_norms=False)
-               - whole).max()
+  thin = np.abs(tiled_decode.decode_tiled(model, variables, z, (13, 6, 6), overlap=4) - whole).max()
+  own = np.abs(
+    tiled_decode.decode_tiled(model, variables, z, (13, 6, 6), global_norms=False) - whole
+  ).max()
   print(f"max |tiled - whole|: {error:.2e}; overlap 4: {thin:.2e}; own statistics: {own:.2e}")
   assert error < 1e-5
   assert thin > 1e-3 and own > 1e-2
@@ -75,8 +75,15 @@ def test_tiled_decode_equals_whole_volume_decode():
 def test_sample_decode_with_tiles_and_snapping():
   model, variables = tiny_vqgan()
   stats = LatentStats(mean=jnp.full((4,), 0.5), std=jnp.full((4,), 2.0))
-  models = sample.Models(velocity=None, vqgan=model, vqgan_variables=variables, stats=stats,
-                         latent_shape=LATENT + (4,), flow_step=0, vqgan_step=0)
+  models = sample.Models(
+    velocity=None,
+    vqgan=model,
+    vqgan_variables=variables,
+    stats=stats,
+    latent_shape=LATENT + (4,),
+    flow_step=0,
+    vqgan_step=0,
+  )
   z0 = latents()
   for snap in (False, True):
     whole = np.asarray(sample.decode(models, z0, snap))

@@ -21,8 +21,15 @@ def test_thesis_unet_parameter_count():
 
 
 def test_unet_matches_jax_with_ported_weights():
-  cfg = dict(channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
-             num_heads=2, time_embed_dim=16, time_scale=10.0)
+  cfg = dict(
+    channels=8,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_levels=(1,),
+    num_heads=2,
+    time_embed_dim=16,
+    time_scale=10.0,
+  )
   model = UNet3D(**cfg)
   rng = np.random.default_rng(0)
   z = rng.standard_normal((2, 4, 4, 4, 4)).astype(np.float32)
@@ -31,8 +38,17 @@ def test_unet_matches_jax_with_ported_weights():
   params = jax.tree.map(lambda p: jnp.asarray(rng.normal(0, 0.2, p.shape), jnp.float32), params)
   ours = np.asarray(jax.jit(model.apply)({"params": params}, z, t))
 
-  ref = FlowUNet3d(in_channels=4, channels=8, mults=(1, 2), num_res_blocks=1,
-                   attention_levels=(1,), heads=2, dropout=0.0, tdim=16, time_scale=10.0)
+  ref = FlowUNet3d(
+    in_channels=4,
+    channels=8,
+    mults=(1, 2),
+    num_res_blocks=1,
+    attention_levels=(1,),
+    heads=2,
+    dropout=0.0,
+    tdim=16,
+    time_scale=10.0,
+  )
   load_flax_unet(ref, jax.device_get(params)).eval()
   with torch.no_grad():
     theirs = ref(torch.from_numpy(z.transpose(0, 4, 1, 2, 3).copy()), torch.from_numpy(t))
@@ -49,8 +65,10 @@ def test_benchmark_pieces_match_jax_with_ported_weights(piece):
   c, rng = 8, np.random.default_rng(0)
   x = rng.standard_normal((2, 8, 8, 8, c)).astype(np.float32)
   model = layers.SamePadConv(c, 3) if piece == "conv3" else layers.ResBlock()
-  params = jax.tree.map(lambda p: rng.normal(0, 0.3, p.shape).astype(np.float32),
-                        model.init(jax.random.key(0), x)["params"])
+  params = jax.tree.map(
+    lambda p: rng.normal(0, 0.3, p.shape).astype(np.float32),
+    model.init(jax.random.key(0), x)["params"],
+  )
   loss = lambda p, x: jnp.mean(jnp.abs(model.apply({"params": p}, x)))
   value, (g_params, g_x) = jax.value_and_grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
 
@@ -69,6 +87,7 @@ def test_benchmark_pieces_match_jax_with_ported_weights(piece):
   tx = torch.from_numpy(np.moveaxis(x, -1, 1).copy()).requires_grad_(True)
   t_value = ref(tx).abs().mean()
   t_value.backward()
+
   def close(ours, theirs, scale=None):  # scale: a bias after its module's weight gradient
     scale = np.abs(theirs).max() if scale is None else scale
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4 * scale)
@@ -96,11 +115,19 @@ def one_thread():
 def test_thesis_discriminator_parameter_counts():
   model = get_config("thesis").model
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
-  jax_counts = [count(jax.eval_shape(d.init, jax.random.key(0),
-                                     jnp.zeros((1,) + (16,) * dims + (1,)))["params"])
-                for d, dims in zip(discriminators.make_discriminators(model), (2, 3))]
-  torch_counts = [sum(p.numel() for p in PatchDiscriminator(
-      model.disc_channels, model.disc_layers, dims).parameters()) for dims in (2, 3)]
+  jax_counts = [
+    count(
+      jax.eval_shape(d.init, jax.random.key(0), jnp.zeros((1,) + (16,) * dims + (1,)))["params"]
+    )
+    for d, dims in zip(discriminators.make_discriminators(model), (2, 3))
+  ]
+  torch_counts = [
+    sum(
+      p.numel()
+      for p in PatchDiscriminator(model.disc_channels, model.disc_layers, dims).parameters()
+    )
+    for dims in (2, 3)
+  ]
   assert jax_counts == torch_counts == [2_764_481, 11_049_665]
 
 
@@ -111,10 +138,10 @@ def test_discriminator_matches_jax_with_ported_weights(dims):
   x = rng.standard_normal((2,) + (16,) * dims + (1,)).astype(np.float32)
   model = discriminators.PatchDiscriminator(channels=8, num_layers=2, spatial_dims=dims)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(x))
-  params = jax.tree.map(lambda p: rng.normal(0, 0.2, p.shape).astype(np.float32),
-                        shapes["params"])
-  stats = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32),
-                       shapes["batch_stats"])  # running mean and (positive) variance
+  params = jax.tree.map(lambda p: rng.normal(0, 0.2, p.shape).astype(np.float32), shapes["params"])
+  stats = jax.tree.map(
+    lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32), shapes["batch_stats"]
+  )  # running mean and (positive) variance
   logits, feats = jax.jit(model.apply)({"params": params, "batch_stats": stats}, x)  # eval
 
   ref = load_flax_discriminator(PatchDiscriminator(8, 2, dims), params, stats).eval()
@@ -122,8 +149,9 @@ def test_discriminator_matches_jax_with_ported_weights(dims):
     t_logits, t_feats = ref(torch.from_numpy(np.moveaxis(x, -1, 1).copy()))
   for ours, theirs in zip([logits, *feats], [t_logits, *t_feats]):
     theirs = np.moveaxis(theirs.numpy(), 1, -1)
-    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4,
-                               atol=1e-4 * np.abs(theirs).max())
+    np.testing.assert_allclose(
+      np.asarray(ours), theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max()
+    )
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -135,8 +163,7 @@ def test_torch_vqgan_step_trains_everything():
   config.model.disc_channels, config.model.disc_layers = 8, 2
   torch.manual_seed(0)
   step = VQGANTrainStep(config)
-  groups = {"autoencoder": step.ae, "image_disc": step.image_disc,
-            "volume_disc": step.volume_disc}
+  groups = {"autoencoder": step.ae, "image_disc": step.image_disc, "volume_disc": step.volume_disc}
   before = {name: [p.detach().clone() for p in m.parameters()] for name, m in groups.items()}
   metrics = step(torch.rand(2, 1, 16, 16, 16))
   assert all(torch.isfinite(v).all() for v in metrics.values()), metrics

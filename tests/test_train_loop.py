@@ -1,6 +1,5 @@
 """The shared training loop with a trivial step: logging, checkpoint/resume, signals, NaN stop."""
 
-import json
 import os
 import signal
 
@@ -11,15 +10,24 @@ import pytest
 
 from latentfm.data import loader
 from latentfm.train import checkpoint, parallel
-from latentfm.train.loop import (NonFiniteLossError, Periodic, check_finite, guard_step,
-                                 skip_nonfinite, train_loop)
+from latentfm.train.loop import (
+  NonFiniteLossError,
+  Periodic,
+  check_finite,
+  guard_step,
+  skip_nonfinite,
+  train_loop,
+)
 from latentfm.train.writer import MetricWriter, read_metrics
 
 
 def _data():
   rng = np.random.default_rng(0)
-  return loader.Dataset(rng.random((6, 4, 4, 4), dtype=np.float32), np.arange(6, dtype=np.int32),
-                        tuple(map(str, range(6))))
+  return loader.Dataset(
+    rng.random((6, 4, 4, 4), dtype=np.float32),
+    np.arange(6, dtype=np.int32),
+    tuple(map(str, range(6))),
+  )
 
 
 @jax.jit
@@ -44,8 +52,18 @@ def run(workdir, num_steps, hook=None):
   writer = MetricWriter(workdir, tensorboard=False, resume_step=first)
   fn = step if hook is None else (lambda s, b, i: hook(i) or step(s, b, i))
   try:
-    result = train_loop(state, fn, it, mesh=mesh, first_step=first, num_steps=num_steps,
-                        manager=manager, writer=writer, log_every=1, ckpt_every=3)
+    result = train_loop(
+      state,
+      fn,
+      it,
+      mesh=mesh,
+      first_step=first,
+      num_steps=num_steps,
+      manager=manager,
+      writer=writer,
+      log_every=1,
+      ckpt_every=3,
+    )
   finally:
     checkpoint.close(manager)
     writer.close()
@@ -70,7 +88,11 @@ def test_writer_drops_rows_after_resume_step(tmp_path):
   w.write_scalars(4, {"loss": 40.0})
   w.close()
   assert [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path))] == [
-      (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    (1, 1.0),
+    (2, 2.0),
+    (3, 3.0),
+    (4, 40.0),
+  ]
   assert os.path.isdir(tmp_path / "tensorboard")
 
 
@@ -79,6 +101,7 @@ def test_signal_saves_and_stops(tmp_path, sig):
   def hook(i):
     if i == 1:
       os.kill(os.getpid(), sig)
+
   result = run(str(tmp_path), 10, hook)
   assert result.stopped_by_signal == sig and result.step == 2
   manager = checkpoint.open_manager(str(tmp_path / "ckpt"))
@@ -93,14 +116,25 @@ def test_nan_stops_with_named_term_and_keeps_checkpoint(tmp_path):
     if i == 4:
       metrics = dict(metrics, loss=jnp.nan)
     return new, metrics
+
   mesh = parallel.make_mesh()
   manager = checkpoint.open_manager(str(tmp_path / "ckpt"))
   writer = MetricWriter(str(tmp_path), tensorboard=False)
   it = iter(loader.make_loader(_data(), 2, train=True))
   state = {"w": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}
   with pytest.raises(NonFiniteLossError, match="step 5: loss is nan"):
-    train_loop(state, bad_step, it, mesh=mesh, first_step=0, num_steps=10, manager=manager,
-               writer=writer, log_every=1, ckpt_every=3)
+    train_loop(
+      state,
+      bad_step,
+      it,
+      mesh=mesh,
+      first_step=0,
+      num_steps=10,
+      manager=manager,
+      writer=writer,
+      log_every=1,
+      ckpt_every=3,
+    )
   checkpoint.wait(manager)
   assert checkpoint.latest_step(manager) == 3
   checkpoint.close(manager)
@@ -129,9 +163,19 @@ def _run_guarded(workdir, bad_steps, num_steps=8, **kw):
   state = {"w": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}
   bad = jnp.asarray(bad_steps, jnp.int32)
   try:
-    return train_loop(state, lambda s, b, i: _nan_after(s, b, bad), it, mesh=mesh,
-                      first_step=0, num_steps=num_steps, manager=manager, writer=writer,
-                      log_every=1, ckpt_every=3, **kw)
+    return train_loop(
+      state,
+      lambda s, b, i: _nan_after(s, b, bad),
+      it,
+      mesh=mesh,
+      first_step=0,
+      num_steps=num_steps,
+      manager=manager,
+      writer=writer,
+      log_every=1,
+      ckpt_every=3,
+      **kw,
+    )
   finally:
     checkpoint.close(manager)
     writer.close()
@@ -152,8 +196,7 @@ def test_skip_nonfinite_keeps_state_and_counts_skips(tmp_path):
 
 
 def test_too_many_consecutive_skips_stop(tmp_path):
-  with pytest.raises(NonFiniteLossError,
-                     match="step 6: loss not finite for 3 consecutive steps"):
+  with pytest.raises(NonFiniteLossError, match="step 6: loss not finite for 3 consecutive steps"):
     _run_guarded(str(tmp_path), [3, 4, 5, 6, 7], max_consecutive_skips=2)
   manager = checkpoint.open_manager(str(tmp_path / "ckpt"))
   assert checkpoint.latest_step(manager) == 3  # the last step before the bad ones
@@ -165,15 +208,22 @@ def test_guard_step_policies_and_never_periodic(tmp_path):
   with pytest.raises(ValueError, match="train.on_nonfinite"):
     guard_step(_step_fn, "ignore")
   calls = []
-  result = _run_guarded(str(tmp_path), [-1], num_steps=4,
-                        callbacks=[Periodic(0, lambda s, st: calls.append(s)),
-                                   Periodic(3, lambda s, st: calls.append(-s))])
+  result = _run_guarded(
+    str(tmp_path),
+    [-1],
+    num_steps=4,
+    callbacks=[
+      Periodic(0, lambda s, st: calls.append(s)),
+      Periodic(3, lambda s, st: calls.append(-s)),
+    ],
+  )
   assert result.step == 4 and calls == [-3, -4]
 
 
 def test_skip_nonfinite_on_a_real_flow_step():
   from experiments.configs import flow as flow_configs  # pylint: disable=import-outside-toplevel
   from latentfm.train import flow_step  # pylint: disable=import-outside-toplevel
+
   c = flow_configs.get_config("demo")
   c.model.channels, c.model.time_embed_dim = 8, 16
   c.model.channel_mults, c.model.attention_levels = (1,), ()  # the guard, not the network
@@ -191,8 +241,9 @@ def test_skip_nonfinite_on_a_real_flow_step():
   assert int(bad["step"]) == 2
   # Retrace guard: a new state and new batch values reuse the one compiled step.
   assert step._cache_size() == 1  # pylint: disable=protected-access
-  changed = lambda a, b: any(np.any(np.asarray(x) != np.asarray(y))
-                             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  changed = lambda a, b: any(
+    np.any(np.asarray(x) != np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
   assert changed(state["params"], good["params"])
   for key in ("params", "ema_params", "opt", "rng"):
     assert not changed(good[key], bad[key]), key

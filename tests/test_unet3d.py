@@ -37,8 +37,14 @@ def _latent(shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
-TINY = UNet3D(channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
-              num_heads=2, dropout=0.5)
+TINY = UNet3D(
+  channels=16,
+  channel_mults=(1, 2),
+  num_res_blocks=1,
+  attention_levels=(1,),
+  num_heads=2,
+  dropout=0.5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +64,9 @@ def test_output_shape_matches_input(tiny):
   assert run(jnp.array([0.2, 0.7])).shape == z.shape
 
 
-@pytest.mark.parametrize("model, shape", [
-    (TINY, (1, 4, 8, 12, 3)),
-    (UNet3D(8, (1, 1, 2), 1, (2,), 2), (1, 8, 4, 12, 2)),
-])
+@pytest.mark.parametrize(
+  "model, shape", [(TINY, (1, 4, 8, 12, 3)), (UNet3D(8, (1, 1, 2), 1, (2,), 2), (1, 8, 4, 12, 2))]
+)
 def test_anisotropic_shapes(model, shape):
   z = _latent(shape)
   out = jax.jit(model.apply)({"params": random_params(model, z)}, z, jnp.full((1,), 0.5))
@@ -107,7 +112,8 @@ def _frozen_group_stats(next_fun, args, kwargs, context):
   gn, g = context.module, context.module.num_groups
   grouped = jax.lax.stop_gradient(x).reshape(x.shape[0], -1, g, x.shape[-1] // g)
   per_channel = lambda v: jnp.repeat(v, x.shape[-1] // g, axis=-1).reshape(
-      x.shape[0], *(1,) * (x.ndim - 2), -1)
+    x.shape[0], *(1,) * (x.ndim - 2), -1
+  )
   mean = per_channel(grouped.mean(axis=(1, 3)))
   std = per_channel(jnp.sqrt(grouped.var(axis=(1, 3)) + gn.epsilon))  # (B, G) -> per channel
   params = gn.variables["params"]
@@ -134,8 +140,9 @@ def test_attention_mixes_distant_voxels(attention):
   model = model.clone(conv_impl="lax")  # forward-mode autodiff needs the plain lax convolutions
   with layers.use_conv_impl("fast"):  # the module's own choice wins
     out, tangent = jax.jit(lambda z, dz: jax.jvp(f, (z,), (dz,)))(z, dz)
-  np.testing.assert_allclose(out, model.apply({"params": params}, z, jnp.full((1,), 0.5)),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    out, model.apply({"params": params}, z, jnp.full((1,), 0.5)), atol=1e-5
+  )
   near = float(jnp.abs(tangent[0, :, :, :3]).max())
   far = float(jnp.abs(tangent[0, :, :, 16:]).max())
   assert near > 1e-3
@@ -165,6 +172,7 @@ def test_from_config_time_scale():
   old = get_config("thesis").model.to_dict()
   del old["time_scale"]  # a config.json written before the option existed
   import ml_collections  # pylint: disable=import-outside-toplevel
+
   assert UNet3D.from_config(ml_collections.ConfigDict(old)).time_scale == 1000.0
 
 
@@ -214,8 +222,9 @@ def test_bfloat16_compute_keeps_float32_parameters(reference):
   init = jax.eval_shape(half.init, jax.random.key(0), z, jnp.zeros(1))["params"]
   assert {x.dtype for x in jax.tree.leaves(init)} == {jnp.dtype(jnp.float32)}
   t = jnp.array([0.3])
-  full_out, half_out = jax.jit(lambda p: (model.apply({"params": p}, z, t),
-                                          half.apply({"params": p}, z, t)))(params)
+  full_out, half_out = jax.jit(
+    lambda p: (model.apply({"params": p}, z, t), half.apply({"params": p}, z, t))
+  )(params)
   assert half_out.dtype == jnp.float32
   err = float(jnp.abs(half_out - full_out).max() / jnp.abs(full_out).max())
   assert 1e-5 < err < 5e-2  # bf16 rounding: visibly not float32, still the same function
@@ -232,17 +241,19 @@ def test_fast_convolutions_match_lax(reference):
     l_lax, g_lax = _loss_and_grads(model, params, z)
   np.testing.assert_allclose(float(l_fast), float(l_lax), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_lax)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                               atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * float(np.abs(np.asarray(b)).max())
+    )
 
 
 @pytest.mark.parametrize("dim", [8, 9])
 def test_timestep_embedding_is_cos_then_sin_of_geometric_frequencies(dim):
   from latentfm.nn.unet3d import timestep_embedding  # pylint: disable=import-outside-toplevel
+
   t = np.array([0.0, 0.25, 7.0])
   emb = np.asarray(timestep_embedding(jnp.asarray(t), dim))
   freqs = 10_000.0 ** (-np.arange(dim // 2) / (dim // 2))
   want = np.concatenate([np.cos(t[:, None] * freqs), np.sin(t[:, None] * freqs)], axis=-1)
   assert emb.shape == (3, dim)
-  np.testing.assert_allclose(emb[:, :2 * (dim // 2)], want, atol=2e-6)
-  assert not emb[:, 2 * (dim // 2):].any()  # an odd dim ends in a zero column
+  np.testing.assert_allclose(emb[:, : 2 * (dim // 2)], want, atol=2e-6)
+  assert not emb[:, 2 * (dim // 2) :].any()  # an odd dim ends in a zero column

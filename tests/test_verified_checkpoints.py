@@ -3,7 +3,6 @@ restore falls back to the newest one that verifies; a NaN/Inf state is never sav
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,13 +12,19 @@ from latentfm.train import checkpoint as ckpt
 
 def state(seed):
   rng = np.random.default_rng(seed)
-  return {"w": jnp.asarray(rng.standard_normal((64, 256)), jnp.float32),
-          "step": jnp.asarray(seed, jnp.int32)}
+  return {
+    "w": jnp.asarray(rng.standard_normal((64, 256)), jnp.float32),
+    "step": jnp.asarray(seed, jnp.int32),
+  }
 
 
 def largest_array_file(step_dir):
-  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state"))
-           for f in fs if os.sep + "d" + os.sep in os.path.join(r, f)]
+  files = [
+    os.path.join(r, f)
+    for r, _, fs in os.walk(os.path.join(step_dir, "state"))
+    for f in fs
+    if os.sep + "d" + os.sep in os.path.join(r, f)
+  ]
   return max(files, key=os.path.getsize)
 
 
@@ -36,13 +41,13 @@ def two_steps(tmp_path):
 def flip_bytes(path):
   data = bytearray(open(path, "rb").read())
   middle = len(data) // 2
-  data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
+  data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])
   open(path, "wb").write(bytes(data))
 
 
 def truncate(path):
   data = open(path, "rb").read()
-  open(path, "wb").write(data[:len(data) // 3])
+  open(path, "wb").write(data[: len(data) // 3])
 
 
 @pytest.mark.parametrize("damage", [flip_bytes, truncate])
@@ -88,6 +93,7 @@ def test_nonfinite_state_is_never_saved(tmp_path):
 
 def test_digest_changes_with_any_bit():
   from latentfm.train.state_digest import inspect  # pylint: disable=import-outside-toplevel
+
   a, b = state(3), state(3)
   assert inspect(a) == inspect(b) and inspect(a)[1] == []
   b["w"] = b["w"].at[10, 10].set(jnp.nextafter(b["w"][10, 10], jnp.inf))

@@ -18,11 +18,16 @@ def sets():
   """Disjoint 32³ subject sets: two with mixed stages, a stage-0 and a stage-3 one."""
   template = cohort.load_template((32, 32, 32))
   make = lambda stages, first: np.stack(
-      [cohort.make_subject(template, int(s), 1000 + first + i) for i, s in enumerate(stages)])
+    [cohort.make_subject(template, int(s), 1000 + first + i) for i, s in enumerate(stages)]
+  )
   mixed = np.arange(N) % cohort.NUM_STAGES
-  return {"ref": make(mixed, 0), "other": make(mixed, 100),
-          "stage0": make(np.zeros(N), 200), "stage0b": make(np.zeros(N), 300),
-          "stage3": make(np.full(N, 3), 400)}
+  return {
+    "ref": make(mixed, 0),
+    "other": make(mixed, 100),
+    "stage0": make(np.zeros(N), 200),
+    "stage0b": make(np.zeros(N), 300),
+    "stage3": make(np.full(N, 3), 400),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +58,15 @@ def test_real_sets_near_floor_and_distance_grows_with_blur_and_noise(sets, extra
   floor = gm.frechet_distance(extract(other), ref)
   fd_real = gm.frechet_distance(extract(sets["stage0"]), extract(sets["stage0b"]))
   rng = np.random.default_rng(0)
-  blurred = [gm.frechet_distance(extract(ndi.gaussian_filter(other, (0, s, s, s))), ref)
-             for s in (0.6, 1.0, 1.5, 2.5)]
+  blurred = [
+    gm.frechet_distance(extract(ndi.gaussian_filter(other, (0, s, s, s))), ref)
+    for s in (0.6, 1.0, 1.5, 2.5)
+  ]
   noise = rng.standard_normal(other.shape).astype(np.float32)
-  noisy = [gm.frechet_distance(extract(np.clip(other + s * noise, 0, 1)), ref)
-           for s in (0.03, 0.06, 0.12, 0.25)]
+  noisy = [
+    gm.frechet_distance(extract(np.clip(other + s * noise, 0, 1)), ref)
+    for s in (0.03, 0.06, 0.12, 0.25)
+  ]
   print(f"floor {floor:.4g}, stage-0 vs stage-0 {fd_real:.4g}, blur {blurred}, noise {noisy}")
   assert all(b > a for a, b in zip(blurred, blurred[1:])), blurred
   assert all(b > a for a, b in zip(noisy, noisy[1:])), noisy
@@ -70,7 +79,9 @@ def test_separates_stage0_from_stage3(sets, extract):
   fd_same, fd_apart = gm.frechet_distance(f0, f0b), gm.frechet_distance(f0, f3)
   kid = lambda a, b: gm.kernel_inception_distance(a, b, num_subsets=20)[0]
   kid_same, kid_apart = kid(f0, f0b), kid(f0, f3)
-  print(f"stage 0 vs 0: FD {fd_same:.4g}, KID {kid_same:.3g}; "
-        f"stage 0 vs 3: FD {fd_apart:.4g}, KID {kid_apart:.3g}")
+  print(
+    f"stage 0 vs 0: FD {fd_same:.4g}, KID {kid_same:.3g}; "
+    f"stage 0 vs 3: FD {fd_apart:.4g}, KID {kid_apart:.3g}"
+  )
   assert fd_apart > 1.2 * fd_same
   assert kid_apart > 5 * abs(kid_same)

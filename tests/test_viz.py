@@ -21,8 +21,10 @@ def test_triplanar_image_mosaic_shape():
 
 def test_save_triplanar_writes_png(tmp_path):
   import matplotlib.image as mpimg
-  path = viz.save_triplanar(str(tmp_path / "sub" / "p.png"), np.random.rand(2, 8, 8, 8),
-                            row_labels=["a", "b"], title="t")
+
+  path = viz.save_triplanar(
+    str(tmp_path / "sub" / "p.png"), np.random.rand(2, 8, 8, 8), row_labels=["a", "b"], title="t"
+  )
   img = mpimg.imread(path)
   assert img.shape[0] > 100 and img.shape[1] > 100
   with pytest.raises(ValueError, match="row labels"):

@@ -31,7 +31,10 @@ def tiny():
 def test_parameter_breakdown_thesis_exact():
   full = vqgan.parameter_breakdown(get_config("thesis"))
   assert sum(v for k, v in full.items() if k != "lpips") == 15_205_227  # total trainable
-  assert vqgan.parameter_breakdown(get_config("thesis").model) == full == {
+  assert (
+    vqgan.parameter_breakdown(get_config("thesis").model)
+    == full
+    == {
       "encoder": 441_568,
       "decoder": 948_417,
       "pre_vq_conv": 520,
@@ -40,7 +43,8 @@ def test_parameter_breakdown_thesis_exact():
       "image_discriminator": 2_764_481,
       "volume_discriminator": 11_049_665,
       "lpips": 14_716_160,
-  }
+    }
+  )
 
 
 def test_stage_strides():
@@ -66,8 +70,16 @@ def test_two_stage_layout_and_shapes():
   p = variables["params"]
   assert set(p) == {"encoder", "decoder", "pre_vq_conv", "post_vq_conv"}
   assert set(p["encoder"]) == {"conv_in", "down_0", "res_0", "down_1", "res_1", "norm_out"}
-  assert set(p["decoder"]) == {"norm_in", "up_0", "res_0_0", "res_0_1", "up_1", "res_1_0",
-                               "res_1_1", "conv_out"}
+  assert set(p["decoder"]) == {
+    "norm_in",
+    "up_0",
+    "res_0_0",
+    "res_0_1",
+    "up_1",
+    "res_1_0",
+    "res_1_1",
+    "conv_out",
+  }
   assert set(p["encoder"]["res_0"]) == {"norm1", "conv1", "norm2", "conv2"}
   assert p["encoder"]["down_1"]["kernel"].shape == (4, 4, 4, 8, 16)
   assert p["decoder"]["up_0"]["kernel"].shape == (4, 4, 4, 16, 16)
@@ -86,8 +98,9 @@ def test_resize_upsampler_layout_and_equal_weight_per_output_voxel():
   assert out["recon"].shape == (1, 16, 16, 16, 1)
   assert variables["params"]["decoder"]["up_1"]["kernel"].shape == (3, 3, 3, 16, 8)
   np.testing.assert_array_equal(
-      vqgan.nearest_upsample(jnp.arange(4.0).reshape(1, 2, 2, 1, 1), (2, 1, 3))[0, :, :, :, 0],
-      np.repeat(np.repeat(np.arange(4.0).reshape(2, 2, 1), 2, 0), 3, 2))
+    vqgan.nearest_upsample(jnp.arange(4.0).reshape(1, 2, 2, 1, 1), (2, 1, 3))[0, :, :, :, 0],
+    np.repeat(np.repeat(np.arange(4.0).reshape(2, 2, 1), 2, 0), 3, 2),
+  )
   cfg.upsampler = "pixelshuffle"
   with pytest.raises(ValueError, match="model.upsampler"):
     jax.eval_shape(vqgan.VQGAN.from_config(cfg).init, jax.random.key(0), x)
@@ -127,13 +140,13 @@ def test_training_step_straight_through_and_codebook_init(tiny):
   model, variables, x = tiny
 
   def loss(params, key):
-    out, upd = model.apply({**variables, "params": params}, x, train=True,
-                           rngs={"codebook": key}, mutable=["codebook"])
+    out, upd = model.apply(
+      {**variables, "params": params}, x, train=True, rngs={"codebook": key}, mutable=["codebook"]
+    )
     # Reconstruction only: any encoder gradient must pass the straight-through estimator.
     return jnp.mean(jnp.abs(out["recon"] - x)), (out, upd)
 
-  grads, (out, upd) = jax.jit(jax.grad(loss, has_aux=True))(variables["params"],
-                                                             jax.random.key(1))
+  grads, (out, upd) = jax.jit(jax.grad(loss, has_aux=True))(variables["params"], jax.random.key(1))
   enc = jax.tree_util.tree_leaves(grads["encoder"])
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in enc)
   assert sum(float(jnp.sum(jnp.abs(g))) for g in enc) > 0
@@ -148,6 +161,7 @@ def _l1_and_grads(model, params, codebook, x):
   def loss(p):
     out = model.apply({"params": p, "codebook": codebook}, x)
     return jnp.mean(jnp.abs(out["recon"] - x)), out
+
   return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
 
@@ -168,8 +182,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs(tiny):
   model, variables, x = tiny
   half = model.clone(dtype="bfloat16")
   shapes = jax.eval_shape(half.init, jax.random.key(0), x)
-  assert {a.dtype for a in jax.tree.leaves(shapes)} <= {jnp.dtype(jnp.float32), jnp.dtype(bool),
-                                                         jnp.dtype(jnp.int32)}
+  assert {a.dtype for a in jax.tree.leaves(shapes)} <= {
+    jnp.dtype(jnp.float32),
+    jnp.dtype(bool),
+    jnp.dtype(jnp.int32),
+  }
   (l0, out0), g0 = _l1_and_grads(model, variables["params"], variables["codebook"], x)
   (l1, out1), g1 = _l1_and_grads(half, variables["params"], variables["codebook"], x)
   assert out1["recon"].dtype == out1["latent"].dtype == jnp.float32

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from testing_support import tiny_vqgan_config
+
+from latentfm import losses
 from latentfm.nn.layers import use_conv_impl
 from latentfm.nn.lpips import LPIPS
-from latentfm import losses
 from latentfm.nn.vqgan import to_model_range
 from latentfm.train import compiler
 from latentfm.train.loop import guard_step
@@ -31,8 +31,16 @@ def _leaves_equal(a, b):
 
 def test_state_layout():
   state = create_state(jax.random.PRNGKey(0), tiny_config())
-  assert set(state) == {"step", "params", "codebook", "disc_params", "disc_stats", "g_opt",
-                        "d_opt", "rng"}
+  assert set(state) == {
+    "step",
+    "params",
+    "codebook",
+    "disc_params",
+    "disc_stats",
+    "g_opt",
+    "d_opt",
+    "rng",
+  }
   assert not bool(state["codebook"]["quantizer"]["initialized"])
   assert set(state["disc_params"]) == {"image", "volume"}
 
@@ -89,8 +97,13 @@ def _written_out(config, state, batch):
 
   def forward(kernel):
     params = losses.replace_last_layer(state["params"], kernel)
-    out, _ = model.apply({"params": params, "codebook": state["codebook"]}, x, train=True,
-                         mutable=["codebook"], rngs={"codebook": k_code})
+    out, _ = model.apply(
+      {"params": params, "codebook": state["codebook"]},
+      x,
+      train=True,
+      mutable=["codebook"],
+      rngs={"codebook": k_code},
+    )
     return out["recon"]
 
   def logits(name, module, inputs):
@@ -105,15 +118,17 @@ def _written_out(config, state, batch):
 
   def gan(recon):
     fake_slices = losses.random_slices(k_slice, x, recon)[1]
-    return (cfg.image_gan_weight * losses.hinge_g_loss(logits("image", image_disc, fake_slices))
-            + cfg.volume_gan_weight * losses.hinge_g_loss(logits("volume", volume_disc, recon)))
+    return cfg.image_gan_weight * losses.hinge_g_loss(
+      logits("image", image_disc, fake_slices)
+    ) + cfg.volume_gan_weight * losses.hinge_g_loss(logits("volume", volume_disc, recon))
 
-  g_rec = jnp.linalg.norm(jax.grad(lambda k: cfg.l1_weight * losses.l1_loss(x, forward(k)))(
-      kernel))
+  g_rec = jnp.linalg.norm(jax.grad(lambda k: cfg.l1_weight * losses.l1_loss(x, forward(k)))(kernel))
   g_gan = jnp.linalg.norm(jax.grad(lambda k: gan(forward(k)))(kernel))
-  return {"d_image": (losses.hinge_d_loss(ri, fi), losses.hinge_d_loss(fi, ri)),
-          "d_volume": (losses.hinge_d_loss(rv, fv), losses.hinge_d_loss(fv, rv)),
-          "gan_weight": (g_rec / (g_gan + 1e-6), g_gan / (g_rec + 1e-6))}
+  return {
+    "d_image": (losses.hinge_d_loss(ri, fi), losses.hinge_d_loss(fi, ri)),
+    "d_volume": (losses.hinge_d_loss(rv, fv), losses.hinge_d_loss(fv, rv)),
+    "gan_weight": (g_rec / (g_gan + 1e-6), g_gan / (g_rec + 1e-6)),
+  }
 
 
 @pytest.mark.parametrize("term", ["d_image", "d_volume", "gan_weight"])
@@ -142,8 +157,9 @@ def test_bfloat16_remat_step_keeps_float32_state(batch):
   config.model.dtype, config.model.remat = "bfloat16", True
   state = create_state(jax.random.PRNGKey(0), config)
   new, metrics = jax.jit(make_train_step(config, use_gan=False))(state, batch, None)
-  floats = lambda tree: {a.dtype for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype,
-                                                                                  jnp.floating)}
+  floats = lambda tree: {
+    a.dtype for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating)
+  }
   assert floats(new) == floats(state) == {jnp.dtype(jnp.float32)}
   assert not _leaves_equal(new["params"], state["params"])
   assert all(np.isfinite(float(v)) for v in metrics.values())
@@ -171,6 +187,7 @@ def test_eval_step_metrics(batch):
 
 def test_codebook_survives_checkpoint_round_trip(batch, tmp_path):
   from latentfm.train import checkpoint
+
   config = tiny_config()
   state = create_state(jax.random.PRNGKey(0), config)
   trained, _ = jax.jit(make_train_step(config, use_gan=False))(state, batch, None)

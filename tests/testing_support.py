@@ -17,29 +17,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # emitters (the tiny train steps compile in about half the time, with the same state and metrics
 # bit for bit; at real sizes their code runs slower, so only the tests use them). `conftest.py`
 # applies each unless XLA_FLAGS already sets it.
-FAST_COMPILE_XLA_FLAGS = {"xla_backend_optimization_level": "0",
-                          "xla_cpu_use_fusion_emitters": "false"}
+FAST_COMPILE_XLA_FLAGS = {
+  "xla_backend_optimization_level": "0",
+  "xla_cpu_use_fusion_emitters": "false",
+}
 
 
 def run_module(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
   """`python -m ARGS` from the repository root on the CPU, output captured, no check."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 def blob_volume(shape=(12, 14, 10), seed=0) -> np.ndarray:
   """A smooth ellipsoid with noise inside a zero background (a stand-in for a brain)."""
   rng = np.random.default_rng(seed)
   grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
-  inside = (grid ** 2).sum(0) < 0.6
+  inside = (grid**2).sum(0) < 0.6
   return (inside * (100.0 + 20.0 * rng.standard_normal(shape))).astype(np.float32)
-
 
 
 def tiny_vqgan_config(**loss):
   """A VQ-GAN config small enough to compile and train in seconds (16³, 4 base channels)."""
   from experiments.configs.vqgan import get_config  # pylint: disable=import-outside-toplevel
+
   c = get_config("demo")
   c.data.cohort_size = 8
   c.data.shape = (16, 16, 16)

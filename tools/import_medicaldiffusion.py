@@ -52,28 +52,34 @@ def read_checkpoint(path: str, trust_pickle: bool = False) -> tuple[dict, dict, 
   saved with a Hydra config holds OmegaConf objects; unpickling those runs code from the file).
   """
   import pickle  # pylint: disable=import-outside-toplevel
+
   import torch  # pylint: disable=import-outside-toplevel
+
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such file")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
   except pickle.UnpicklingError as e:
     why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f"{path}: holds more than tensors and plain data ({why}); rerun with "
-                       "--trust_pickle if you trust the file") from None
+    raise CheckpointError(
+      f"{path}: holds more than tensors and plain data ({why}); rerun with "
+      "--trust_pickle if you trust the file"
+    ) from None
   except Exception as e:  # pylint: disable=broad-except  # torch raises many types
-    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
-                       f"({(str(e).strip() or type(e).__name__).splitlines()[0][:160]})") from None
+    raise CheckpointError(
+      f"{path}: not a readable PyTorch checkpoint "
+      f"({(str(e).strip() or type(e).__name__).splitlines()[0][:160]})"
+    ) from None
   if not isinstance(obj, dict):
-    raise CheckpointError(f"{path}: expected a Lightning checkpoint or a state dict, got "
-                       f"{type(obj).__name__}")
+    raise CheckpointError(
+      f"{path}: expected a Lightning checkpoint or a state dict, got {type(obj).__name__}"
+    )
   state = obj.get("state_dict", obj)
   bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
   if bad:
     raise CheckpointError(f"{path}: key {bad[0]!r} is not a tensor")
   arrays = {k: v.detach().cpu().float().numpy() for k, v in state.items()}
-  return arrays, _hyper_parameters(obj.get("hyper_parameters", {})), int(obj.get("global_step",
-                                                                               0))
+  return arrays, _hyper_parameters(obj.get("hyper_parameters", {})), int(obj.get("global_step", 0))
 
 
 def _plain(value: Any) -> Any:
@@ -99,8 +105,9 @@ def _hyper_parameters(hp: Any) -> dict:
   return dict(hp.get("args", hp))
 
 
-def layout(state: dict, hp: dict, downsample: tuple[int, ...] | None,
-           num_groups: int | None) -> dict:
+def layout(
+  state: dict, hp: dict, downsample: tuple[int, ...] | None, num_groups: int | None
+) -> dict:
   """The latentfm model fields of the checkpoint: from its hyper-parameters, the weights'
   shapes and the command line (which wins)."""
   need = "encoder.conv_first.conv.weight"
@@ -110,27 +117,34 @@ def layout(state: dict, hp: dict, downsample: tuple[int, ...] | None,
   for option, allowed in (("norm_type", "group"), ("padding_type", "replicate")):
     if hp.get(option, allowed) != allowed:
       raise CheckpointError(f"{option} {hp[option]!r}: only {allowed!r} has a latentfm equivalent")
-  stages = len({m.group(1) for k in state
-                if (m := re.match(r"encoder\.conv_blocks\.(\d+)\.", k))})
+  stages = len({m.group(1) for k in state if (m := re.match(r"encoder\.conv_blocks\.(\d+)\.", k))})
   factors = downsample or tuple(hp.get("downsample") or (2**stages,) * 3)
-  return {"n_hiddens": int(state[need].shape[0]), "image_channels": int(state[need].shape[1]),
-          "embedding_dim": int(state["pre_vq_conv.conv.weight"].shape[0]),
-          "n_codes": int(state["codebook.embeddings"].shape[0]),
-          "downsample": tuple(int(f) for f in factors),
-          "norm_groups": int(num_groups or hp.get("num_groups") or 32)}
+  return {
+    "n_hiddens": int(state[need].shape[0]),
+    "image_channels": int(state[need].shape[1]),
+    "embedding_dim": int(state["pre_vq_conv.conv.weight"].shape[0]),
+    "n_codes": int(state["codebook.embeddings"].shape[0]),
+    "downsample": tuple(int(f) for f in factors),
+    "norm_groups": int(num_groups or hp.get("num_groups") or 32),
+  }
 
 
 def key_map(stages: int) -> dict[str, tuple[str, str]]:
   """medicaldiffusion module prefix -> (latentfm params path, kind) for every layer."""
-  res = lambda prefix, path: {f"{prefix}.norm1": (f"{path}/norm1", "norm"),
-                              f"{prefix}.conv1.conv": (f"{path}/conv1", "conv"),
-                              f"{prefix}.norm2": (f"{path}/norm2", "norm"),
-                              f"{prefix}.conv2.conv": (f"{path}/conv2", "conv")}
-  out = {"encoder.conv_first.conv": ("encoder/conv_in", "conv"),
-         "encoder.final_block.0": ("encoder/norm_out", "norm"),
-         "pre_vq_conv.conv": ("pre_vq_conv", "conv"), "post_vq_conv.conv": ("post_vq_conv", "conv"),
-         "decoder.final_block.0": ("decoder/norm_in", "norm"),
-         "decoder.conv_last.conv": ("decoder/conv_out", "conv")}
+  res = lambda prefix, path: {
+    f"{prefix}.norm1": (f"{path}/norm1", "norm"),
+    f"{prefix}.conv1.conv": (f"{path}/conv1", "conv"),
+    f"{prefix}.norm2": (f"{path}/norm2", "norm"),
+    f"{prefix}.conv2.conv": (f"{path}/conv2", "conv"),
+  }
+  out = {
+    "encoder.conv_first.conv": ("encoder/conv_in", "conv"),
+    "encoder.final_block.0": ("encoder/norm_out", "norm"),
+    "pre_vq_conv.conv": ("pre_vq_conv", "conv"),
+    "post_vq_conv.conv": ("post_vq_conv", "conv"),
+    "decoder.final_block.0": ("decoder/norm_in", "norm"),
+    "decoder.conv_last.conv": ("decoder/conv_out", "conv"),
+  }
   for i in range(stages):
     out[f"encoder.conv_blocks.{i}.down.conv"] = (f"encoder/down_{i}", "conv")
     out.update(res(f"encoder.conv_blocks.{i}.res", f"encoder/res_{i}"))
@@ -142,13 +156,20 @@ def key_map(stages: int) -> dict[str, tuple[str, str]]:
 
 # torch weight -> Flax kernel: Conv (out, in, *k) -> (*k, in, out); ConvTranspose (in, out, *k)
 # -> (*k, in, out), the same scatter (`latentfm.nn.layers.conv_transpose`).
-_KERNEL = {"conv": lambda w: np.moveaxis(w, (0, 1), (-1, -2)),
-           "transposed": lambda w: np.moveaxis(w, (0, 1), (-2, -1))}
-_LEAVES = {"conv": (("weight", "kernel"), ("bias", "bias")),
-           "transposed": (("weight", "kernel"), ("bias", "bias")),
-           "norm": (("weight", "scale"), ("bias", "bias"))}
-_CODEBOOK = {"codebook.embeddings": "embeddings", "codebook.N": "cluster_size",
-             "codebook.z_avg": "embed_sum"}
+_KERNEL = {
+  "conv": lambda w: np.moveaxis(w, (0, 1), (-1, -2)),
+  "transposed": lambda w: np.moveaxis(w, (0, 1), (-2, -1)),
+}
+_LEAVES = {
+  "conv": (("weight", "kernel"), ("bias", "bias")),
+  "transposed": (("weight", "kernel"), ("bias", "bias")),
+  "norm": (("weight", "scale"), ("bias", "bias")),
+}
+_CODEBOOK = {
+  "codebook.embeddings": "embeddings",
+  "codebook.N": "cluster_size",
+  "codebook.z_avg": "embed_sum",
+}
 
 
 def convert(state: dict, params: dict, codebook: dict, stages: int) -> tuple[dict, dict]:
@@ -158,6 +179,7 @@ def convert(state: dict, params: dict, codebook: dict, stages: int) -> tuple[dic
   Raises `CheckpointError` naming the first missing, unexpected or mis-shaped key.
   """
   import flax  # pylint: disable=import-outside-toplevel
+
   flat = flax.traverse_util.flatten_dict(params, sep="/")
   out = {}
   expected = set(_CODEBOOK)
@@ -171,8 +193,10 @@ def convert(state: dict, params: dict, codebook: dict, stages: int) -> tuple[dic
       if flax_leaf == "kernel":
         value = _KERNEL[kind](value)
       if value.shape != flat[target].shape:
-        raise CheckpointError(f"key {key!r} has shape {state[key].shape}, which does not fit "
-                           f"latentfm's {target} of shape {flat[target].shape}")
+        raise CheckpointError(
+          f"key {key!r} has shape {state[key].shape}, which does not fit "
+          f"latentfm's {target} of shape {flat[target].shape}"
+        )
       out[target] = np.ascontiguousarray(value, np.float32)
   for key in state:
     if key not in expected and not key.startswith(IGNORED_PREFIXES):
@@ -182,8 +206,9 @@ def convert(state: dict, params: dict, codebook: dict, stages: int) -> tuple[dic
     if key not in state:
       raise CheckpointError(f"missing key {key!r}")
     if state[key].shape != book[name].shape:
-      raise CheckpointError(f"key {key!r} has shape {state[key].shape}, expected "
-                         f"{tuple(book[name].shape)}")
+      raise CheckpointError(
+        f"key {key!r} has shape {state[key].shape}, expected {tuple(book[name].shape)}"
+      )
     book[name] = state[key]
   book["initialized"] = np.array(True)
   return flax.traverse_util.unflatten_dict(out, sep="/"), {"quantizer": book}
@@ -192,6 +217,7 @@ def convert(state: dict, params: dict, codebook: dict, stages: int) -> tuple[dic
 def vqgan_config(fields: dict, shape: int, data_dir: str | None):
   """The `default` VQ-GAN config with the imported layout and data."""
   from experiments.configs.vqgan import get_config  # pylint: disable=import-outside-toplevel
+
   c = get_config("default")
   for name, value in fields.items():
     setattr(c.model, name, value)
@@ -204,19 +230,25 @@ def vqgan_config(fields: dict, shape: int, data_dir: str | None):
   return c
 
 
-def write_workdir(workdir: str, config, params: dict, codebook: dict, step: int,
-                  source: str) -> None:
+def write_workdir(
+  workdir: str, config, params: dict, codebook: dict, step: int, source: str
+) -> None:
   """Writes config, checkpoint, split and geometry into a new folder renamed to `workdir`."""
   # pylint: disable=import-outside-toplevel
   import jax
+
   from latentfm import atomic_write
   from latentfm.data import loader
   from latentfm.train import checkpoint, run_record, vqgan_step
+
   state = vqgan_step.create_state(jax.random.PRNGKey(config.seed), config)
-  state = dict(state, params=jax.tree.map(jax.numpy.asarray, params),
-               codebook=jax.tree.map(jax.numpy.asarray, codebook),
-               step=jax.numpy.asarray(step, jax.numpy.int32),
-               g_opt=vqgan_step.optimizers(config)[0].init(params))
+  state = dict(
+    state,
+    params=jax.tree.map(jax.numpy.asarray, params),
+    codebook=jax.tree.map(jax.numpy.asarray, codebook),
+    step=jax.numpy.asarray(step, jax.numpy.int32),
+    g_opt=vqgan_step.optimizers(config)[0].init(params),
+  )
   with atomic_write.atomic_dir(workdir) as partial:
     run_record.record(partial, config, step, {}, note=f"imported from {source}")
     loader.load_splits(config.data, partial, config.seed, on_change=lambda line: None)
@@ -227,13 +259,22 @@ def write_workdir(workdir: str, config, params: dict, codebook: dict, step: int,
       checkpoint.close(manager)
 
 
-def run(ckpt: str, workdir: str, *, shape: int = 64, data_dir: str | None = None,
-        downsample: tuple[int, ...] | None = None, num_groups: int | None = None,
-        trust_pickle: bool = False) -> str:
+def run(
+  ckpt: str,
+  workdir: str,
+  *,
+  shape: int = 64,
+  data_dir: str | None = None,
+  downsample: tuple[int, ...] | None = None,
+  num_groups: int | None = None,
+  trust_pickle: bool = False,
+) -> str:
   """Imports `ckpt` into the new workdir `workdir`; returns a one-line summary."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from latentfm.nn.vqgan import VQGAN, stage_strides  # pylint: disable=import-outside-toplevel
+
   if os.path.isdir(workdir) and os.listdir(workdir):
     raise CheckpointError(f"{workdir} is not empty; the import writes only a new or empty folder")
   state, hp, step = read_checkpoint(ckpt, trust_pickle)
@@ -241,33 +282,61 @@ def run(ckpt: str, workdir: str, *, shape: int = 64, data_dir: str | None = None
   model = VQGAN.from_config(config.model)
   x = jnp.zeros((1,) + tuple(config.data.shape) + (config.model.image_channels,))
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-  params, codebook = convert(state, variables["params"], variables["codebook"],
-                             len(stage_strides(config.model.downsample)))
+  params, codebook = convert(
+    state, variables["params"], variables["codebook"], len(stage_strides(config.model.downsample))
+  )
   write_workdir(workdir, config, params, codebook, step, os.path.basename(ckpt))
   m = config.model
-  return (f"import_medicaldiffusion: {workdir}: n_hiddens {m.n_hiddens}, downsample "
-          f"{tuple(m.downsample)}, {m.n_codes} codes of {m.embedding_dim}, step {step}")
+  return (
+    f"import_medicaldiffusion: {workdir}: n_hiddens {m.n_hiddens}, downsample "
+    f"{tuple(m.downsample)}, {m.n_codes} codes of {m.embedding_dim}, step {step}"
+  )
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("ckpt", help="medicaldiffusion VQGAN .ckpt (or its state dict)")
   parser.add_argument("workdir", help="new or empty latentfm VQ-GAN workdir")
-  parser.add_argument("--shape", type=int, default=64, help="volume side the data is "
-                      "preprocessed to (the checkpoint's training resolution)")
-  parser.add_argument("--data_dir", default=None, help="scans for the flow (default: the "
-                      "embedded cohort)")
-  parser.add_argument("--downsample", type=int, nargs=3, default=None,
-                      help="per-axis downsampling (default: from the checkpoint)")
-  parser.add_argument("--num_groups", type=int, default=None, help="GroupNorm groups "
-                      "(default: from the checkpoint, else 32)")
-  parser.add_argument("--trust_pickle", action="store_true", help="unpickle objects beyond "
-                      "tensors (e.g. an OmegaConf config): runs code from the file")
+  parser.add_argument(
+    "--shape",
+    type=int,
+    default=64,
+    help="volume side the data is preprocessed to (the checkpoint's training resolution)",
+  )
+  parser.add_argument(
+    "--data_dir", default=None, help="scans for the flow (default: the embedded cohort)"
+  )
+  parser.add_argument(
+    "--downsample",
+    type=int,
+    nargs=3,
+    default=None,
+    help="per-axis downsampling (default: from the checkpoint)",
+  )
+  parser.add_argument(
+    "--num_groups",
+    type=int,
+    default=None,
+    help="GroupNorm groups (default: from the checkpoint, else 32)",
+  )
+  parser.add_argument(
+    "--trust_pickle",
+    action="store_true",
+    help="unpickle objects beyond tensors (e.g. an OmegaConf config): runs code from the file",
+  )
   args = parser.parse_args(argv)
   try:
-    print(run(args.ckpt, args.workdir, shape=args.shape, data_dir=args.data_dir,
-              downsample=tuple(args.downsample) if args.downsample else None,
-              num_groups=args.num_groups, trust_pickle=args.trust_pickle))
+    print(
+      run(
+        args.ckpt,
+        args.workdir,
+        shape=args.shape,
+        data_dir=args.data_dir,
+        downsample=tuple(args.downsample) if args.downsample else None,
+        num_groups=args.num_groups,
+        trust_pickle=args.trust_pickle,
+      )
+    )
   except (ValueError, OSError) as e:  # CheckpointError, and unusable data (VolumeError)
     print(f"import_medicaldiffusion: error: {e}", file=sys.stderr)
     return 2

@@ -40,8 +40,7 @@ def key_map() -> dict[str, str]:
       idx += 1  # Max-pool.
     for c in range(len(block)):
       for torch_leaf, flax_leaf in (("weight", "kernel"), ("bias", "bias")):
-        mapping[f"net.slice{b + 1}.{idx}.{torch_leaf}"] = (
-            f"vgg/conv{b + 1}_{c + 1}/{flax_leaf}")
+        mapping[f"net.slice{b + 1}.{idx}.{torch_leaf}"] = f"vgg/conv{b + 1}_{c + 1}/{flax_leaf}"
       idx += 2  # Conv + ReLU.
   for i in range(len(flax_lpips.TAP_CHANNELS)):
     mapping[f"lin{i}.model.1.weight"] = f"lin{i}/kernel"
@@ -56,26 +55,24 @@ def _load_state_dict(src: str) -> dict[str, np.ndarray]:
   with open(src, "rb") as f:
     head = f.read(4)
   if head[:2] != b"PK" and head[:1] != b"\x80":  # torch zip or legacy pickle.
-    raise PortError(f"{src}: not a PyTorch checkpoint "
-                    "(neither a torch zip archive nor a pickle)")
+    raise PortError(f"{src}: not a PyTorch checkpoint (neither a torch zip archive nor a pickle)")
   try:
     obj = torch.load(src, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     lines = [ln.strip() for ln in str(e).splitlines()]
-    why = next((ln for ln in lines if ln.startswith("WeightsUnpickler")),
-               lines[0] if lines else type(e).__name__)
+    why = next(
+      (ln for ln in lines if ln.startswith("WeightsUnpickler")),
+      lines[0] if lines else type(e).__name__,
+    )
     why = why.removeprefix("WeightsUnpickler error: ").split(". ")[0]
-    raise PortError(f"{src}: not a plain state_dict checkpoint ({why})"
-                    ) from None
+    raise PortError(f"{src}: not a plain state_dict checkpoint ({why})") from None
   except Exception as e:  # torch raises many types for corrupt files.
     why = (str(e).strip().split(". ") or [type(e).__name__])[0]
-    raise PortError(f"{src}: not a readable PyTorch checkpoint ({why})"
-                    ) from None
+    raise PortError(f"{src}: not a readable PyTorch checkpoint ({why})") from None
   if not isinstance(obj, dict) or not all(
-      isinstance(k, str) and isinstance(v, torch.Tensor)
-      for k, v in obj.items()):
-    raise PortError(f"{src}: expected a state_dict (str -> tensor), "
-                    f"got {type(obj).__name__}")
+    isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+  ):
+    raise PortError(f"{src}: expected a state_dict (str -> tensor), got {type(obj).__name__}")
   return {k: v.detach().cpu().float().numpy() for k, v in obj.items()}
 
 
@@ -83,24 +80,23 @@ def convert(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Validates an LPIPS-VGG torch state dict and returns flat Flax arrays."""
   mapping = key_map()
   shapes = flax_lpips.param_shapes()
-  scaling = {"scaling_layer.shift": flax_lpips.SHIFT,
-             "scaling_layer.scale": flax_lpips.SCALE}
+  scaling = {"scaling_layer.shift": flax_lpips.SHIFT, "scaling_layer.scale": flax_lpips.SCALE}
   for key in list(mapping) + list(scaling):
     if key not in state:
       raise PortError(f"missing key {key!r}")
-  duplicates = {f"lins.{i}.model.1.weight": f"lin{i}.model.1.weight"
-                for i in range(len(flax_lpips.TAP_CHANNELS))}
+  duplicates = {
+    f"lins.{i}.model.1.weight": f"lin{i}.model.1.weight"
+    for i in range(len(flax_lpips.TAP_CHANNELS))
+  }
   for key in state:
     if key not in mapping and key not in scaling and key not in duplicates:
       raise PortError(f"unexpected key {key!r}")
   for key, value in scaling.items():
     got = state[key]
     if got.shape != (1, 3, 1, 1):
-      raise PortError(f"key {key!r} has shape {got.shape}, "
-                      "expected (1, 3, 1, 1)")
+      raise PortError(f"key {key!r} has shape {got.shape}, expected (1, 3, 1, 1)")
     if not np.allclose(got.ravel(), value, rtol=0, atol=1e-6):
-      raise PortError(f"key {key!r} is {got.ravel().tolist()}, "
-                      f"expected {list(value)}")
+      raise PortError(f"key {key!r} is {got.ravel().tolist()}, expected {list(value)}")
   for dup, key in duplicates.items():
     if dup in state and not np.array_equal(state[dup], state[key]):
       raise PortError(f"key {dup!r} differs from {key!r}")
@@ -114,16 +110,16 @@ def convert(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       if len(torch_shape) == 4:
         h, w, i, o = torch_shape
         torch_shape = (o, i, h, w)
-      raise PortError(f"key {key!r} has shape {state[key].shape}, "
-                      f"expected {torch_shape}")
+      raise PortError(f"key {key!r} has shape {state[key].shape}, expected {torch_shape}")
     flat[name] = np.ascontiguousarray(arr, dtype=np.float32)
   return flat
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      description="Convert an lpips.LPIPS(net='vgg') state_dict to a Flax "
-      ".npz for latentfm.nn.lpips.load_params.")
+    description="Convert an lpips.LPIPS(net='vgg') state_dict to a Flax "
+    ".npz for latentfm.nn.lpips.load_params."
+  )
   parser.add_argument("src", help="torch.save'd state_dict (.pth)")
   parser.add_argument("dst", help="output .npz path (written as given)")
   args = parser.parse_args(argv)

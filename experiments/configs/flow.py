@@ -100,8 +100,9 @@ def _base() -> ml_collections.ConfigDict:
   return c
 
 
-def _cpu(c: ml_collections.ConfigDict, num_steps: int, lr: float,
-         batch_size: int) -> ml_collections.ConfigDict:
+def _cpu(
+  c: ml_collections.ConfigDict, num_steps: int, lr: float, batch_size: int
+) -> ml_collections.ConfigDict:
   """The CPU recipe (bench/RESULTS.md, quality ablation) for 16³ x 8 latents: a 3-level UNet
   (16³, 8³, 4³) with attention only at 4³ (global context over 64 tokens, cheaply), AdamW with
   warm-up and cosine decay,
@@ -177,5 +178,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     return with_ddpm_objective(_cpu(c, 1600, 5e-4, 4))
   if name == "ddpm_cpu64":
     return with_ddpm_objective(_cpu(c, 1600, 5e-4, 8))
-  raise ValueError(f"unknown config {name!r}; choose thesis, default, demo, cpu64, res128, ddpm, "
-                   "ddpm_demo or ddpm_cpu64")
+  raise ValueError(
+    f"unknown config {name!r}; choose thesis, default, demo, cpu64, res128, ddpm, "
+    "ddpm_demo or ddpm_cpu64"
+  )

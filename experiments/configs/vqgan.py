@@ -94,8 +94,12 @@ def _base() -> ml_collections.ConfigDict:
   return c
 
 
-def _cpu(c: ml_collections.ConfigDict, shape: tuple[int, int, int], downsample: tuple[int, ...],
-         num_steps: int) -> ml_collections.ConfigDict:
+def _cpu(
+  c: ml_collections.ConfigDict,
+  shape: tuple[int, int, int],
+  downsample: tuple[int, ...],
+  num_steps: int,
+) -> ml_collections.ConfigDict:
   """The CPU recipe (bench/RESULTS.md, quality ablation): small widths, 4,096 codes, no
   intensity-scaling augmentation (the quantised latent then cannot carry a volume's global
   gain, and reconstructions come out at the training set's mean brightness), Adam (0.5, 0.9) at
@@ -154,5 +158,4 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     return _cpu(c, (32, 32, 32), (2, 2, 2), 500)
   if name == "cpu64":  # the thesis' 64³ and 16³ x 8 latent, within an hour on 2 CPU cores
     return _cpu(c, (64, 64, 64), (4, 4, 4), 900)
-  raise ValueError(f"unknown vqgan config {name!r}; choose thesis, default, demo, cpu64 or "
-                   "res128")
+  raise ValueError(f"unknown vqgan config {name!r}; choose thesis, default, demo, cpu64 or res128")

@@ -36,8 +36,10 @@ def template_path(kind: str = "t1") -> str:
   try:
     import nilearn.datasets.data as data  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise ImportError("the embedded cohort needs nilearn (which ships the MNI152 template): "
-                      "pip install 'latentfm[data]'") from None
+    raise ImportError(
+      "the embedded cohort needs nilearn (which ships the MNI152 template): "
+      "pip install 'latentfm[data]'"
+    ) from None
   path = os.path.join(os.path.dirname(data.__file__), _TEMPLATE.format(kind))
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: MNI152 template missing from the nilearn package")
@@ -78,9 +80,17 @@ def load_template(shape: tuple[int, int, int] = (64, 64, 64)) -> Template:
   out = {}
   for k, image in images.items():
     smooth = sitk.SmoothingRecursiveGaussian(image, sigma) if max(sigma) > 0 else image
-    res = sitk.Resample(smooth, tuple(int(s) for s in shape[::-1]), sitk.Transform(),
-                        sitk.sitkLinear, origin, spacing_xyz, ref.GetDirection(), 0.0,
-                        sitk.sitkFloat32)
+    res = sitk.Resample(
+      smooth,
+      tuple(int(s) for s in shape[::-1]),
+      sitk.Transform(),
+      sitk.sitkLinear,
+      origin,
+      spacing_xyz,
+      ref.GetDirection(),
+      0.0,
+      sitk.sitkFloat32,
+    )
     out[k] = np.clip(sitk.GetArrayFromImage(res) / 255.0, 0.0, 1.0)
   mask = np.clip(out["t1"] * 8.0, 0.0, 1.0)  # soft brain mask
   tissue = np.clip(out["gm"] + out["wm"], 0.0, 1.0) * mask
@@ -92,13 +102,23 @@ def load_template(shape: tuple[int, int, int] = (64, 64, 64)) -> Template:
   centre = np.array([(g * weight).sum() for g in grid])
   spread = np.sqrt(np.array([(((g - c) ** 2) * weight).sum() for g, c in zip(grid, centre)]))
   csf_level = float(np.percentile(out["t1"][ventricles > 0.5], 10))
-  return Template(t1=out["t1"], tissue=tissue, gm=out["gm"] * mask, mask=mask,
-                  ventricle_centre=centre, ventricle_sigma=2.0 * spread, csf_level=csf_level,
-                  spacing=spacing_xyz, origin=tuple(origin), direction=ref.GetDirection())
+  return Template(
+    t1=out["t1"],
+    tissue=tissue,
+    gm=out["gm"] * mask,
+    mask=mask,
+    ventricle_centre=centre,
+    ventricle_sigma=2.0 * spread,
+    csf_level=csf_level,
+    spacing=spacing_xyz,
+    origin=tuple(origin),
+    direction=ref.GetDirection(),
+  )
 
 
-def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], control: int,
-                  channels: int = 1) -> np.ndarray:
+def _smooth_noise(
+  rng: np.random.Generator, shape: Sequence[int], control: int, channels: int = 1
+) -> np.ndarray:
   """Smooth random field(s) of unit scale: a coarse normal grid sampled by cubic splines."""
   coarse = rng.standard_normal((channels, control, control, control)).astype(np.float32)
   axes = [np.linspace(0.0, control - 1.0, s, dtype=np.float32) for s in shape]
@@ -127,8 +147,9 @@ def make_subject(template: Template, stage: int, seed: int) -> np.ndarray:
   bump = np.exp(-0.5 * (((q - vc) / vs) ** 2).sum(0))
   q = vc + (q - vc) * (1.0 - 0.14 * severity * bump)  # shrink the source → ventricles grow
   warp = lambda a: ndi.map_coordinates(a, q, order=1, mode="constant", cval=0.0)
-  t1, tissue, gm, mask = (warp(a) for a in
-                          (template.t1, template.tissue, template.gm, template.mask))
+  t1, tissue, gm, mask = (
+    warp(a) for a in (template.t1, template.tissue, template.gm, template.mask)
+  )
   # Atrophy at tissue/CSF interfaces: the less tissue around a voxel, the more of it is lost.
   surround = ndi.gaussian_filter(tissue, sigma=0.015 * n)
   lost = (1.0 - np.clip((surround - 0.16 * severity) / 0.2, 0.0, 1.0)) * tissue
@@ -137,8 +158,9 @@ def make_subject(template: Template, stage: int, seed: int) -> np.ndarray:
   t1 = np.clip(t1, 0.0, None) ** rng.uniform(0.85, 1.15)  # overall contrast
   t1 = t1 * np.exp(0.08 * _smooth_noise(rng, shape, control=4)[0])  # bias field
   sigma = rng.uniform(0.01, 0.03)
-  noisy = np.sqrt((t1 + sigma * rng.standard_normal(shape)) ** 2
-                  + (sigma * rng.standard_normal(shape)) ** 2)  # Rician noise
+  noisy = np.sqrt(
+    (t1 + sigma * rng.standard_normal(shape)) ** 2 + (sigma * rng.standard_normal(shape)) ** 2
+  )  # Rician noise
   out = noisy * (mask > 0.5)
   top = np.percentile(out[mask > 0.5], 99.5)
   return np.clip(out / top, 0.0, 1.0).astype(np.float32)
@@ -161,8 +183,7 @@ def subject_seeds(n: int, seed: int) -> np.ndarray:
   return np.asarray([seed * 100_003 + i for i in range(n)], np.int64)
 
 
-def cohort_stages(n: int, seed: int = 0,
-                  proportions: Sequence[float] | None = None) -> np.ndarray:
+def cohort_stages(n: int, seed: int = 0, proportions: Sequence[float] | None = None) -> np.ndarray:
   """The stage of each of `n` subjects, int32 `(n,)`.
 
   `proportions` None: round-robin 0, 1, 2, 3, 0, ... Otherwise one non-negative weight per
@@ -175,18 +196,24 @@ def cohort_stages(n: int, seed: int = 0,
     return np.arange(n, dtype=np.int32) % NUM_STAGES
   p = np.asarray(proportions, np.float64)
   if p.shape != (NUM_STAGES,) or (p < 0).any() or p.sum() <= 0:
-    raise ValueError(f"stage proportions must be {NUM_STAGES} non-negative weights with a "
-                     f"positive sum, got {list(proportions)}")
+    raise ValueError(
+      f"stage proportions must be {NUM_STAGES} non-negative weights with a "
+      f"positive sum, got {list(proportions)}"
+    )
   exact = n * p / p.sum()
   counts = np.floor(exact).astype(int)
-  extra = np.argsort(-(exact - counts), kind="stable")[:n - counts.sum()]
+  extra = np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]
   counts[extra] += 1
   stages = np.repeat(np.arange(NUM_STAGES, dtype=np.int32), counts)
   return np.random.default_rng(seed).permutation(stages).astype(np.int32)
 
 
-def make_cohort(n: int, shape: Sequence[int] = (64, 64, 64), seed: int = 0,
-                proportions: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def make_cohort(
+  n: int,
+  shape: Sequence[int] = (64, 64, 64),
+  seed: int = 0,
+  proportions: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Generates `n` subjects: volumes float32 [n, D, H, W] in [0, 1] and stage labels int32 [n].
 
   `proportions`: see `cohort_stages` (None: balanced, round-robin).
@@ -198,8 +225,13 @@ def make_cohort(n: int, shape: Sequence[int] = (64, 64, 64), seed: int = 0,
   return volumes, stages
 
 
-def write_cohort(directory: str, n: int, shape: Sequence[int] = (64, 64, 64),
-                 seed: int = 0, proportions: Sequence[float] | None = None) -> str:
+def write_cohort(
+  directory: str,
+  n: int,
+  shape: Sequence[int] = (64, 64, 64),
+  seed: int = 0,
+  proportions: Sequence[float] | None = None,
+) -> str:
   """Writes the cohort as NIfTI files plus `manifest.csv` (file, stage, seed); returns the path.
 
   An existing directory written with the same (n, shape, seed, proportions) is reused; any other
@@ -222,8 +254,10 @@ def write_cohort(directory: str, n: int, shape: Sequence[int] = (64, 64, 64),
     rows = []
     for i, (vol, stage, subject_seed) in enumerate(zip(volumes, stages, subject_seeds(n, seed))):
       name = f"subject_{i:04d}.nii.gz"
-      write_volume(os.path.join(partial, name),
-                   Volume(vol, template.spacing, template.origin, template.direction))
+      write_volume(
+        os.path.join(partial, name),
+        Volume(vol, template.spacing, template.origin, template.direction),
+      )
       rows.append((name, int(stage), int(subject_seed)))
     with open(os.path.join(partial, "manifest.csv"), "w", newline="") as f:
       writer = csv.writer(f)

@@ -54,8 +54,10 @@ class Geometry:
     mm = " x ".join(f"{s:.3g}" for s in self.spacing)
     text = f"voxel size {mm} mm (x, y, z), orientation {self.orientation}"
     if self.num_volumes:
-      text += (f"; median of {self.num_volumes} training volumes, {self.agreeing} of them in "
-               "that orientation")
+      text += (
+        f"; median of {self.num_volumes} training volumes, {self.agreeing} of them in "
+        "that orientation"
+      )
     return text
 
   def volume(self, array: np.ndarray) -> Volume:
@@ -63,17 +65,24 @@ class Geometry:
     array = np.asarray(array, np.float32)
     half_extent = (np.asarray(array.shape[::-1], float) - 1) / 2 * np.asarray(self.spacing)
     origin = -np.asarray(self.direction, float).reshape(3, 3) @ half_extent
-    return Volume(array=array, spacing=tuple(float(s) for s in self.spacing),
-                  origin=tuple(float(o) for o in origin), direction=tuple(self.direction))
+    return Volume(
+      array=array,
+      spacing=tuple(float(s) for s in self.spacing),
+      origin=tuple(float(o) for o in origin),
+      direction=tuple(self.direction),
+    )
 
   def to_dict(self) -> dict:
     return {**dataclasses.asdict(self), "orientation": self.orientation}
 
   @classmethod
   def from_dict(cls, d: dict) -> "Geometry":
-    return cls(spacing=tuple(float(s) for s in d["spacing"]),
-               direction=tuple(float(c) for c in d["direction"]),
-               num_volumes=int(d.get("num_volumes", 0)), agreeing=int(d.get("agreeing", 0)))
+    return cls(
+      spacing=tuple(float(s) for s in d["spacing"]),
+      direction=tuple(float(c) for c in d["direction"]),
+      num_volumes=int(d.get("num_volumes", 0)),
+      agreeing=int(d.get("agreeing", 0)),
+    )
 
 
 def isotropic(spacing: float = 1.0) -> Geometry:
@@ -81,8 +90,9 @@ def isotropic(spacing: float = 1.0) -> Geometry:
   return Geometry(spacing=(float(spacing),) * 3)
 
 
-def preprocessed_spacing(spacing_xyz: Sequence[float], cube_side: int,
-                         shape: Sequence[int]) -> tuple[float, float, float]:
+def preprocessed_spacing(
+  spacing_xyz: Sequence[float], cube_side: int, shape: Sequence[int]
+) -> tuple[float, float, float]:
   """Voxel size (x, y, z) in mm after a volume of `spacing_xyz` mm voxels was padded or cropped
   to a cube of `cube_side` voxels and resized to `shape` (D, H, W)."""
   shape_xyz = np.asarray(shape[::-1], float)
@@ -98,24 +108,35 @@ def summarise(spacings: np.ndarray, directions: np.ndarray) -> Geometry:
   """
   spacings, directions = np.asarray(spacings, float), np.asarray(directions, float)
   if len(spacings) == 0 or spacings.shape[1:] != (3,) or directions.shape != (len(spacings), 9):
-    raise ValueError(f"need (N, 3) spacings and (N, 9) directions, N > 0; got "
-                     f"{spacings.shape} and {directions.shape}")
+    raise ValueError(
+      f"need (N, 3) spacings and (N, 9) directions, N > 0; got "
+      f"{spacings.shape} and {directions.shape}"
+    )
   keys = [tuple(np.round(d, 3) + 0.0) for d in directions]
   counts = collections.Counter(keys)
   key, agreeing = counts.most_common(1)[0]
   if len(counts) > 1:
-    _log.warning("the volumes have %d different orientations; samples are written in the "
-                 "commonest, that of %d of %d volumes", len(counts), agreeing, len(keys))
+    _log.warning(
+      "the volumes have %d different orientations; samples are written in the "
+      "commonest, that of %d of %d volumes",
+      len(counts),
+      agreeing,
+      len(keys),
+    )
   first = directions[keys.index(key)]
-  return Geometry(spacing=tuple(float(s) for s in np.median(spacings, axis=0)),
-                  direction=tuple(float(c) for c in first), num_volumes=len(keys),
-                  agreeing=agreeing)
+  return Geometry(
+    spacing=tuple(float(s) for s in np.median(spacings, axis=0)),
+    direction=tuple(float(c) for c in first),
+    num_volumes=len(keys),
+    agreeing=agreeing,
+  )
 
 
 def write(workdir: str, geometry: Geometry) -> None:
   """Records `geometry` as `workdir/geometry.json` (atomically)."""
-  atomic_write.write_text(os.path.join(workdir, GEOMETRY_FILE),
-                          json.dumps(geometry.to_dict(), indent=1) + "\n")
+  atomic_write.write_text(
+    os.path.join(workdir, GEOMETRY_FILE), json.dumps(geometry.to_dict(), indent=1) + "\n"
+  )
 
 
 def read(workdir: str) -> Geometry | None:

@@ -16,8 +16,8 @@ import dataclasses
 import gzip
 import logging
 import os
-import zlib
 from typing import Sequence
+import zlib
 
 import numpy as np
 import SimpleITK as sitk
@@ -102,17 +102,22 @@ def _read_itk(path: str) -> Volume:
   except RuntimeError as e:  # SimpleITK reports unreadable/truncated files this way.
     raise VolumeError(f"{path}: cannot read volume ({_last_line(e)})") from None
   if image.GetNumberOfComponentsPerPixel() != 1:
-    raise VolumeError(f"{path}: expected a scalar image, got "
-                      f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
+    raise VolumeError(
+      f"{path}: expected a scalar image, got "
+      f"{image.GetNumberOfComponentsPerPixel()} components per voxel"
+    )
   dim = image.GetDimension()
   size = image.GetSize()
   if dim == 4 and size[3] == 1:
     image = image[:, :, :, 0]
   elif dim != 3:
     raise VolumeError(f"{path}: expected a 3D volume, got a {dim}D image of size {size}")
-  return Volume(array=sitk.GetArrayFromImage(image).astype(np.float32),
-                spacing=tuple(image.GetSpacing()), origin=tuple(image.GetOrigin()),
-                direction=tuple(image.GetDirection()))
+  return Volume(
+    array=sitk.GetArrayFromImage(image).astype(np.float32),
+    spacing=tuple(image.GetSpacing()),
+    origin=tuple(image.GetOrigin()),
+    direction=tuple(image.GetDirection()),
+  )
 
 
 def _last_line(e: Exception) -> str:
@@ -123,6 +128,7 @@ def _last_line(e: Exception) -> str:
 def _read_nifti(path: str) -> Volume:
   """Voxels through nibabel (NaN kept), geometry as SimpleITK reports it where it can."""
   import nibabel as nib  # pylint: disable=import-outside-toplevel
+
   try:
     image = nib.load(path)
     data = np.asanyarray(image.dataobj)
@@ -133,8 +139,9 @@ def _read_nifti(path: str) -> Volume:
   if data.ndim == 4 and data.shape[3] == 1:
     data = data[..., 0]
   elif data.ndim != 3:
-    raise VolumeError(f"{path}: expected a 3D volume, got a {data.ndim}D image of size "
-                      f"{data.shape}")
+    raise VolumeError(
+      f"{path}: expected a 3D volume, got a {data.ndim}D image of size {data.shape}"
+    )
   array = np.ascontiguousarray(data.transpose(2, 1, 0), dtype=np.float32)
   reader = sitk.ImageFileReader()
   reader.SetFileName(path)
@@ -146,8 +153,12 @@ def _read_nifti(path: str) -> Volume:
     return _orthonormalised(path, array, image.affine)
   n = reader.GetDimension()
   direction = np.asarray(reader.GetDirection()).reshape(n, n)[:3, :3]
-  return Volume(array=array, spacing=tuple(reader.GetSpacing()[:3]),
-                origin=tuple(reader.GetOrigin()[:3]), direction=tuple(direction.ravel()))
+  return Volume(
+    array=array,
+    spacing=tuple(reader.GetSpacing()[:3]),
+    origin=tuple(reader.GetOrigin()[:3]),
+    direction=tuple(direction.ravel()),
+  )
 
 
 def _orthonormalised(path: str, array: np.ndarray, affine: np.ndarray) -> Volume:
@@ -160,13 +171,22 @@ def _orthonormalised(path: str, array: np.ndarray, affine: np.ndarray) -> Volume
   nearest = u @ vt
   deviation = float(np.abs(cosines - nearest).max())
   if deviation > MAX_DIRECTION_DEVIATION or np.linalg.det(nearest) == 0:
-    raise VolumeError(f"{path}: direction cosines are not orthonormal (deviation {deviation:.2g}"
-                      f" > {MAX_DIRECTION_DEVIATION:g}); resample it to an orthonormal grid")
-  _log.warning("%s: direction cosines deviate from orthonormal by %.2g; read with the nearest "
-               "orthonormal ones", path, deviation)
-  return Volume(array=array, spacing=tuple(float(s) for s in spacing),
-                origin=tuple(float(o) for o in lps @ np.asarray(affine, float)[:3, 3]),
-                direction=tuple(float(d) for d in nearest.ravel()))
+    raise VolumeError(
+      f"{path}: direction cosines are not orthonormal (deviation {deviation:.2g}"
+      f" > {MAX_DIRECTION_DEVIATION:g}); resample it to an orthonormal grid"
+    )
+  _log.warning(
+    "%s: direction cosines deviate from orthonormal by %.2g; read with the nearest "
+    "orthonormal ones",
+    path,
+    deviation,
+  )
+  return Volume(
+    array=array,
+    spacing=tuple(float(s) for s in spacing),
+    origin=tuple(float(o) for o in lps @ np.asarray(affine, float)[:3, 3]),
+    direction=tuple(float(d) for d in nearest.ravel()),
+  )
 
 
 def _check_not_truncated(path: str) -> None:
@@ -213,8 +233,9 @@ def check_finite_nonconstant(array: np.ndarray, name: str) -> None:
     raise VolumeError(f"{name}: volume is constant (all voxels = {float(array.min()):g})")
 
 
-def write_volume(path: str | os.PathLike, volume: Volume | np.ndarray,
-                 spacing: Sequence[float] | None = None) -> None:
+def write_volume(
+  path: str | os.PathLike, volume: Volume | np.ndarray, spacing: Sequence[float] | None = None
+) -> None:
   """Writes a volume to NIfTI/MHA/NRRD (the suffix decides; .gz compresses), making directories.
 
   Args:

@@ -49,9 +49,14 @@ class Dataset:
   def subset(self, indices: Sequence[int]) -> "Dataset":
     indices = np.asarray(indices, int)
     pick = lambda a: None if a is None else a[indices]
-    return Dataset(self.volumes[indices], self.labels[indices],
-                   tuple(self.names[i] for i in indices), self.skipped, pick(self.spacings),
-                   pick(self.directions))
+    return Dataset(
+      self.volumes[indices],
+      self.labels[indices],
+      tuple(self.names[i] for i in indices),
+      self.skipped,
+      pick(self.spacings),
+      pick(self.directions),
+    )
 
   def geometry(self) -> geometry.Geometry:
     """The set's median voxel size and commonest direction (`geometry.summarise`)."""
@@ -70,8 +75,10 @@ def _manifest_items(directory: str, manifest: str) -> tuple[list[tuple[str, int]
     rows = list(csv.reader(f))
   header = [h.strip().lower() for h in rows[0]] if rows else []
   if "file" not in header or len(rows) < 2:
-    raise VolumeError(f"{manifest}: expected a header with a 'file' column and at least one row "
-                      f"(found columns {header})")
+    raise VolumeError(
+      f"{manifest}: expected a header with a 'file' column and at least one row "
+      f"(found columns {header})"
+    )
   column = {name: header.index(name) for name in ("file", "stage", "label") if name in header}
   label_column = column.get("stage", column.get("label"))
   items, missing, seen = [], [], {}
@@ -88,8 +95,9 @@ def _manifest_items(directory: str, manifest: str) -> tuple[list[tuple[str, int]
     try:
       label = int(text) if text else UNLABELLED
     except ValueError:
-      raise VolumeError(f"{manifest} line {line}: label {text!r} of {name!r} is not an "
-                        "integer") from None
+      raise VolumeError(
+        f"{manifest} line {line}: label {text!r} of {name!r} is not an integer"
+      ) from None
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
       missing.append(f"{path}: listed on line {line} of {manifest}, but no such file")
@@ -117,8 +125,9 @@ def index_directory(directory: str) -> list[tuple[str, int]]:
   """
   items, missing = _index(directory)
   if missing:
-    raise ManyErrors(f"{len(missing)} file(s) listed in {directory}/manifest.csv are missing:",
-                     missing)
+    raise ManyErrors(
+      f"{len(missing)} file(s) listed in {directory}/manifest.csv are missing:", missing
+    )
   return items
 
 
@@ -128,8 +137,13 @@ def _file_stamp(path: str) -> str:
   return f"{st.st_size}|{st.st_mtime_ns}"
 
 
-def _cache_key(items: Sequence[tuple[str, int]], stamps: Sequence[str], shape: Sequence[int],
-               spacing: float | None, options: dict) -> str:
+def _cache_key(
+  items: Sequence[tuple[str, int]],
+  stamps: Sequence[str],
+  shape: Sequence[int],
+  spacing: float | None,
+  options: dict,
+) -> str:
   h = hashlib.sha256()
   spec = {"v": CACHE_VERSION, "shape": list(map(int, shape)), "spacing": spacing, **options}
   h.update(json.dumps(spec, sort_keys=True).encode())
@@ -150,10 +164,16 @@ def _stamps(items, problems: list[str]) -> list[str | None]:
   return stamps
 
 
-def load_dataset(directory: str, shape: Sequence[int] = (64, 64, 64), spacing: float | None = 1.0,
-                 cache_dir: str | None = None,
-                 progress: Callable[[Iterable], Iterable] | None = None, *,
-                 nonfinite: str = "reject", skip_bad_files: bool = False) -> Dataset:
+def load_dataset(
+  directory: str,
+  shape: Sequence[int] = (64, 64, 64),
+  spacing: float | None = 1.0,
+  cache_dir: str | None = None,
+  progress: Callable[[Iterable], Iterable] | None = None,
+  *,
+  nonfinite: str = "reject",
+  skip_bad_files: bool = False,
+) -> Dataset:
   """Reads and preprocesses every volume of `directory` once; cached in `cache_dir` if given.
 
   The input directory is only read. `progress` may wrap the per-file loop (e.g. `tqdm.tqdm`).
@@ -167,17 +187,18 @@ def load_dataset(directory: str, shape: Sequence[int] = (64, 64, 64), spacing: f
   items, problems = _index(directory)
   stamps = _stamps(items, problems)
   usable = [i for i, stamp in enumerate(stamps) if stamp is not None]
-  options = {"nonfinite": nonfinite, "skip": True} if skip_bad_files else (
-      {"nonfinite": nonfinite} if nonfinite != "reject" else {})
-  key = _cache_key([items[i] for i in usable], [stamps[i] for i in usable], shape, spacing,
-                   options)
+  options = (
+    {"nonfinite": nonfinite, "skip": True}
+    if skip_bad_files
+    else ({"nonfinite": nonfinite} if nonfinite != "reject" else {})
+  )
+  key = _cache_key([items[i] for i in usable], [stamps[i] for i in usable], shape, spacing, options)
   cache = os.path.join(cache_dir, f"volumes-{key}.npz") if cache_dir else None
   if cache and os.path.isfile(cache) and not (problems and not skip_bad_files):
     with np.load(cache) as f:
       kept = [usable[i] for i in f["kept"]] if "kept" in f else usable
       cached = [p for p in _cached_problems(f) if p not in problems]
-      return _dataset(items, kept, f["volumes"], problems + cached, f["spacings"],
-                      f["directions"])
+      return _dataset(items, kept, f["volumes"], problems + cached, f["spacings"], f["directions"])
   volumes, spacings, directions, kept = [], [], [], []
   loop = progress(usable) if progress else usable
   for i in loop:
@@ -192,17 +213,25 @@ def load_dataset(directory: str, shape: Sequence[int] = (64, 64, 64), spacing: f
     except VolumeError as e:
       problems.append(str(e) if str(e).startswith(path) else f"{path}: {e}")
   if problems and not skip_bad_files:
-    raise ManyErrors(f"{len(problems)} of {len(items)} files in {directory} are unusable (set "
-                     "data.skip_bad_files=true to train without them):", problems)
+    raise ManyErrors(
+      f"{len(problems)} of {len(items)} files in {directory} are unusable (set "
+      "data.skip_bad_files=true to train without them):",
+      problems,
+    )
   if not kept:
     raise VolumeError(f"{directory}: none of its {len(items)} files is usable")
   stacked = np.stack(volumes)
   spacings, directions = np.asarray(spacings, float), np.asarray(directions, float)
   if cache:
     with atomic_write.atomic_path(cache) as tmp:
-      np.savez(tmp, volumes=stacked, kept=np.asarray([usable.index(i) for i in kept]),
-               problems=np.asarray(problems, dtype=str), spacings=spacings,
-               directions=directions)
+      np.savez(
+        tmp,
+        volumes=stacked,
+        kept=np.asarray([usable.index(i) for i in kept]),
+        problems=np.asarray(problems, dtype=str),
+        spacings=spacings,
+        directions=directions,
+      )
   return _dataset(items, kept, stacked, problems, spacings, directions)
 
 
@@ -210,11 +239,22 @@ def _cached_problems(f) -> list[str]:
   return [str(p) for p in f["problems"]] if "problems" in f else []
 
 
-def _dataset(items, kept: Sequence[int], volumes: np.ndarray, problems: list[str],
-             spacings: np.ndarray, directions: np.ndarray) -> Dataset:
-  return Dataset(volumes, np.asarray([items[i][1] for i in kept], np.int32),
-                 tuple(os.path.basename(items[i][0]) for i in kept), tuple(problems),
-                 np.asarray(spacings, float), np.asarray(directions, float))
+def _dataset(
+  items,
+  kept: Sequence[int],
+  volumes: np.ndarray,
+  problems: list[str],
+  spacings: np.ndarray,
+  directions: np.ndarray,
+) -> Dataset:
+  return Dataset(
+    volumes,
+    np.asarray([items[i][1] for i in kept], np.int32),
+    tuple(os.path.basename(items[i][0]) for i in kept),
+    tuple(problems),
+    np.asarray(spacings, float),
+    np.asarray(directions, float),
+  )
 
 
 class ArraySource:
@@ -248,10 +288,17 @@ class Augment(grain.transforms.RandomMap):
     return {"image": image[..., None], "label": element["label"]}
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0,
-                augmentation: Augment | None = None, num_epochs: int | None = None,
-                worker_count: int = 0,
-                shard: grain.sharding.ShardOptions | None = None) -> grain.DataLoader:
+def make_loader(
+  dataset: Dataset,
+  batch_size: int,
+  *,
+  train: bool,
+  seed: int = 0,
+  augmentation: Augment | None = None,
+  num_epochs: int | None = None,
+  worker_count: int = 0,
+  shard: grain.sharding.ShardOptions | None = None,
+) -> grain.DataLoader:
   """A grain `DataLoader` yielding {"image": (B,D,H,W,1) float32, "label": (B,) int32}.
 
   `batch_size` is per JAX process. Training loaders shuffle, repeat forever (unless
@@ -264,24 +311,39 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int = 0
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=train)
   n_local = len(dataset.volumes) // shard.shard_count
   if train and n_local < batch_size:
-    raise ValueError(f"{len(dataset.volumes)} training volumes over {shard.shard_count} "
-                     f"process(es) cannot fill a batch of {batch_size}")
+    raise ValueError(
+      f"{len(dataset.volumes)} training volumes over {shard.shard_count} "
+      f"process(es) cannot fill a batch of {batch_size}"
+    )
   sampler = grain.samplers.IndexSampler(
-      num_records=len(dataset.volumes), shard_options=shard, shuffle=train,
-      num_epochs=num_epochs if num_epochs is not None else (None if train else 1), seed=seed)
+    num_records=len(dataset.volumes),
+    shard_options=shard,
+    shuffle=train,
+    num_epochs=num_epochs if num_epochs is not None else (None if train else 1),
+    seed=seed,
+  )
   ops = []
   if train and augmentation is not None:
     ops.append(augmentation)
   ops.append(grain.transforms.Batch(batch_size=batch_size, drop_remainder=train))
   # The arrays are in memory: read in the calling thread (no reader threads to spin or leak).
-  return grain.DataLoader(data_source=ArraySource(dataset), sampler=sampler, operations=ops,
-                          worker_count=worker_count,
-                          read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  return grain.DataLoader(
+    data_source=ArraySource(dataset),
+    sampler=sampler,
+    operations=ops,
+    worker_count=worker_count,
+    read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
+  )
 
 
-def load_splits(data: Any, workdir: str, seed: int = 0,
-                progress: Callable[[Iterable], Iterable] | None = None, *,
-                on_change: Callable[[str], None] | None = None) -> tuple[Dataset, Dataset]:
+def load_splits(
+  data: Any,
+  workdir: str,
+  seed: int = 0,
+  progress: Callable[[Iterable], Iterable] | None = None,
+  *,
+  on_change: Callable[[str], None] | None = None,
+) -> tuple[Dataset, Dataset]:
   """(train, validation) datasets for a config's `data` section.
 
   `data.dir = None` generates the embedded cohort into `workdir/cohort` (already on the model
@@ -306,14 +368,26 @@ def load_splits(data: Any, workdir: str, seed: int = 0,
     directory, spacing = str(data.dir), data.spacing
   else:
     proportions = data.get("stage_proportions", None)
-    directory = write_cohort(os.path.join(workdir, "cohort"), int(data.cohort_size), shape, seed,
-                             None if proportions is None else tuple(proportions))
+    directory = write_cohort(
+      os.path.join(workdir, "cohort"),
+      int(data.cohort_size),
+      shape,
+      seed,
+      None if proportions is None else tuple(proportions),
+    )
     spacing = None
-  dataset = load_dataset(directory, shape, spacing, os.path.join(workdir, "cache"), progress,
-                         nonfinite=data.get("nonfinite", "reject"),
-                         skip_bad_files=data.get("skip_bad_files", False))
+  dataset = load_dataset(
+    directory,
+    shape,
+    spacing,
+    os.path.join(workdir, "cache"),
+    progress,
+    nonfinite=data.get("nonfinite", "reject"),
+    skip_bad_files=data.get("skip_bad_files", False),
+  )
   train, val, added, removed = split_record.assign(
-      dataset.names, data.val_fraction, data.split_seed, split_record.read(workdir))
+    dataset.names, data.val_fraction, data.split_seed, split_record.read(workdir)
+  )
   if on_change is not None:
     if added or removed:
       on_change(split_record.describe(directory, added, removed))

@@ -17,8 +17,9 @@ from latentfm.data.geometry import preprocessed_spacing
 from latentfm.data.io import Volume, VolumeError, check_finite_nonconstant
 
 
-def resample(volume: Volume, spacing: float | Sequence[float] = 1.0, *,
-             linear: bool = True) -> Volume:
+def resample(
+  volume: Volume, spacing: float | Sequence[float] = 1.0, *, linear: bool = True
+) -> Volume:
   """Resamples to `spacing` mm (scalar = isotropic), keeping origin, direction and extent."""
   new_spacing = np.broadcast_to(np.asarray(spacing, float), (3,))
   old_spacing = np.asarray(volume.spacing, float)
@@ -31,14 +32,26 @@ def resample(volume: Volume, spacing: float | Sequence[float] = 1.0, *,
   old_size = np.asarray(image.GetSize(), float)
   new_size = [max(1, int(round(s))) for s in old_size * old_spacing / new_spacing]
   interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
-  out = sitk.Resample(image, new_size, sitk.Transform(), interpolator, volume.origin,
-                      tuple(new_spacing), volume.direction, 0.0, sitk.sitkFloat32)
-  return Volume(array=sitk.GetArrayFromImage(out), spacing=tuple(float(s) for s in new_spacing),
-                origin=volume.origin, direction=volume.direction)
+  out = sitk.Resample(
+    image,
+    new_size,
+    sitk.Transform(),
+    interpolator,
+    volume.origin,
+    tuple(new_spacing),
+    volume.direction,
+    0.0,
+    sitk.sitkFloat32,
+  )
+  return Volume(
+    array=sitk.GetArrayFromImage(out),
+    spacing=tuple(float(s) for s in new_spacing),
+    origin=volume.origin,
+    direction=volume.direction,
+  )
 
 
-def normalize_intensity(array: np.ndarray, lower: float = 0.5,
-                        upper: float = 99.5) -> np.ndarray:
+def normalize_intensity(array: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
   """Maps the [lower, upper] percentiles of the non-background voxels to [0, 1], clipping."""
   array = np.asarray(array, np.float32)
   foreground = array[array > array.min()]
@@ -50,8 +63,9 @@ def normalize_intensity(array: np.ndarray, lower: float = 0.5,
   return np.clip((array - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def foreground_box(array: np.ndarray, threshold: float = 0.05,
-                   margin: int = 1) -> tuple[slice, slice, slice]:
+def foreground_box(
+  array: np.ndarray, threshold: float = 0.05, margin: int = 1
+) -> tuple[slice, slice, slice]:
   """Bounding box (with `margin` voxels) of voxels above `threshold`."""
   mask = np.asarray(array) > threshold
   if not mask.any():
@@ -69,8 +83,9 @@ def crop_foreground(array: np.ndarray, threshold: float = 0.05, margin: int = 1)
   return np.asarray(array)[foreground_box(array, threshold, margin)]
 
 
-def pad_or_crop_to_cube(array: np.ndarray, side: int | None = None,
-                        value: float = 0.0) -> np.ndarray:
+def pad_or_crop_to_cube(
+  array: np.ndarray, side: int | None = None, value: float = 0.0
+) -> np.ndarray:
   """Centres the volume in a cube of `side` (default: its largest extent), padding with `value`."""
   array = np.asarray(array)
   side = max(array.shape) if side is None else int(side)
@@ -105,15 +120,22 @@ def resize(array: np.ndarray, shape: Sequence[int], antialias: bool = True) -> n
   return out.astype(np.float32)
 
 
-def preprocess_volume(volume: Volume, shape: Sequence[int] = (64, 64, 64),
-                      spacing: float | None = 1.0, name: str = "volume") -> np.ndarray:
+def preprocess_volume(
+  volume: Volume,
+  shape: Sequence[int] = (64, 64, 64),
+  spacing: float | None = 1.0,
+  name: str = "volume",
+) -> np.ndarray:
   """The whole pipeline: a raw `Volume` → float32 array of `shape` in [0, 1]."""
   return preprocess_with_spacing(volume, shape, spacing, name)[0]
 
 
-def preprocess_with_spacing(volume: Volume, shape: Sequence[int] = (64, 64, 64),
-                            spacing: float | None = 1.0, name: str = "volume"
-                            ) -> tuple[np.ndarray, tuple[float, float, float]]:
+def preprocess_with_spacing(
+  volume: Volume,
+  shape: Sequence[int] = (64, 64, 64),
+  spacing: float | None = 1.0,
+  name: str = "volume",
+) -> tuple[np.ndarray, tuple[float, float, float]]:
   """`preprocess_volume`, and the physical size of its output voxels.
 
   Returns:
@@ -133,8 +155,12 @@ def preprocess_with_spacing(volume: Volume, shape: Sequence[int] = (64, 64, 64),
   return np.clip(resize(array, shape), 0.0, 1.0), voxel_mm
 
 
-def augment(array: np.ndarray, rng: np.random.Generator, flip_axes: Sequence[int] = (2,),
-            intensity_range: tuple[float, float] = (0.7, 1.0)) -> np.ndarray:
+def augment(
+  array: np.ndarray,
+  rng: np.random.Generator,
+  flip_axes: Sequence[int] = (2,),
+  intensity_range: tuple[float, float] = (0.7, 1.0),
+) -> np.ndarray:
   """Random flips (p = 0.5 per axis in `flip_axes`) and intensity scaling by U(*intensity_range)."""
   out = np.asarray(array)
   for axis in flip_axes:
@@ -144,8 +170,9 @@ def augment(array: np.ndarray, rng: np.random.Generator, flip_axes: Sequence[int
   return np.ascontiguousarray(out * np.float32(scale), dtype=np.float32)
 
 
-def train_val_split(n: int, val_fraction: float = 0.2,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def train_val_split(
+  n: int, val_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
   """Deterministic split of `range(n)` by `seed` into sorted train and validation indices."""
   if n < 2:
     raise ValueError(f"need at least 2 volumes to split into train and validation, got {n}")

@@ -35,8 +35,9 @@ def write(workdir: str, names: Sequence[str], train: np.ndarray, val: np.ndarray
   atomic_write.write_text(os.path.join(workdir, RECORD), json.dumps(record, indent=1))
 
 
-def assign(names: Sequence[str], val_fraction: float, split_seed: int, record: dict | None
-           ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+def assign(
+  names: Sequence[str], val_fraction: float, split_seed: int, record: dict | None
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
   """Sorted train and validation indices into `names`, the added and the removed names.
 
   Args:
@@ -64,8 +65,10 @@ def assign(names: Sequence[str], val_fraction: float, split_seed: int, record: d
   else:
     train += added
   if not val or not train:
-    raise ValueError(f"the data leaves no {'validation' if not val else 'training'} scans "
-                     f"from the recorded split ({len(removed)} removed)")
+    raise ValueError(
+      f"the data leaves no {'validation' if not val else 'training'} scans "
+      f"from the recorded split ({len(removed)} removed)"
+    )
   return np.sort(train), np.sort(val), [names[i] for i in added], removed
 
 

@@ -7,9 +7,13 @@ from typing import Callable
 import numpy as np
 
 
-def bootstrap_ci(values_or_fn: np.ndarray | Callable[..., float],
-                 *samples, num_resamples: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+  values_or_fn: np.ndarray | Callable[..., float],
+  *samples,
+  num_resamples: int = 1000,
+  alpha: float = 0.05,
+  seed: int = 0,
+) -> tuple[float, float]:
   """Percentile bootstrap ``(1 - alpha)`` confidence interval.
 
   Two forms:

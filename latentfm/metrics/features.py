@@ -39,10 +39,10 @@ import functools
 from typing import Callable, Sequence
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage as ndi
-from jax import lax
 
 from latentfm.train import compiler
 
@@ -60,13 +60,12 @@ def as_volumes(volumes) -> np.ndarray:
   return v
 
 
-def _init_conv_weights(seed: int, widths: Sequence[int],
-                       kernel_size: int) -> list[jax.Array]:
+def _init_conv_weights(seed: int, widths: Sequence[int], kernel_size: int) -> list[jax.Array]:
   """He-normal 3D kernels ``[k, k, k, C_in, C_out]``, one per layer."""
   keys = jax.random.split(jax.random.PRNGKey(seed), len(widths))
   weights, c_in = [], 1
   for key, c_out in zip(keys, widths):
-    fan_in = kernel_size ** 3 * c_in
+    fan_in = kernel_size**3 * c_in
     shape = (kernel_size,) * 3 + (c_in, c_out)
     weights.append(jax.random.normal(key, shape) * np.sqrt(2.0 / fan_in))
     c_in = c_out
@@ -98,20 +97,20 @@ def _texture_stats(x: jax.Array) -> jax.Array:
   gz = jnp.diff(x, axis=3)[:, :-1, :-1, :]
   grad = jnp.sqrt(gx * gx + gy * gy + gz * gz)
   axes = (1, 2, 3)
-  return jnp.stack([x.mean(axes), x.std(axes), grad.mean(axes),
-                    grad.std(axes)], axis=1)
+  return jnp.stack([x.mean(axes), x.std(axes), grad.mean(axes), grad.std(axes)], axis=1)
 
 
 @compiler.jit(static_argnames=("scales", "bins"))
-def _random_conv_apply(weights: list[jax.Array], x: jax.Array,
-                       scales: tuple[int, ...], bins: int) -> jax.Array:
+def _random_conv_apply(
+  weights: list[jax.Array], x: jax.Array, scales: tuple[int, ...], bins: int
+) -> jax.Array:
   """Features of a batch ``[N, D, H, W]``; see :func:`random_conv_features`."""
   feats = []
   h = (2.0 * x - 1.0)[..., None]  # NDHWC, centred intensities
   for w in weights:
-    h = lax.conv_general_dilated(h, w, window_strides=(2, 2, 2),
-                                 padding="SAME",
-                                 dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    h = lax.conv_general_dilated(
+      h, w, window_strides=(2, 2, 2), padding="SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+    )
     h = jax.nn.relu(h)
     feats += [h.mean(axis=(1, 2, 3)), h.std(axis=(1, 2, 3))]
   for s in scales:
@@ -120,8 +119,7 @@ def _random_conv_apply(weights: list[jax.Array], x: jax.Array,
   return jnp.concatenate(feats, axis=1)
 
 
-def batched(fn: Callable[[jax.Array], jax.Array],
-             batch_size: int) -> FeatureExtractor:
+def batched(fn: Callable[[jax.Array], jax.Array], batch_size: int) -> FeatureExtractor:
   """Applies ``fn`` in fixed-size batches (the last one is padded).
 
   Args: fn maps a batch `(batch_size, ...)` to `(batch_size, F)`.
@@ -132,7 +130,7 @@ def batched(fn: Callable[[jax.Array], jax.Array],
     v = as_volumes(volumes)
     out = []
     for start in range(0, len(v), batch_size):
-      chunk = v[start:start + batch_size]
+      chunk = v[start : start + batch_size]
       pad = batch_size - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
@@ -142,11 +140,14 @@ def batched(fn: Callable[[jax.Array], jax.Array],
   return extract
 
 
-def random_conv_features(seed: int = 0, widths: Sequence[int] = (16, 32, 64),
-                         kernel_size: int = 3,
-                         scales: Sequence[int] = (1, 2, 4),
-                         histogram_bins: int = 16,
-                         batch_size: int = 8) -> FeatureExtractor:
+def random_conv_features(
+  seed: int = 0,
+  widths: Sequence[int] = (16, 32, 64),
+  kernel_size: int = 3,
+  scales: Sequence[int] = (1, 2, 4),
+  histogram_bins: int = 16,
+  batch_size: int = 8,
+) -> FeatureExtractor:
   """A fixed random 3D conv net plus intensity/texture statistics.
 
   The net applies ``len(widths)`` stride-2 ``kernel_size``^3 convolutions
@@ -166,13 +167,11 @@ def random_conv_features(seed: int = 0, widths: Sequence[int] = (16, 32, 64),
     A :data:`FeatureExtractor` returning float64 ``[N, F]``.
   """
   weights = _init_conv_weights(seed, tuple(widths), kernel_size)
-  fn = functools.partial(_random_conv_apply, weights,
-                         scales=tuple(scales), bins=histogram_bins)
+  fn = functools.partial(_random_conv_apply, weights, scales=tuple(scales), bins=histogram_bins)
   return batched(fn, batch_size)
 
 
-def intensity_histogram_features(bins: int = 32,
-                                 foreground: float = 0.05) -> FeatureExtractor:
+def intensity_histogram_features(bins: int = 32, foreground: float = 0.05) -> FeatureExtractor:
   """Histogram of foreground intensities plus the foreground fraction.
 
   Voxels above ``foreground`` are binned into ``bins`` equal bins of
@@ -228,13 +227,13 @@ def _voxel_volume_ml(voxel_size) -> float | None:
   return float(np.prod(size)) / 1000.0  # mm^3 -> ml
 
 
-def _segment(volume: np.ndarray, brain_threshold: float,
-             ventricle_depth: float) -> dict[str, float]:
+def _segment(
+  volume: np.ndarray, brain_threshold: float, ventricle_depth: float
+) -> dict[str, float]:
   """Voxel counts for one volume; see :func:`tissue_volumes`."""
   brain = ndi.binary_fill_holes(volume > brain_threshold)
   if brain.sum() < 2:
-    return dict(brain=float(brain.sum()), csf=0.0, gm=0.0, wm=0.0,
-                ventricles=0.0)
+    return dict(brain=float(brain.sum()), csf=0.0, gm=0.0, wm=0.0, ventricles=0.0)
   csf_cut = otsu_threshold(volume[brain])
   csf = brain & (volume < csf_cut)
   tissue = brain & ~csf
@@ -242,14 +241,21 @@ def _segment(volume: np.ndarray, brain_threshold: float,
   gm = tissue & (volume < gm_cut)
   depth = ndi.distance_transform_edt(brain)
   ventricles = csf & (depth > ventricle_depth * depth.max())
-  return dict(brain=float(brain.sum()), csf=float(csf.sum()),
-              gm=float(gm.sum()), wm=float((tissue & ~gm).sum()),
-              ventricles=float(ventricles.sum()))
+  return dict(
+    brain=float(brain.sum()),
+    csf=float(csf.sum()),
+    gm=float(gm.sum()),
+    wm=float((tissue & ~gm).sum()),
+    ventricles=float(ventricles.sum()),
+  )
 
 
-def tissue_volumes(volumes, brain_threshold: float = 0.05,
-                   voxel_size: float | Sequence[float] | None = None,
-                   ventricle_depth: float = 0.4) -> dict[str, np.ndarray]:
+def tissue_volumes(
+  volumes,
+  brain_threshold: float = 0.05,
+  voxel_size: float | Sequence[float] | None = None,
+  ventricle_depth: float = 0.4,
+) -> dict[str, np.ndarray]:
   """Per-volume brain, CSF, GM, WM and ventricle volumes of T1 scans.
 
   Method (per volume, intensity based, no atlas):

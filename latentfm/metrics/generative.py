@@ -27,16 +27,12 @@ What the numbers mean (lower is better unless stated):
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import scipy.stats
 
 from latentfm.metrics import image
 from latentfm.metrics.bootstrap import bootstrap_ci  # noqa: F401 (public API)
-from latentfm.metrics.features import FeatureExtractor
-from latentfm.metrics.features import as_volumes
-from latentfm.metrics.features import tissue_volumes
+from latentfm.metrics.features import FeatureExtractor, as_volumes, tissue_volumes
 
 
 def _as_features(x) -> np.ndarray:
@@ -52,8 +48,7 @@ def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
   return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b,
-                                eps: float = 1e-6) -> float:
+def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b, eps: float = 1e-6) -> float:
   """``||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``.
 
   The trace of the matrix square root is computed in the symmetric form
@@ -73,8 +68,7 @@ def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b,
   cov_b = np.asarray(cov_b, np.float64) + eye
   root_a = _sqrtm_psd(cov_a)
   middle = root_a @ cov_b @ root_a
-  tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (middle + middle.T)),
-                            0.0, None)).sum()
+  tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (middle + middle.T)), 0.0, None)).sum()
   value = np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b)
   return float(max(value - 2.0 * tr_sqrt, 0.0))
 
@@ -94,7 +88,7 @@ def _common_span(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   _, s, vt = np.linalg.svd(offsets, full_matrices=False)
   basis = vt[s > s.max() * 1e-12] if s.max() > 0 else vt[:1]
   coords = offsets @ basis.T
-  return coords[:len(a)], coords[len(a):]
+  return coords[: len(a)], coords[len(a) :]
 
 
 def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
@@ -112,8 +106,7 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
   """
   a, b = _as_features(feats_a), _as_features(feats_b)
   if min(len(a), len(b)) < 2 or a.shape[1] != b.shape[1]:
-    raise ValueError(f"Need >= 2 samples of equal width, got {a.shape}, "
-                     f"{b.shape}.")
+    raise ValueError(f"Need >= 2 samples of equal width, got {a.shape}, {b.shape}.")
   a, b = _common_span(a, b)
   cov = lambda x: np.atleast_2d(np.cov(x, rowvar=False))
   return frechet_distance_from_stats(a.mean(0), cov(a), b.mean(0), cov(b), eps)
@@ -127,8 +120,7 @@ def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   return (x @ y.T / x.shape[1] + 1.0) ** 3
 
 
-def mmd2_unbiased(k_aa: np.ndarray, k_bb: np.ndarray,
-                  k_ab: np.ndarray) -> float:
+def mmd2_unbiased(k_aa: np.ndarray, k_bb: np.ndarray, k_ab: np.ndarray) -> float:
   """Unbiased MMD^2 from kernel matrices (diagonals of k_aa, k_bb excluded).
 
   Args: k_aa `(M, M)`, k_bb `(N, N)`, k_ab `(M, N)`, M, N >= 2.
@@ -142,9 +134,9 @@ def mmd2_unbiased(k_aa: np.ndarray, k_bb: np.ndarray,
   return float(term_a + term_b - 2.0 * k_ab.mean())
 
 
-def kernel_inception_distance(feats_a, feats_b, subset_size: int | None = None,
-                              num_subsets: int = 100,
-                              seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+  feats_a, feats_b, subset_size: int | None = None, num_subsets: int = 100, seed: int = 0
+) -> tuple[float, float]:
   """KID: mean and std of the unbiased polynomial-kernel MMD^2 over subsets.
 
   Each of ``num_subsets`` rounds draws ``subset_size`` samples without
@@ -193,13 +185,14 @@ def mmd_rbf(feats_a, feats_b, bandwidth: float | None = None) -> float:
     pooled = np.concatenate([a, b])
     d2 = _sq_dists(pooled, pooled)[np.triu_indices(len(pooled), 1)]
     bandwidth = float(np.median(np.sqrt(d2))) or 1.0
-  gamma = 1.0 / (2.0 * bandwidth ** 2)
+  gamma = 1.0 / (2.0 * bandwidth**2)
   kernel = lambda x, y: np.exp(-gamma * _sq_dists(x, y))
   return mmd2_unbiased(kernel(a, a), kernel(b, b), kernel(a, b))
 
 
-def pairwise_ms_ssim(volumes, max_pairs: int | None = None, seed: int = 0,
-                     batch_size: int = 16) -> np.ndarray:
+def pairwise_ms_ssim(
+  volumes, max_pairs: int | None = None, seed: int = 0, batch_size: int = 16
+) -> np.ndarray:
   """MS-SSIM of pairs ``(i, j), i < j``: all of them, or a random subset.
 
   Returns ``[P]`` values, pairs in lexicographic order (or in the drawn order
@@ -214,15 +207,14 @@ def pairwise_ms_ssim(volumes, max_pairs: int | None = None, seed: int = 0,
     i, j = i[pick], j[pick]
   out = []
   for start in range(0, len(i), batch_size):
-    bi, bj = i[start:start + batch_size], j[start:start + batch_size]
+    bi, bj = i[start : start + batch_size], j[start : start + batch_size]
     pad = batch_size - len(bi) if len(i) > batch_size else 0
     bi, bj = (np.pad(idx, (0, pad), mode="edge") for idx in (bi, bj))
     out.append(np.asarray(image.ms_ssim(v[bi], v[bj]))[: len(bi) - pad])
   return np.concatenate(out).astype(np.float64)
 
 
-def diversity(generated, real, max_pairs: int | None = None,
-              seed: int = 0) -> dict[str, float]:
+def diversity(generated, real, max_pairs: int | None = None, seed: int = 0) -> dict[str, float]:
   """Mean pairwise MS-SSIM within the generated and within the real set.
 
   Lower values mean a more diverse set. A generated value well above the
@@ -243,8 +235,15 @@ def wasserstein_1(a, b) -> float:
   return float(scipy.stats.wasserstein_distance(np.ravel(a), np.ravel(b)))
 
 
-MORPHOMETRY_MEASURES = ("brain", "csf", "gm", "wm", "ventricles",
-                        "csf_fraction", "ventricle_fraction")
+MORPHOMETRY_MEASURES = (
+  "brain",
+  "csf",
+  "gm",
+  "wm",
+  "ventricles",
+  "csf_fraction",
+  "ventricle_fraction",
+)
 
 
 def morphometry_distance(generated, real, **tissue_kwargs) -> dict[str, float]:
@@ -264,8 +263,9 @@ def morphometry_distance(generated, real, **tissue_kwargs) -> dict[str, float]:
   return {k: wasserstein_1(gen[k], ref[k]) for k in MORPHOMETRY_MEASURES}
 
 
-def _rmse_nearest(queries: np.ndarray, refs: np.ndarray,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _rmse_nearest(
+  queries: np.ndarray, refs: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Nearest neighbour by ``|q|^2 + |r|^2 - 2 q.r`` (float64, in blocks).
 
   The search uses the fast Gram form; the returned RMSE of each winning pair
@@ -276,24 +276,22 @@ def _rmse_nearest(queries: np.ndarray, refs: np.ndarray,
   best = np.full(len(q), np.inf)
   index = np.zeros(len(q), np.int64)
   for qs in range(0, len(q), batch_size):
-    qb = q[qs:qs + batch_size].astype(np.float64)
+    qb = q[qs : qs + batch_size].astype(np.float64)
     for rs in range(0, len(r), batch_size):
-      rb = r[rs:rs + batch_size].astype(np.float64)
+      rb = r[rs : rs + batch_size].astype(np.float64)
       d = _sq_dists(qb, rb)
       arg = d.argmin(1)
       val = d[np.arange(len(qb)), arg]
-      better = val < best[qs:qs + len(qb)]
-      best[qs:qs + len(qb)][better] = val[better]
-      index[qs:qs + len(qb)][better] = arg[better] + rs
-  exact = [np.sqrt(np.mean((q[k].astype(np.float64) - r[index[k]]) ** 2))
-           for k in range(len(q))]
+      better = val < best[qs : qs + len(qb)]
+      best[qs : qs + len(qb)][better] = val[better]
+      index[qs : qs + len(qb)][better] = arg[better] + rs
+  exact = [np.sqrt(np.mean((q[k].astype(np.float64) - r[index[k]]) ** 2)) for k in range(len(q))]
   return np.asarray(exact), index
 
 
-def nearest_neighbour_distances(queries, references,
-                                feature_fn: FeatureExtractor | None = None,
-                                batch_size: int = 32
-                                ) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbour_distances(
+  queries, references, feature_fn: FeatureExtractor | None = None, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
   """Distance from each query to its nearest reference, and that index.
 
   Without ``feature_fn``: voxel-space RMSE ``sqrt(mean((q - r)^2))``,
@@ -315,9 +313,9 @@ def _feature_nearest(fq, fr) -> tuple[np.ndarray, np.ndarray]:
   return d[np.arange(len(fq)), arg], arg
 
 
-def memorisation_report(generated, train, held_out,
-                        feature_fn: FeatureExtractor | None = None,
-                        batch_size: int = 32) -> dict:
+def memorisation_report(
+  generated, train, held_out, feature_fn: FeatureExtractor | None = None, batch_size: int = 32
+) -> dict:
   """Flags generated samples that are suspiciously close to training scans.
 
   The reference scale is how close unseen real scans come to the training
@@ -342,10 +340,8 @@ def memorisation_report(generated, train, held_out,
     ``fraction_below_p5`` and ``space`` ('voxel' or 'feature').
   """
   if feature_fn is None:
-    gen_d, gen_i = nearest_neighbour_distances(generated, train,
-                                               batch_size=batch_size)
-    held_d, _ = nearest_neighbour_distances(held_out, train,
-                                            batch_size=batch_size)
+    gen_d, gen_i = nearest_neighbour_distances(generated, train, batch_size=batch_size)
+    held_d, _ = nearest_neighbour_distances(held_out, train, batch_size=batch_size)
   else:  # features of the training set are computed once
     f_train = feature_fn(train)
     gen_d, gen_i = _feature_nearest(feature_fn(generated), f_train)
@@ -353,10 +349,16 @@ def memorisation_report(generated, train, held_out,
   threshold = float(held_d.min())
   p5 = float(np.percentile(held_d, 5))
   flagged = np.flatnonzero(gen_d < threshold)
-  return dict(generated_to_train=gen_d, generated_nn_index=gen_i,
-              held_out_to_train=held_d, privacy_threshold=threshold,
-              threshold_p5=p5, num_flagged=int(len(flagged)),
-              fraction_flagged=float(len(flagged) / len(gen_d)),
-              flagged_indices=flagged, chance_fraction=1.0 / (len(held_d) + 1),
-              fraction_below_p5=float(np.mean(gen_d < p5)),
-              space="voxel" if feature_fn is None else "feature")
+  return dict(
+    generated_to_train=gen_d,
+    generated_nn_index=gen_i,
+    held_out_to_train=held_d,
+    privacy_threshold=threshold,
+    threshold_p5=p5,
+    num_flagged=int(len(flagged)),
+    fraction_flagged=float(len(flagged) / len(gen_d)),
+    flagged_indices=flagged,
+    chance_fraction=1.0 / (len(held_d) + 1),
+    fraction_below_p5=float(np.mean(gen_d < p5)),
+    space="voxel" if feature_fn is None else "feature",
+  )

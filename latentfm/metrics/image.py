@@ -29,9 +29,9 @@ import functools
 from typing import Sequence
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from latentfm.train import compiler
 
@@ -49,8 +49,7 @@ def _prepare(x, y) -> tuple[Array, Array]:
   if x.ndim == 5 and x.shape[-1] == 1:
     x, y = x[..., 0], y[..., 0]
   if x.ndim != 4:
-    raise ValueError(
-        f"Expected (B, D, H, W) or (B, D, H, W, 1) volumes, got {x.shape}.")
+    raise ValueError(f"Expected (B, D, H, W) or (B, D, H, W, 1) volumes, got {x.shape}.")
   dtype = jnp.promote_types(jnp.result_type(x, y), jnp.float32)
   return x.astype(dtype), y.astype(dtype)
 
@@ -118,18 +117,17 @@ def _filter_valid(z: Array, window: np.ndarray) -> Array:
   k = len(window)
   for axis in range(z.ndim - 3, z.ndim):
     n = z.shape[axis] - k + 1
-    z = sum(float(w) * lax.slice_in_dim(z, i, i + n, axis=axis)
-            for i, w in enumerate(window))
+    z = sum(float(w) * lax.slice_in_dim(z, i, i + n, axis=axis) for i, w in enumerate(window))
   return z
 
 
-def _ssim_and_cs(x: Array, y: Array, data_range, window: np.ndarray,
-                 k1: float, k2: float) -> tuple[Array, Array]:
+def _ssim_and_cs(
+  x: Array, y: Array, data_range, window: np.ndarray, k1: float, k2: float
+) -> tuple[Array, Array]:
   """Mean SSIM and mean contrast-structure term over the valid region."""
   k = len(window)
   if min(x.shape[1:]) < k:
-    raise ValueError(
-        f"win_size {k} exceeds the volume extent {x.shape[1:]}.")
+    raise ValueError(f"win_size {k} exceeds the volume extent {x.shape[1:]}.")
   stats = jnp.stack([x, y, x * x, y * y, x * y], axis=1)  # (B, 5, D, H, W)
   mu_x, mu_y, e_xx, e_yy, e_xy = jnp.moveaxis(_filter_valid(stats, window), 1, 0)
   var_x = e_xx - mu_x * mu_x
@@ -142,11 +140,17 @@ def _ssim_and_cs(x: Array, y: Array, data_range, window: np.ndarray,
   return _mean_per_volume(lum_map * cs_map), _mean_per_volume(cs_map)
 
 
-@functools.partial(
-    compiler.jit, static_argnames=("sigma", "win_size", "k1", "k2", "return_cs"))
-def ssim(x: Array, y: Array, data_range: float = 1.0, sigma: float = 1.5,
-         win_size: int = 11, k1: float = 0.01, k2: float = 0.03,
-         return_cs: bool = False) -> Array | tuple[Array, Array]:
+@functools.partial(compiler.jit, static_argnames=("sigma", "win_size", "k1", "k2", "return_cs"))
+def ssim(
+  x: Array,
+  y: Array,
+  data_range: float = 1.0,
+  sigma: float = 1.5,
+  win_size: int = 11,
+  k1: float = 0.01,
+  k2: float = 0.03,
+  return_cs: bool = False,
+) -> Array | tuple[Array, Array]:
   """3D SSIM per volume (Gaussian window, mean over the valid region).
 
   Matches ``skimage.metrics.structural_similarity(x, y, data_range=...,
@@ -166,13 +170,13 @@ def ssim(x: Array, y: Array, data_range: float = 1.0, sigma: float = 1.5,
     SSIM of shape ``(B,)``, or ``(ssim, cs)`` if ``return_cs``.
   """
   x, y = _prepare(x, y)
-  s, cs = _ssim_and_cs(x, y, data_range, gaussian_window(win_size, sigma),
-                       k1, k2)
+  s, cs = _ssim_and_cs(x, y, data_range, gaussian_window(win_size, sigma), k1, k2)
   return (s, cs) if return_cs else s
 
 
-def ms_ssim_scales(spatial_shape: Sequence[int], win_size: int = 11,
-                   max_scales: int = 5) -> tuple[int, int]:
+def ms_ssim_scales(
+  spatial_shape: Sequence[int], win_size: int = 11, max_scales: int = 5
+) -> tuple[int, int]:
   """The ``(num_scales, win_size)`` that :func:`ms_ssim` uses for a shape.
 
   ``num_scales`` is the largest ``s <= max_scales`` such that the window still
@@ -201,11 +205,17 @@ def _avg_pool2(x: Array) -> Array:
   return x.reshape(b, d // 2, 2, h // 2, 2, w // 2, 2).mean(axis=(2, 4, 6))
 
 
-@functools.partial(
-    compiler.jit, static_argnames=("sigma", "win_size", "k1", "k2", "weights"))
-def ms_ssim(x: Array, y: Array, data_range: float = 1.0, sigma: float = 1.5,
-            win_size: int = 11, k1: float = 0.01, k2: float = 0.03,
-            weights: tuple[float, ...] = MS_SSIM_WEIGHTS) -> Array:
+@functools.partial(compiler.jit, static_argnames=("sigma", "win_size", "k1", "k2", "weights"))
+def ms_ssim(
+  x: Array,
+  y: Array,
+  data_range: float = 1.0,
+  sigma: float = 1.5,
+  win_size: int = 11,
+  k1: float = 0.01,
+  k2: float = 0.03,
+  weights: tuple[float, ...] = MS_SSIM_WEIGHTS,
+) -> Array:
   """3D multi-scale SSIM per volume (Wang et al. 2003).
 
   ``MS-SSIM = prod_{j<M} relu(cs_j)^{w_j} * relu(ssim_M)^{w_M}``, where scale

@@ -53,11 +53,13 @@ def _classifier():
   from sklearn.linear_model import LogisticRegression
   from sklearn.pipeline import make_pipeline
   from sklearn.preprocessing import StandardScaler
+
   return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
 
 
-def cross_validated_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5,
-                             seed: int = 0) -> float:
+def cross_validated_accuracy(
+  features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0
+) -> float:
   """Stratified k-fold accuracy of the stage classifier on real volumes (each fold held out
   once). `folds` is lowered to the smallest class count (at least 2).
 
@@ -66,6 +68,7 @@ def cross_validated_accuracy(features: np.ndarray, labels: np.ndarray, folds: in
   """
   # pylint: disable=import-outside-toplevel
   from sklearn.model_selection import StratifiedKFold, cross_val_score
+
   labels = np.asarray(labels)
   counts = np.bincount(labels)
   folds = max(2, min(folds, int(counts[counts > 0].min())))
@@ -88,14 +91,18 @@ def mean_ci(values: np.ndarray) -> dict:
   """
   values = np.asarray(values, np.float64)
   if len(values) < 2:
-    return {"mean": float(values.mean()) if len(values) else float("nan"),
-            "ci95": [float("nan"), float("nan")], "n": int(len(values))}
+    return {
+      "mean": float(values.mean()) if len(values) else float("nan"),
+      "ci95": [float("nan"), float("nan")],
+      "n": int(len(values)),
+    }
   low, high = generative.bootstrap_ci(values, num_resamples=1000, seed=0)
   return {"mean": float(values.mean()), "ci95": [float(low), float(high)], "n": int(len(values))}
 
 
-def per_stage_morphometry(samples: np.ndarray, sample_labels: np.ndarray, real: np.ndarray,
-                          real_labels: np.ndarray) -> dict:
+def per_stage_morphometry(
+  samples: np.ndarray, sample_labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray
+) -> dict:
   """For each requested stage: generated vs real CSF and ventricle fractions (means with 95%
   bootstrap intervals) and their Wasserstein-1 distance.
 
@@ -107,9 +114,13 @@ def per_stage_morphometry(samples: np.ndarray, sample_labels: np.ndarray, real: 
   for stage in sorted(set(np.asarray(sample_labels).tolist())):
     gen, ref = np.asarray(sample_labels) == stage, np.asarray(real_labels) == stage
     out[int(stage)] = {
-        k: {"model": mean_ci(ms[k][gen]), "real": mean_ci(mr[k][ref]),
-            "w1": generative.wasserstein_1(ms[k][gen], mr[k][ref]) if ref.any() else None}
-        for k in MEASURES}
+      k: {
+        "model": mean_ci(ms[k][gen]),
+        "real": mean_ci(mr[k][ref]),
+        "w1": generative.wasserstein_1(ms[k][gen], mr[k][ref]) if ref.any() else None,
+      }
+      for k in MEASURES
+    }
   return out
 
 
@@ -133,10 +144,16 @@ def edit_metrics(edited: np.ndarray, source: np.ndarray, truth: np.ndarray) -> d
   """
   out = {}
   for name, fn in (("psnr", image.psnr), ("ssim", image.ssim)):
-    out[name] = {"edit": mean_ci(np.asarray(fn(edited, truth))),
-                 "unedited": mean_ci(np.asarray(fn(source, truth)))}
-  v = {k: tissue_volumes(x)["ventricle_fraction"]
-       for k, x in (("edit", edited), ("source", source), ("truth", truth))}
-  out["ventricle_shift"] = {"edit": mean_ci(v["edit"] - v["source"]),
-                            "truth": mean_ci(v["truth"] - v["source"])}
+    out[name] = {
+      "edit": mean_ci(np.asarray(fn(edited, truth))),
+      "unedited": mean_ci(np.asarray(fn(source, truth))),
+    }
+  v = {
+    k: tissue_volumes(x)["ventricle_fraction"]
+    for k, x in (("edit", edited), ("source", source), ("truth", truth))
+  }
+  out["ventricle_shift"] = {
+    "edit": mean_ci(v["edit"] - v["source"]),
+    "truth": mean_ci(v["truth"] - v["source"]),
+  }
   return out

@@ -51,8 +51,9 @@ def slice_indices(length: int, num_slices: int, central_fraction: float) -> np.n
   return np.unique(idx)
 
 
-def _planes(volumes: jax.Array, num_slices: int, central_fraction: float,
-            size: int) -> list[jax.Array]:
+def _planes(
+  volumes: jax.Array, num_slices: int, central_fraction: float, size: int
+) -> list[jax.Array]:
   """Per plane, (N * S, size, size, 1) slices of volumes (N, D, H, W)."""
   n = volumes.shape[0]
   out = []
@@ -66,8 +67,14 @@ def _planes(volumes: jax.Array, num_slices: int, central_fraction: float,
 
 
 @compiler.jit(static_argnames=("num_slices", "central_fraction", "size", "taps"))
-def _features(variables, volumes: jax.Array, num_slices: int, central_fraction: float,
-              size: int, taps: tuple[int, ...]) -> jax.Array:
+def _features(
+  variables,
+  volumes: jax.Array,
+  num_slices: int,
+  central_fraction: float,
+  size: int,
+  taps: tuple[int, ...],
+) -> jax.Array:
   vgg = lpips.VGG16Features()
   params = {"params": variables["params"]["vgg"]}
   n = volumes.shape[0]
@@ -81,9 +88,14 @@ def _features(variables, volumes: jax.Array, num_slices: int, central_fraction: 
   return jnp.concatenate(feats, axis=-1)
 
 
-def vgg25d_features(params=None, num_slices: int = 8, central_fraction: float = 0.6,
-                    size: int = 64, taps: Sequence[int] = DEFAULT_TAPS,
-                    batch_size: int = 4) -> FeatureExtractor:
+def vgg25d_features(
+  params=None,
+  num_slices: int = 8,
+  central_fraction: float = 0.6,
+  size: int = 64,
+  taps: Sequence[int] = DEFAULT_TAPS,
+  batch_size: int = 4,
+) -> FeatureExtractor:
   """The 2.5D pretrained-VGG16 extractor (see the module docstring).
 
   Args:
@@ -101,6 +113,12 @@ def vgg25d_features(params=None, num_slices: int = 8, central_fraction: float = 
   if not taps or any(not 0 <= t < len(lpips.TAP_CHANNELS) for t in taps):
     raise ValueError(f"taps must be VGG16 tap indices 0..4, got {taps}")
 
-  fn = functools.partial(_features, variables, num_slices=num_slices,
-                         central_fraction=central_fraction, size=size, taps=taps)
+  fn = functools.partial(
+    _features,
+    variables,
+    num_slices=num_slices,
+    central_fraction=central_fraction,
+    size=size,
+    taps=taps,
+  )
   return batched(fn, batch_size)

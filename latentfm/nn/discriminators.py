@@ -25,6 +25,7 @@ Array = jax.Array
 
 class PatchDiscriminator(nn.Module):
   """Patch discriminator over channels-last 2D (B, H, W, C) or 3D (B, D, H, W, C) inputs."""
+
   channels: int = 64
   num_layers: int = 3
   spatial_dims: int = 3
@@ -37,16 +38,22 @@ class PatchDiscriminator(nn.Module):
     if x.ndim != self.spatial_dims + 2:
       raise ValueError(f"expected {self.spatial_dims + 2}-d input, got shape {x.shape}")
     features = []
-    conv = lambda f, s, name: ZeroPadConv(f, 4, s, 2, dtype=self.dtype,
-                                             conv_impl=self.conv_impl, name=name)
+    conv = lambda f, s, name: ZeroPadConv(
+      f, 4, s, 2, dtype=self.dtype, conv_impl=self.conv_impl, name=name
+    )
     h = conv(self.channels, 2, "conv_0")(x)
     h = nn.leaky_relu(h, 0.2)
     features.append(h)
     for n in range(1, self.num_layers + 1):
       stride = 2 if n < self.num_layers else 1
       h = conv(min(self.channels * 2**n, 512), stride, f"conv_{n}")(h)
-      h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                       dtype=self.dtype, name=f"norm_{n}")(h)
+      h = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=self.dtype,
+        name=f"norm_{n}",
+      )(h)
       h = nn.leaky_relu(h, 0.2)
       features.append(h)
     logits = conv(1, 1, "conv_out")(h)
@@ -54,11 +61,14 @@ class PatchDiscriminator(nn.Module):
 
 
 def make_discriminators(
-    model: ml_collections.ConfigDict) -> tuple[PatchDiscriminator, PatchDiscriminator]:
+  model: ml_collections.ConfigDict,
+) -> tuple[PatchDiscriminator, PatchDiscriminator]:
   """The (2D slice, 3D volume) discriminators of a VQ-GAN config's `model` section."""
   dtype, impl = jnp.dtype(model.get("dtype", "float32")), model.get("conv_impl", "auto")
-  return (PatchDiscriminator(model.disc_channels, model.disc_layers, 2, dtype, impl),
-          PatchDiscriminator(model.disc_channels, model.disc_layers, 3, dtype, impl))
+  return (
+    PatchDiscriminator(model.disc_channels, model.disc_layers, 2, dtype, impl),
+    PatchDiscriminator(model.disc_channels, model.disc_layers, 3, dtype, impl),
+  )
 
 
 def output_size(size: int, num_layers: int) -> int:
@@ -66,4 +76,3 @@ def output_size(size: int, num_layers: int) -> int:
   for _ in range(num_layers):
     size = size // 2 + 1
   return size + 2
-

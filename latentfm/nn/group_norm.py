@@ -17,8 +17,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 Array = jax.Array
 
@@ -42,8 +42,16 @@ def _normalize(x: Array, mean: Array, rstd: Array, scale: Array, bias: Array) ->
   return (x - mean) * (rstd * scale) + bias
 
 
-def group_norm(x: Array, scale: Array, bias: Array, groups: int, epsilon: float,
-               silu: bool = False, dtype: Any = None, recompute: bool = False) -> Array:
+def group_norm(
+  x: Array,
+  scale: Array,
+  bias: Array,
+  groups: int,
+  epsilon: float,
+  silu: bool = False,
+  dtype: Any = None,
+  recompute: bool = False,
+) -> Array:
   """GroupNorm of channels-last `x` (B, ..., C) with `groups` groups, then SiLU if `silu`.
 
   The result has `dtype`, or by default the promotion of `x`'s and the parameters' dtypes.
@@ -70,8 +78,16 @@ def _apply(x, scale, bias, mean, rstd, silu, dtype):
   return nn.silu(y) if silu else y
 
 
-def group_norm_given_stats(x: Array, scale: Array, bias: Array, mean: Array, var: Array,
-                           epsilon: float, silu: bool = False, dtype: Any = None) -> Array:
+def group_norm_given_stats(
+  x: Array,
+  scale: Array,
+  bias: Array,
+  mean: Array,
+  var: Array,
+  epsilon: float,
+  silu: bool = False,
+  dtype: Any = None,
+) -> Array:
   """`group_norm` with the per (batch, group) `mean` and `var` `(B, G)` given rather than taken
   from `x` (B, ..., C): a tile of a volume normalised with the whole volume's statistics."""
   return _apply(x, scale, bias, mean, lax.rsqrt(var + epsilon), silu, dtype)
@@ -93,10 +109,14 @@ def _backward(groups, epsilon, silu, dtype, res, g):
   b, n = x.shape[0], x.size // (x.shape[0] * groups)
   mean_dx = (sum_g * scale).reshape(b, groups, -1).sum(axis=2) / n
   mean_dx_xhat = (sum_gx * scale).reshape(b, groups, -1).sum(axis=2) / n
-  dx = rstd_c * (gy * scale - _per_channel(mean_dx, c, nd)
-                 - xhat * _per_channel(mean_dx_xhat, c, nd))
-  return (dx.astype(x.dtype), sum_gx.sum(axis=0).astype(scale.dtype),
-          sum_g.sum(axis=0).astype(bias.dtype))
+  dx = rstd_c * (
+    gy * scale - _per_channel(mean_dx, c, nd) - xhat * _per_channel(mean_dx_xhat, c, nd)
+  )
+  return (
+    dx.astype(x.dtype),
+    sum_gx.sum(axis=0).astype(scale.dtype),
+    sum_g.sum(axis=0).astype(bias.dtype),
+  )
 
 
 _recomputing = jax.custom_vjp(_value, nondiff_argnums=(3, 4, 5, 6))
@@ -109,6 +129,7 @@ class GroupNorm(nn.Module):
   `dtype` is the computation dtype of the result; statistics are float32, parameters float32.
   `recompute`: see `group_norm` (less memory, see the module docstring).
   """
+
   num_groups: int
   epsilon: float = 1e-6
   silu: bool = False
@@ -122,5 +143,6 @@ class GroupNorm(nn.Module):
       raise ValueError(f"{c} channels do not split into {self.num_groups} groups")
     scale = self.param("scale", nn.initializers.ones, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
-    return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.silu, self.dtype,
-                      self.recompute)
+    return group_norm(
+      x, scale, bias, self.num_groups, self.epsilon, self.silu, self.dtype, self.recompute
+    )

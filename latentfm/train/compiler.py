@@ -39,8 +39,7 @@ def compiler_options() -> dict[str, str] | None:
   try:
     jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(jnp.float32(0)).compile()
   except Exception as err:  # pylint: disable=broad-except
-    logging.warning("XLA rejected %s (%s); functions compile with the defaults",
-                    _CPU_OPTIONS, err)
+    logging.warning("XLA rejected %s (%s); functions compile with the defaults", _CPU_OPTIONS, err)
     return None
   return dict(_CPU_OPTIONS)
 
@@ -85,13 +84,22 @@ def jit(fn: Callable[..., Any] | None = None, /, **jit_kwargs: Any) -> Callable[
   """
   if fn is None:
     return functools.partial(jit, **jit_kwargs)
-  return _Deferred(fn, lambda top_level: jax.jit(
-      fn, compiler_options=compiler_options() if top_level else None, **jit_kwargs))
+  return _Deferred(
+    fn,
+    lambda top_level: jax.jit(
+      fn, compiler_options=compiler_options() if top_level else None, **jit_kwargs
+    ),
+  )
 
 
 def filter_jit(fn: Callable[..., Any]) -> Callable[..., Any]:
   """`equinox.filter_jit(fn)` (array leaves traced, everything else static) compiled with
   `compiler_options()`; for functions that take callables, e.g. a velocity field."""
   import equinox as eqx  # pylint: disable=import-outside-toplevel
-  return _Deferred(fn, lambda top_level: eqx.filter_jit(
-      fn, compiler_options=compiler_options() if top_level else None))
+
+  return _Deferred(
+    fn,
+    lambda top_level: eqx.filter_jit(
+      fn, compiler_options=compiler_options() if top_level else None
+    ),
+  )

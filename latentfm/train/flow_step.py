@@ -39,33 +39,42 @@ def make_loss_fn(config: ml_collections.ConfigDict) -> Callable[..., tuple[Any, 
   objective (a class-conditional UNet takes the batch's labels, either objective)."""
   model = UNet3D.from_config(config.model)
   if objective(config) == "ddpm":
-    return ddpm.make_ddpm_loss_fn(model.apply, config.ddpm, model.num_classes,
-                                  config.flow.get("p_uncond", 0.0))
+    return ddpm.make_ddpm_loss_fn(
+      model.apply, config.ddpm, model.num_classes, config.flow.get("p_uncond", 0.0)
+    )
   return flow.make_fm_loss_fn(model.apply, config.flow, model.num_classes)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  optim: ml_collections.ConfigDict, num_steps: int
+) -> optax.GradientTransformation:
   """AdamW after global-norm gradient clipping; the rate follows `schedules.learning_rate`."""
-  return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                     optax.adamw(schedules.learning_rate(optim, num_steps),
-                                 weight_decay=optim.weight_decay))
+  return optax.chain(
+    optax.clip_by_global_norm(optim.grad_clip),
+    optax.adamw(schedules.learning_rate(optim, num_steps), weight_decay=optim.weight_decay),
+  )
 
 
-def create_state(key: jax.Array, config: ml_collections.ConfigDict,
-                 latent_shape: Sequence[int]) -> State:
+def create_state(
+  key: jax.Array, config: ml_collections.ConfigDict, latent_shape: Sequence[int]
+) -> State:
   """A fresh state for latents of `latent_shape` = (d, h, w, C)."""
   model = UNet3D.from_config(config.model)
   k_init, k_rng = jax.random.split(key)
   z = jnp.zeros((1,) + tuple(latent_shape), jnp.float32)
   params = compiler.jit(lambda k: model.init(k, z, jnp.zeros((1,)), train=False))(k_init)["params"]
-  return {"step": jnp.zeros((), jnp.int32), "params": params,
-          "ema_params": jax.tree.map(jnp.copy, params),
-          "opt": make_optimizer(config.optim, config.train.num_steps).init(params), "rng": k_rng}
+  return {
+    "step": jnp.zeros((), jnp.int32),
+    "params": params,
+    "ema_params": jax.tree.map(jnp.copy, params),
+    "opt": make_optimizer(config.optim, config.train.num_steps).init(params),
+    "rng": k_rng,
+  }
 
 
-def make_train_step(config: ml_collections.ConfigDict
-                    ) -> Callable[[State, dict], tuple[State, dict]]:
+def make_train_step(
+  config: ml_collections.ConfigDict,
+) -> Callable[[State, dict], tuple[State, dict]]:
   """Pure `step(state, batch) -> (state, metrics)`: one update of the configured objective
   plus the weight EMA."""
   loss_fn = make_loss_fn(config)
@@ -75,7 +84,8 @@ def make_train_step(config: ml_collections.ConfigDict
   def step(state: State, batch: dict) -> tuple[State, dict]:
     key = jax.random.fold_in(state["rng"], state["step"])
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], batch["image"], key, labels=batch.get("label"))
+      state["params"], batch["image"], key, labels=batch.get("label")
+    )
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = optax.incremental_update(params, state["ema_params"], ema_rate)
@@ -85,11 +95,14 @@ def make_train_step(config: ml_collections.ConfigDict
   return step
 
 
-def encode_volumes(model, variables: dict, volumes: np.ndarray, batch_size: int = 4,
-                   progress: Callable | None = None) -> np.ndarray:
+def encode_volumes(
+  model, variables: dict, volumes: np.ndarray, batch_size: int = 4, progress: Callable | None = None
+) -> np.ndarray:
   """Continuous (pre-quantisation) latents of volumes [N, D, H, W] in [0, 1]."""
   encode = compiler.jit(lambda v, x: model.apply(v, to_model_range(x), method=model.encode))
   chunks = range(0, len(volumes), batch_size)
-  out = [np.asarray(encode(variables, jnp.asarray(volumes[i:i + batch_size, ..., None])))
-         for i in (progress(chunks) if progress else chunks)]
+  out = [
+    np.asarray(encode(variables, jnp.asarray(volumes[i : i + batch_size, ..., None])))
+    for i in (progress(chunks) if progress else chunks)
+  ]
   return np.concatenate(out)

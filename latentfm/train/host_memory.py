@@ -34,6 +34,7 @@ _applied = False
 def _backends_started() -> bool:
   try:
     from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+
     return xla_bridge.backends_are_initialized()
   except (ImportError, AttributeError):
     return False

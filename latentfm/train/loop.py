@@ -64,12 +64,14 @@ def check_finite(step: int, metrics: Mapping[str, float]) -> None:
   """Raises `NonFiniteLossError` naming the first non-finite metric."""
   for name, value in metrics.items():
     if not math.isfinite(float(value)):
-      raise NonFiniteLossError(f"step {step}: {name} is {float(value)}; "
-                               "stopping with the last good checkpoint kept")
+      raise NonFiniteLossError(
+        f"step {step}: {name} is {float(value)}; stopping with the last good checkpoint kept"
+      )
 
 
-def skip_nonfinite(step_fn: Callable[..., tuple[Any, Mapping[str, jax.Array]]]
-                   ) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
+def skip_nonfinite(
+  step_fn: Callable[..., tuple[Any, Mapping[str, jax.Array]]],
+) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
   """Wraps a pure `step(state, *args) -> (state, metrics)` to skip non-finite updates.
 
   When any metric (losses and gradient norms, so a NaN/Inf in either) is not finite, the
@@ -125,8 +127,9 @@ class SkipCounter:
     if self.consecutive > self.max_consecutive:
       bad = [k for k, v in jax.device_get(dict(metrics)).items() if not math.isfinite(v)]
       raise NonFiniteLossError(
-          f"step {step}: {', '.join(bad)} not finite for {self.consecutive} consecutive steps "
-          "(all skipped); stopping with the last good checkpoint kept")
+        f"step {step}: {', '.join(bad)} not finite for {self.consecutive} consecutive steps "
+        "(all skipped); stopping with the last good checkpoint kept"
+      )
 
   def log_row(self, row: Mapping[str, float]) -> dict[str, float]:
     """The finite metrics of `row` plus `skipped_steps` (skips since the previous row)."""
@@ -156,11 +159,23 @@ def resume(manager, state: Any, data_iter) -> tuple[Any, int]:
   return state, first_step
 
 
-def train_loop(state: Any, train_step: StepFn, data_iter: Iterator, *, mesh: Mesh,
-               first_step: int, num_steps: int, manager, writer: MetricWriter,
-               log_every: int, ckpt_every: int, callbacks: Sequence[Periodic] = (),
-               extra: Mapping[str, Any] | None = None,
-               progress: Any = None, max_consecutive_skips: int = 10) -> LoopResult:
+def train_loop(
+  state: Any,
+  train_step: StepFn,
+  data_iter: Iterator,
+  *,
+  mesh: Mesh,
+  first_step: int,
+  num_steps: int,
+  manager,
+  writer: MetricWriter,
+  log_every: int,
+  ckpt_every: int,
+  callbacks: Sequence[Periodic] = (),
+  extra: Mapping[str, Any] | None = None,
+  progress: Any = None,
+  max_consecutive_skips: int = 10,
+) -> LoopResult:
   """Runs `train_step(state, batch, step)` from `first_step` to `num_steps`.
 
   `data_iter` yields host-local batches and has `get_state()`; `progress` (optional) is a
@@ -196,8 +211,9 @@ def train_loop(state: Any, train_step: StepFn, data_iter: Iterator, *, mesh: Mes
         if row:
           writer.write_scalars(step, row)
         if is_ckpt:
-          checkpoint.save(manager, step, state, data_state=data_iter.get_state(), extra=extra,
-                          force=True)
+          checkpoint.save(
+            manager, step, state, data_state=data_iter.get_state(), extra=extra, force=True
+          )
         if progress is not None:
           progress.update(1)
         if stopping:

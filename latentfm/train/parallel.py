@@ -11,13 +11,13 @@ Multi-host: every process feeds only its own share of the global batch (see
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
+import os
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
 DATA_AXIS = "data"
 
@@ -29,9 +29,7 @@ _ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 _ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
-def maybe_initialize_distributed(
-    environ: Mapping[str, str] | None = None,
-) -> bool:
+def maybe_initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
   """Calls `jax.distributed.initialize()` if a multi-process run is configured.
 
   A run is multi-process when `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`
@@ -51,14 +49,11 @@ def maybe_initialize_distributed(
   num_processes = _int_env(env, _ENV_NUM_PROCESSES)
   process_id = _int_env(env, _ENV_PROCESS_ID)
   auto = env.get(AUTO_DETECT_ENV, "").strip().lower() in ("1", "true", "auto")
-  configured = (address is not None or process_id is not None
-                or (num_processes or 0) > 1)
+  configured = address is not None or process_id is not None or (num_processes or 0) > 1
   if not (configured or auto) or jax.distributed.is_initialized():
     return False
   jax.distributed.initialize(
-      coordinator_address=address,
-      num_processes=num_processes,
-      process_id=process_id,
+    coordinator_address=address, num_processes=num_processes, process_id=process_id
   )
   return True
 
@@ -76,10 +71,7 @@ def _int_env(env: Mapping[str, str], name: str) -> int | None:
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh with axis `"data"` over `devices` (default: all, global)."""
   devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh(
-      (len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-      devices=devices,
-  )
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -104,12 +96,12 @@ def process_batch_size(global_batch: int) -> int:
     raise ValueError(f"Global batch size must be positive, got {global_batch}.")
   if global_batch % n_proc:
     raise ValueError(
-        f"Global batch size {global_batch} is not divisible by the number of "
-        f"processes ({n_proc}).")
+      f"Global batch size {global_batch} is not divisible by the number of processes ({n_proc})."
+    )
   if global_batch % n_dev:
     raise ValueError(
-        f"Global batch size {global_batch} is not divisible by the number of "
-        f"devices ({n_dev}).")
+      f"Global batch size {global_batch} is not divisible by the number of devices ({n_dev})."
+    )
   return global_batch // n_proc
 
 
@@ -140,12 +132,14 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     x = np.asarray(x)
     if x.ndim == 0:
       raise ValueError(
-          f"Batch leaf {jax.tree_util.keystr(path)} is a scalar; batch leaves "
-          "need a leading batch axis.")
+        f"Batch leaf {jax.tree_util.keystr(path)} is a scalar; batch leaves "
+        "need a leading batch axis."
+      )
     if x.shape[0] % n_local:
       raise ValueError(
-          f"Local batch size {x.shape[0]} (leaf {jax.tree_util.keystr(path)}) "
-          f"is not divisible by the number of local devices ({n_local}).")
+        f"Local batch size {x.shape[0]} (leaf {jax.tree_util.keystr(path)}) "
+        f"is not divisible by the number of local devices ({n_local})."
+      )
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree_util.tree_map_with_path(put, batch)

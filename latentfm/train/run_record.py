@@ -24,10 +24,21 @@ from latentfm import atomic_write
 CONFIG = "config.json"
 HISTORY = "config_history.jsonl"
 # Keys that do not change what is trained: run length, logging, evaluation, previews, saving.
-FREE_KEYS = ("train.num_steps", "train.log_every", "train.eval_every", "train.image_every",
-             "train.sample_every", "train.ckpt_every", "train.keep_checkpoints",
-             "train.eval_volumes", "train.tensorboard", "train.reuse_host_memory",
-             "train.allow_changes", "data.worker_count", "data.skip_bad_files")
+FREE_KEYS = (
+  "train.num_steps",
+  "train.log_every",
+  "train.eval_every",
+  "train.image_every",
+  "train.sample_every",
+  "train.ckpt_every",
+  "train.keep_checkpoints",
+  "train.eval_volumes",
+  "train.tensorboard",
+  "train.reuse_host_memory",
+  "train.allow_changes",
+  "data.worker_count",
+  "data.skip_bad_files",
+)
 FREE_PREFIXES = ("sample.",)
 PATH_KEYS = ("vqgan_workdir", "data.dir")
 
@@ -128,22 +139,30 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict) -> dict[str, t
   if guarded and not config.train.get("allow_changes", False):
     listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in guarded.items())
     raise SettingsChangedError(
-        f"{workdir} was trained with other settings ({listed}); rerun with the same settings, "
-        "or add --config.train.allow_changes=true to continue with the new ones (recorded in "
-        f"{HISTORY})")
+      f"{workdir} was trained with other settings ({listed}); rerun with the same settings, "
+      "or add --config.train.allow_changes=true to continue with the new ones (recorded in "
+      f"{HISTORY})"
+    )
   return changes
 
 
-def record(workdir: str, config: ml_collections.ConfigDict, step: int,
-           changes: Mapping[str, tuple[Any, Any]], note: str | None = None) -> None:
+def record(
+  workdir: str,
+  config: ml_collections.ConfigDict,
+  step: int,
+  changes: Mapping[str, tuple[Any, Any]],
+  note: str | None = None,
+) -> None:
   """Writes `config.json` and appends to the history: the first settings at step 0, then each
   accepted change with the step from which it applies."""
   new = not os.path.isfile(os.path.join(workdir, CONFIG))
   if not (new or changes or note):
     return
   stored = stored_form(config, workdir)
-  entry = {"step": int(step),
-           "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+  entry = {
+    "step": int(step),
+    "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+  }
   if changes:
     entry["changes"] = {k: [old, new_value] for k, (old, new_value) in changes.items()}
   if note:
@@ -161,5 +180,6 @@ def change_steps(workdir: str) -> tuple[int, ...]:
     return ()
   with open(path, encoding="utf-8") as f:
     rows = [json.loads(line) for line in f if line.strip()]
-  return tuple(r["step"] for r in rows
-               if r["step"] > 0 and any(not is_free(k) for k in r.get("changes", {})))
+  return tuple(
+    r["step"] for r in rows if r["step"] > 0 and any(not is_free(k) for k in r.get("changes", {}))
+  )

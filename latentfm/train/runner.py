@@ -63,14 +63,21 @@ class StageRun:
     """
     if not self.config.train.get("allow_changes", False):
       raise run_record.SettingsChangedError(
-          f"{line}; rerun with the original files, or add --config.train.allow_changes=true "
-          "to continue on the new list (a fresh data epoch; recorded scans keep their split)")
+        f"{line}; rerun with the original files, or add --config.train.allow_changes=true "
+        "to continue on the new list (a fresh data epoch; recorded scans keep their split)"
+      )
     _warn(f"{line}; continuing on the new list with a fresh data epoch")
     self.notes.append(line)
     self.fresh_epoch = True
 
-  def start(self, init_state: Any, dataset: loader.Dataset, *,
-            augmentation: loader.Augment | None = None, seed: int | None = None) -> Any:
+  def start(
+    self,
+    init_state: Any,
+    dataset: loader.Dataset,
+    *,
+    augmentation: loader.Augment | None = None,
+    seed: int | None = None,
+  ) -> Any:
     """Replicates `init_state`, builds the training loader over `dataset` and resumes.
 
     Args:
@@ -88,32 +95,51 @@ class StageRun:
     self.mesh = parallel.make_mesh()
     state = parallel.replicate(init_state, self.mesh)
     self.manager = self._open_manager()
-    self.data_iter = iter(loader.make_loader(
-        dataset, parallel.process_batch_size(train.batch_size), train=True,
-        seed=self.config.seed if seed is None else seed, augmentation=augmentation,
-        worker_count=self.config.data.get("worker_count", 0) if "data" in self.config else 0))
+    self.data_iter = iter(
+      loader.make_loader(
+        dataset,
+        parallel.process_batch_size(train.batch_size),
+        train=True,
+        seed=self.config.seed if seed is None else seed,
+        augmentation=augmentation,
+        worker_count=self.config.data.get("worker_count", 0) if "data" in self.config else 0,
+      )
+    )
     if checkpoint.latest_step(self.manager) is not None:
       state, data_state, _, self.first_step = checkpoint.restore_newest_good(
-          self.manager, state, report=_warn, set_aside=self.main_process)
+        self.manager, state, report=_warn, set_aside=self.main_process
+      )
       if data_state is not None and not self.fresh_epoch:
         self.data_iter.set_state(data_state)
     if self.main_process:
-      run_record.record(self.workdir, self.config, self.first_step, self.changes,
-                        note="; ".join(self.notes) or None)
+      run_record.record(
+        self.workdir, self.config, self.first_step, self.changes, note="; ".join(self.notes) or None
+      )
     if any(not run_record.is_free(k) for k in self.changes):  # keep the last step before
       checkpoint.close(self.manager)
       self.manager = self._open_manager()
-    self.writer = MetricWriter(self.workdir, tensorboard=train.tensorboard,
-                               resume_step=self.first_step, enabled=self.main_process)
+    self.writer = MetricWriter(
+      self.workdir,
+      tensorboard=train.tensorboard,
+      resume_step=self.first_step,
+      enabled=self.main_process,
+    )
     return state
 
   def _open_manager(self):
-    return checkpoint.open_manager(os.path.join(self.workdir, "ckpt"),
-                                   keep=self.config.train.keep_checkpoints,
-                                   keep_steps=run_record.change_steps(self.workdir))
+    return checkpoint.open_manager(
+      os.path.join(self.workdir, "ckpt"),
+      keep=self.config.train.keep_checkpoints,
+      keep_steps=run_record.change_steps(self.workdir),
+    )
 
-  def train(self, state: Any, step_fn: StepFn, callbacks: Sequence[Periodic] = (),
-            extra: Mapping[str, Any] | None = None) -> LoopResult:
+  def train(
+    self,
+    state: Any,
+    step_fn: StepFn,
+    callbacks: Sequence[Periodic] = (),
+    extra: Mapping[str, Any] | None = None,
+  ) -> LoopResult:
     """Runs the shared loop from `first_step` to `train.num_steps` with a progress bar.
 
     Args:
@@ -126,15 +152,32 @@ class StageRun:
       The loop's result (final state and step, stopping signal, skipped steps).
     """
     import tqdm  # pylint: disable=import-outside-toplevel
+
     train = self.config.train
-    with tqdm.tqdm(total=train.num_steps, initial=self.first_step, desc=self.name,
-                   disable=not self.main_process, dynamic_ncols=True, unit="step") as bar:
+    with tqdm.tqdm(
+      total=train.num_steps,
+      initial=self.first_step,
+      desc=self.name,
+      disable=not self.main_process,
+      dynamic_ncols=True,
+      unit="step",
+    ) as bar:
       self.result = train_loop(
-          state, step_fn, self.data_iter, mesh=self.mesh, first_step=self.first_step,
-          num_steps=train.num_steps, manager=self.manager, writer=self.writer,
-          log_every=train.log_every, ckpt_every=train.ckpt_every, callbacks=callbacks,
-          extra={"stage": self.name, **dict(extra or {})}, progress=bar,
-          max_consecutive_skips=train.max_consecutive_skips)
+        state,
+        step_fn,
+        self.data_iter,
+        mesh=self.mesh,
+        first_step=self.first_step,
+        num_steps=train.num_steps,
+        manager=self.manager,
+        writer=self.writer,
+        log_every=train.log_every,
+        ckpt_every=train.ckpt_every,
+        callbacks=callbacks,
+        extra={"stage": self.name, **dict(extra or {})},
+        progress=bar,
+        max_consecutive_skips=train.max_consecutive_skips,
+      )
     return self.result
 
   def close(self) -> None:
@@ -144,13 +187,21 @@ class StageRun:
       self.writer.close()
     result = self.result
     if result is not None and result.stopped_by_signal is not None and self.main_process:
-      print(f"{self.name}: stopped by signal {result.stopped_by_signal} at step {result.step}; "
-            "checkpoint saved, rerun the same command to resume", file=sys.stderr)
+      print(
+        f"{self.name}: stopped by signal {result.stopped_by_signal} at step {result.step}; "
+        "checkpoint saved, rerun the same command to resume",
+        file=sys.stderr,
+      )
 
 
 @contextlib.contextmanager
-def open_stage(name: str, config: ml_collections.ConfigDict, workdir: str, *,
-               validate: Callable[[ml_collections.ConfigDict], None]) -> Iterator[StageRun]:
+def open_stage(
+  name: str,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  validate: Callable[[ml_collections.ConfigDict], None],
+) -> Iterator[StageRun]:
   """Prepares a stage run in `workdir`: the caller then calls `start` and `train`.
 
   Args:
@@ -171,11 +222,11 @@ def open_stage(name: str, config: ml_collections.ConfigDict, workdir: str, *,
     host_memory.reuse_host_memory()
   validate(config)
   main_process = jax.process_index() == 0
-  lock = (workdir_lock.hold(workdir, f"{name} training") if main_process
-          else contextlib.nullcontext())
+  lock = (
+    workdir_lock.hold(workdir, f"{name} training") if main_process else contextlib.nullcontext()
+  )
   with lock:
-    run = StageRun(name, config, workdir, run_record.check_resume(workdir, config),
-                   main_process)
+    run = StageRun(name, config, workdir, run_record.check_resume(workdir, config), main_process)
     try:
       yield run
     finally:

@@ -35,8 +35,13 @@ def learning_rate(optim: ml_collections.ConfigDict, num_updates: int) -> float |
     return float(optim.lr)
   lr = float(optim.lr)
   if kind == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
-                                 optax.constant_schedule(lr)], [warmup])
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+    )
   return optax.warmup_cosine_decay_schedule(
-      0.0, lr, warmup, max(num_updates, warmup + 1),
-      end_value=lr * float(optim.get("final_lr_fraction", 0.0)))
+    0.0,
+    lr,
+    warmup,
+    max(num_updates, warmup + 1),
+    end_value=lr * float(optim.get("final_lr_fraction", 0.0)),
+  )

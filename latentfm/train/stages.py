@@ -20,7 +20,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def stage_of(config: ml_collections.ConfigDict) -> str:
-  """"flow" for a flow stage's config (it names its VQ-GAN), else "vqgan"."""
+  """ "flow" for a flow stage's config (it names its VQ-GAN), else "vqgan"."""
   return "flow" if "vqgan_workdir" in config else "vqgan"
 
 
@@ -49,8 +49,9 @@ def restore_latest(workdir: str, create_fn, *args) -> tuple[dict, dict, int]:
   mesh = parallel.make_mesh()
   sharding = parallel.replicated(mesh)
   abstract = jax.eval_shape(lambda: create_fn(*args))
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                          abstract)
+  abstract = jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract
+  )
   manager = checkpoint.open_manager(os.path.join(workdir, "ckpt"), async_save=False)
   try:
     if checkpoint.latest_step(manager) is None:
@@ -64,9 +65,9 @@ def restore_latest(workdir: str, create_fn, *args) -> tuple[dict, dict, int]:
 def restore_vqgan(workdir: str) -> tuple[ml_collections.ConfigDict, Any, dict, int]:
   """(config, VQGAN module, {"params", "codebook"} variables, step) of a trained VQ-GAN."""
   from latentfm.train import vqgan_step  # pylint: disable=import-outside-toplevel
+
   config = load_stage_config(workdir, "vqgan")
-  state, _, step = restore_latest(workdir, vqgan_step.create_state, jax.random.PRNGKey(0),
-                                  config)
+  state, _, step = restore_latest(workdir, vqgan_step.create_state, jax.random.PRNGKey(0), config)
   model = vqgan_step.models(config)[0]
   return config, model, {"params": state["params"], "codebook": state["codebook"]}, step
 

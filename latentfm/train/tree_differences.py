@@ -21,20 +21,22 @@ def tree_differences(saved: Any, target: Any) -> list[str]:
   path and shape, shallowest paths first.
   """
   saved_flat = ocp.tree.to_flat_dict(saved)
-  target_flat = ocp.tree.to_flat_dict(
-      jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+  target_flat = ocp.tree.to_flat_dict(jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
   diffs = []
   # Shallow paths first, so parameters are named before optimizer mirrors.
-  for key in sorted(set(saved_flat) | set(target_flat),
-                    key=lambda k: (len(k), k)):
+  for key in sorted(set(saved_flat) | set(target_flat), key=lambda k: (len(k), k)):
     name = "/".join(map(str, key))
     if key not in target_flat:
-      diffs.append(f"{name} is in the checkpoint (shape "
-                   f"{_shape(saved_flat[key])}) but not in the target")
+      diffs.append(
+        f"{name} is in the checkpoint (shape {_shape(saved_flat[key])}) but not in the target"
+      )
     elif key not in saved_flat:
-      diffs.append(f"{name} is in the target (shape "
-                   f"{_shape(target_flat[key])}) but not in the checkpoint")
+      diffs.append(
+        f"{name} is in the target (shape {_shape(target_flat[key])}) but not in the checkpoint"
+      )
     elif _shape(saved_flat[key]) != _shape(target_flat[key]):
-      diffs.append(f"{name} has shape {_shape(saved_flat[key])} in the "
-                   f"checkpoint but {_shape(target_flat[key])} in the target")
+      diffs.append(
+        f"{name} has shape {_shape(saved_flat[key])} in the "
+        f"checkpoint but {_shape(target_flat[key])} in the target"
+      )
   return diffs

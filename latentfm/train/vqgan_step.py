@@ -25,26 +25,31 @@ from latentfm.train import compiler, schedules
 State = dict[str, Any]
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  optim: ml_collections.ConfigDict, num_steps: int
+) -> optax.GradientTransformation:
   """Adam(b1, b2) after global-norm clipping, with optional gradient accumulation.
 
   The learning rate follows `schedules.learning_rate` over `num_steps` train steps.
   """
   lr = schedules.learning_rate(optim, max(num_steps, 1) // max(optim.accumulate, 1))
-  tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                   optax.adam(lr, b1=optim.b1, b2=optim.b2))
+  tx = optax.chain(
+    optax.clip_by_global_norm(optim.grad_clip), optax.adam(lr, b1=optim.b1, b2=optim.b2)
+  )
   if optim.accumulate > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulate)
   return tx
 
 
-def optimizers(config: ml_collections.ConfigDict
-               ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+def optimizers(
+  config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
   """(autoencoder, discriminator) optimizers; the discriminators' run starts at their start."""
   steps = config.train.num_steps
-  return (make_optimizer(config.optim, steps),
-          make_optimizer(config.optim, steps - min(config.loss.discriminator_start, steps)))
+  return (
+    make_optimizer(config.optim, steps),
+    make_optimizer(config.optim, steps - min(config.loss.discriminator_start, steps)),
+  )
 
 
 def models(config: ml_collections.ConfigDict):
@@ -64,19 +69,20 @@ def create_state(key: jax.Array, config: ml_collections.ConfigDict) -> State:
   g_tx, d_tx = optimizers(config)
   disc_params = {"image": img_vars["params"], "volume": vol_vars["params"]}
   return {
-      "step": jnp.zeros((), jnp.int32),
-      "params": variables["params"],
-      "codebook": variables["codebook"],
-      "disc_params": disc_params,
-      "disc_stats": {"image": img_vars["batch_stats"], "volume": vol_vars["batch_stats"]},
-      "g_opt": g_tx.init(variables["params"]),
-      "d_opt": d_tx.init(disc_params),
-      "rng": k_rng,
+    "step": jnp.zeros((), jnp.int32),
+    "params": variables["params"],
+    "codebook": variables["codebook"],
+    "disc_params": disc_params,
+    "disc_stats": {"image": img_vars["batch_stats"], "volume": vol_vars["batch_stats"]},
+    "g_opt": g_tx.init(variables["params"]),
+    "d_opt": d_tx.init(disc_params),
+    "rng": k_rng,
   }
 
 
-def make_train_step(config: ml_collections.ConfigDict, *, use_gan: bool
-                    ) -> Callable[[State, dict, Any], tuple[State, dict]]:
+def make_train_step(
+  config: ml_collections.ConfigDict, *, use_gan: bool
+) -> Callable[[State, dict, Any], tuple[State, dict]]:
   """Pure `step(state, batch, lpips_params) -> (state, metrics)`.
 
   `use_gan=False` is the warm-up before `discriminator_start` (no discriminator work at all);
@@ -88,8 +94,9 @@ def make_train_step(config: ml_collections.ConfigDict, *, use_gan: bool
   lpips_model = LPIPS(config.model.get("conv_impl", "auto"))
 
   def disc(module, params, stats, x):
-    (logits, feats), upd = module.apply({"params": params, "batch_stats": stats}, x, train=True,
-                                        mutable=["batch_stats"])
+    (logits, feats), upd = module.apply(
+      {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+    )
     return (logits, feats), upd["batch_stats"]
 
   def step(state: State, batch: dict, lpips_params: Any) -> tuple[State, dict]:
@@ -102,8 +109,13 @@ def make_train_step(config: ml_collections.ConfigDict, *, use_gan: bool
     def g_loss_fn(params):
       def forward(kernel):
         p = losses.replace_last_layer(params, kernel)
-        out, upd = model.apply({"params": p, "codebook": state["codebook"]}, x, train=True,
-                               mutable=["codebook"], rngs={"codebook": k_code})
+        out, upd = model.apply(
+          {"params": p, "codebook": state["codebook"]},
+          x,
+          train=True,
+          mutable=["codebook"],
+          rngs={"codebook": k_code},
+        )
         return out["recon"], (out, upd)
 
       def rec_loss(recon):
@@ -116,20 +128,21 @@ def make_train_step(config: ml_collections.ConfigDict, *, use_gan: bool
         _, rs = losses.random_slices(k_slice, x, recon)
         fi = disc(image_disc, dp["image"], ds["image"], rs)[0][0]
         fv = disc(volume_disc, dp["volume"], ds["volume"], recon)[0][0]
-        return (cfg.image_gan_weight * losses.g_loss(cfg.gan_loss, fi)
-                + cfg.volume_gan_weight * losses.g_loss(cfg.gan_loss, fv))
+        return cfg.image_gan_weight * losses.g_loss(
+          cfg.gan_loss, fi
+        ) + cfg.volume_gan_weight * losses.g_loss(cfg.gan_loss, fv)
 
       kernel = losses.last_layer(params)
       lam = jnp.ones(())  # only read when the GAN terms are on (use_gan)
       if use_gan and cfg.adaptive_weight:
-        recon, (out, upd), g_rec, g_gan = losses.last_layer_grads(forward, kernel, rec_loss,
-                                                                  gan_loss)
+        recon, (out, upd), g_rec, g_gan = losses.last_layer_grads(
+          forward, kernel, rec_loss, gan_loss
+        )
         lam = losses.adaptive_weight(g_rec, g_gan)
       else:
         recon, (out, upd) = forward(kernel)
       xs, rs = losses.random_slices(k_slice, x, recon)
-      perceptual = (jnp.mean(lpips_apply(xs, rs)) if cfg.perceptual_weight > 0
-                    else jnp.zeros(()))
+      perceptual = jnp.mean(lpips_apply(xs, rs)) if cfg.perceptual_weight > 0 else jnp.zeros(())
       if use_gan:
         fake_img = disc(image_disc, dp["image"], ds["image"], rs)[0]
         real_img = disc(image_disc, dp["image"], ds["image"], xs)[0]
@@ -139,16 +152,32 @@ def make_train_step(config: ml_collections.ConfigDict, *, use_gan: bool
         zero = (jnp.zeros((1,)), [jnp.zeros((1,))])
         fake_img = real_img = fake_vol = real_vol = zero
       loss, terms = losses.vqgan_generator_loss(
-          x, recon, out["commitment_loss"], perceptual, fake_img, real_img, fake_vol, real_vol,
-          cfg, state["step"] if use_gan else -1, lam)
+        x,
+        recon,
+        out["commitment_loss"],
+        perceptual,
+        fake_img,
+        real_img,
+        fake_vol,
+        real_vol,
+        cfg,
+        state["step"] if use_gan else -1,
+        lam,
+      )
       terms.update(perplexity=out["perplexity"], live_codes=out["live_codes"].astype(jnp.float32))
       return loss, (terms, upd["codebook"], recon, xs, rs)
 
-    (_, (terms, codebook, recon, xs, rs)), grads = jax.value_and_grad(
-        g_loss_fn, has_aux=True)(state["params"])
+    (_, (terms, codebook, recon, xs, rs)), grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
+      state["params"]
+    )
     updates, g_opt = g_tx.update(grads, state["g_opt"], state["params"])
-    new = dict(state, params=optax.apply_updates(state["params"], updates), g_opt=g_opt,
-               codebook=codebook, step=state["step"] + 1)
+    new = dict(
+      state,
+      params=optax.apply_updates(state["params"], updates),
+      g_opt=g_opt,
+      codebook=codebook,
+      step=state["step"] + 1,
+    )
     terms["g_grad_norm"] = optax.tree.norm(grads)
     if use_gan:
       fake_vol, fake_img = jax.lax.stop_gradient(recon), jax.lax.stop_gradient(rs)
@@ -175,13 +204,16 @@ def make_eval_step(config: ml_collections.ConfigDict) -> Callable[[State, jax.Ar
   model = VQGAN.from_config(config.model)
 
   def evaluate(state: State, images: jax.Array) -> dict:
-    out = model.apply({"params": state["params"], "codebook": state["codebook"]},
-                      to_model_range(images))
+    out = model.apply(
+      {"params": state["params"], "codebook": state["codebook"]}, to_model_range(images)
+    )
     recon = from_model_range(out["recon"])
-    return {"recon": recon,
-            "l1": jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3, 4)),
-            "psnr": image_metrics.psnr(recon, images),
-            "ssim": image_metrics.ssim(recon, images),
-            "perplexity": out["perplexity"]}
+    return {
+      "recon": recon,
+      "l1": jnp.mean(jnp.abs(recon - images), axis=(1, 2, 3, 4)),
+      "psnr": image_metrics.psnr(recon, images),
+      "ssim": image_metrics.ssim(recon, images),
+      "perplexity": out["perplexity"],
+    }
 
   return evaluate

@@ -27,8 +27,7 @@ def _holder(path: str) -> str:
   try:
     with open(path, encoding="utf-8") as f:
       info = json.load(f)
-    return (f"pid {info['pid']} on {info['host']} ({info['purpose']}, started "
-            f"{info['started']})")
+    return f"pid {info['pid']} on {info['host']} ({info['purpose']}, started {info['started']})"
   except (OSError, ValueError, KeyError, TypeError):
     return "another process"
 
@@ -55,10 +54,15 @@ def hold(workdir: str, purpose: str) -> Iterator[str]:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      raise WorkdirLockedError(f"{workdir} is in use by {_holder(path)}; wait for it to finish "
-                               "or stop it") from None
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
-            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+      raise WorkdirLockedError(
+        f"{workdir} is in use by {_holder(path)}; wait for it to finish or stop it"
+      ) from None
+    info = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "purpose": purpose,
+      "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     yield path

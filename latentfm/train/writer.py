@@ -17,8 +17,9 @@ class MetricWriter:
   the last checkpoint by a run that died) are dropped so the log continues without duplicates.
   """
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int = 0,
-               enabled: bool = True):
+  def __init__(
+    self, workdir: str, *, tensorboard: bool = True, resume_step: int = 0, enabled: bool = True
+  ):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
@@ -29,6 +30,7 @@ class MetricWriter:
     self._file = open(self.path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:

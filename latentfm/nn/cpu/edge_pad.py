@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 Array = jax.Array
 Widths = tuple[tuple[int, int], ...]
@@ -27,10 +27,15 @@ def edge_pad_concat(x: Array, widths: Sequence[tuple[int, int]]) -> Array:
   for axis, (lo, hi) in enumerate(widths, start=1):
     if not (lo or hi):
       continue
-    shape = lambda w, a=axis, s=x.shape: (*s[:a], w, *s[a + 1:])
-    x = jnp.concatenate([jnp.broadcast_to(_slice(x, axis, 0, 1), shape(lo)), x,
-                         jnp.broadcast_to(_slice(x, axis, x.shape[axis] - 1, x.shape[axis]),
-                                          shape(hi))], axis)
+    shape = lambda w, a=axis, s=x.shape: (*s[:a], w, *s[a + 1 :])
+    x = jnp.concatenate(
+      [
+        jnp.broadcast_to(_slice(x, axis, 0, 1), shape(lo)),
+        x,
+        jnp.broadcast_to(_slice(x, axis, x.shape[axis] - 1, x.shape[axis]), shape(hi)),
+      ],
+      axis,
+    )
   return x
 
 
@@ -43,15 +48,16 @@ def _fold_concat(g: Array, widths: Widths) -> Array:
 
 def _pad_in_place(x: Array, widths: Widths) -> Array:
   nd = len(widths)
-  y = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *[(lo, hi, 0) for lo, hi in widths],
-                                         (0, 0, 0)))
+  y = lax.pad(
+    x, jnp.zeros((), x.dtype), ((0, 0, 0), *[(lo, hi, 0) for lo, hi in widths], (0, 0, 0))
+  )
   for axis, (lo, hi) in enumerate(widths, start=1):
     n = x.shape[axis]
     others = tuple((0, 0) if a == axis else widths[a - 1] for a in range(1, nd + 1))
     for width, index, start in ((lo, 0, 0), (hi, n - 1, lo + n)):
       if width:
         face = edge_pad_concat(_slice(x, axis, index, index + 1), others)
-        face = jnp.broadcast_to(face, (*face.shape[:axis], width, *face.shape[axis + 1:]))
+        face = jnp.broadcast_to(face, (*face.shape[:axis], width, *face.shape[axis + 1 :]))
         y = lax.dynamic_update_slice_in_dim(y, face, start, axis)
   return y
 
@@ -86,8 +92,10 @@ def _edge_pad(x: Array, widths: Widths) -> Array:
   return _pad_in_place(x, widths)
 
 
-_edge_pad.defvjp(lambda x, widths: (_pad_in_place(x, widths), None),
-                 lambda widths, _, g: (_fold_in_place(g, widths),))
+_edge_pad.defvjp(
+  lambda x, widths: (_pad_in_place(x, widths), None),
+  lambda widths, _, g: (_fold_in_place(g, widths),),
+)
 
 
 def edge_pad(x: Array, widths: Sequence[tuple[int, int]]) -> Array:

@@ -17,8 +17,8 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from latentfm.nn.cpu import tap_products, winograd
 
@@ -29,15 +29,18 @@ def dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
   """Channels-last input/output and `(*spatial, in, out)` kernel for `nd` spatial axes."""
   spatial = tuple(range(1, nd + 1))
   return lax.ConvDimensionNumbers(
-      lhs_spec=(0, nd + 1) + spatial, rhs_spec=(nd + 1, nd) + tuple(range(nd)),
-      out_spec=(0, nd + 1) + spatial)
+    lhs_spec=(0, nd + 1) + spatial,
+    rhs_spec=(nd + 1, nd) + tuple(range(nd)),
+    out_spec=(0, nd + 1) + spatial,
+  )
 
 
 def lax_valid(x: Array, kernel: Array) -> Array:
   """Stride-1 VALID convolution as one `lax.conv_general_dilated` (the reference)."""
   nd = x.ndim - 2
-  return lax.conv_general_dilated(x, kernel, (1,) * nd, "VALID",
-                                  dimension_numbers=dimension_numbers(nd))
+  return lax.conv_general_dilated(
+    x, kernel, (1,) * nd, "VALID", dimension_numbers=dimension_numbers(nd)
+  )
 
 
 # Stride-1 3D convs as 2D convs over (H, W) with the depth folded into the batch or the
@@ -79,19 +82,28 @@ def _input_gradient_by_taps(g_shape: Sequence[int], w_shape: Sequence[int], item
 
 def _winograd_applies(n: int, kd: int, ci: int, co: int, dtype) -> bool:
   """Whether a kd-tap depth kernel over n output slices, ci -> co channels, runs as tiles."""
-  return (kd in _WINOGRAD_TILE and n >= _WINOGRAD_MIN_SLICES and dtype == jnp.float32
-          and min(ci, co) >= _WINOGRAD_MIN_CHANNELS and (kd != 2 or ci <= co))
+  return (
+    kd in _WINOGRAD_TILE
+    and n >= _WINOGRAD_MIN_SLICES
+    and dtype == jnp.float32
+    and min(ci, co) >= _WINOGRAD_MIN_CHANNELS
+    and (kd != 2 or ci <= co)
+  )
 
 
 def _winograd_dw_applies(n: int, kd: int, ci: int, co: int, dtype) -> bool:
   """Whether the kernel gradient of a kd-tap depth kernel over n output slices runs as tiles:
   where the forward pass does, for the kernels and channel counts listed above."""
-  return (kd in _WINOGRAD_DW_TILE and min(ci, co) >= _WINOGRAD_DW_MIN_CHANNELS
-          and _winograd_applies(n, kd, ci, co, dtype))
+  return (
+    kd in _WINOGRAD_DW_TILE
+    and min(ci, co) >= _WINOGRAD_DW_MIN_CHANNELS
+    and _winograd_applies(n, kd, ci, co, dtype)
+  )
 
 
-def padded_conv_is_slow(kernel_shape: Sequence[int], input_shape: Sequence[int],
-                        pads: Sequence[tuple[int, int]]) -> bool:
+def padded_conv_is_slow(
+  kernel_shape: Sequence[int], input_shape: Sequence[int], pads: Sequence[tuple[int, int]]
+) -> bool:
   """Whether XLA:CPU runs a convolution with zero padding `pads` ((lo, hi) per spatial axis)
   many times slower than a VALID one on the padded input: where the kernel is longer than the
   unpadded input along a padded axis (bench/RESULTS.md, "CPU kernel choices", row "padded tiny
@@ -110,7 +122,7 @@ def _conv2d(x: Array, w: Array, pad) -> Array:
 
 def _depth_taps_on_input(x: Array, kd: int, n: int) -> Array:
   """(B, n + kd - 1, H, W, C) -> (B * n, H, W, kd * C): the kd depth neighbours as channels."""
-  x = jnp.concatenate([x[:, a:a + n] for a in range(kd)], axis=-1)
+  x = jnp.concatenate([x[:, a : a + n] for a in range(kd)], axis=-1)
   return x.reshape(x.shape[0] * n, *x.shape[2:])
 
 
@@ -121,8 +133,10 @@ def _winograd_correlate(x: Array, w: Array, pad) -> Array:
   m, b, n = _WINOGRAD_TILE[r], x.shape[0], x.shape[1] - r + 1
   q = winograd.tiles_needed(n, m)
   tiles = winograd.input_tiles(_pad_depth(x, 0, m * q - n), m, r)
-  products = [_conv2d(t.reshape(b * q, *t.shape[2:]), v, pad)
-              for t, v in zip(tiles, winograd.kernel_points(w, m))]
+  products = [
+    _conv2d(t.reshape(b * q, *t.shape[2:]), v, pad)
+    for t, v in zip(tiles, winograd.kernel_points(w, m))
+  ]
   return winograd.outputs([p.reshape(b, q, *p.shape[1:]) for p in products], m, r)[:, :n]
 
 
@@ -150,7 +164,7 @@ def _slab_fwd(x: Array, w: Array) -> Array:
   if depth_as_input:
     return z.reshape(b, n, *z.shape[1:])
   z = z.reshape(b, d, *z.shape[1:3], kd, co)
-  return sum(z[:, a:a + n, :, :, a] for a in range(1, kd)) + z[:, :n, :, :, 0]
+  return sum(z[:, a : a + n, :, :, a] for a in range(1, kd)) + z[:, :n, :, :, 0]
 
 
 def zero_pad(x: Array, pads) -> Array:
@@ -240,12 +254,22 @@ def _slab_dw(x: Array, g: Array, kd: int) -> Array:
   step, total = max(1, _CHUNK_DW // (h * w)), 0
   for s in range(0, n, step):
     m = min(step, n - s)
-    xs = _own_buffer(x[:, s:s + m + kd - 1].reshape(b, (m + kd - 1) * hp, wp, ci))
+    xs = _own_buffer(x[:, s : s + m + kd - 1].reshape(b, (m + kd - 1) * hp, wp, ci))
     xs = xs.transpose(3, 1, 2, 0)  # (ci, rows, W, b): the channels are the conv's batch
-    gs = jnp.stack([jnp.pad(g[:, s:s + m], ((0, 0), (0, 0), (i, hp - h - i), (0, 0), (0, 0)))
-                    for i in range(kh)], axis=-2)  # (b, m, hp, w, kh, co)
-    total = total + lax.conv_general_dilated(xs, gs.reshape(b, m * hp, w, kh * co), (hp, 1),
-                                             "VALID", dimension_numbers=("NHWC", "IHWO", "HWNC"))
+    gs = jnp.stack(
+      [
+        jnp.pad(g[:, s : s + m], ((0, 0), (0, 0), (i, hp - h - i), (0, 0), (0, 0)))
+        for i in range(kh)
+      ],
+      axis=-2,
+    )  # (b, m, hp, w, kh, co)
+    total = total + lax.conv_general_dilated(
+      xs,
+      gs.reshape(b, m * hp, w, kh * co),
+      (hp, 1),
+      "VALID",
+      dimension_numbers=("NHWC", "IHWO", "HWNC"),
+    )
   return total.reshape(kd, kw, ci, kh, co).transpose(0, 3, 1, 2, 4)
 
 
@@ -255,8 +279,9 @@ def _winograd_dw(x: Array, g: Array, kd: int) -> Array:
   q = winograd.tiles_needed(n, t)
   g, x = _pad_depth(g, 0, q * t - n), _pad_depth(x, 0, q * t - n)
   flat = lambda a: a.reshape(b * q, 1, *a.shape[2:])
-  products = [_slab_dw(flat(u), flat(v), 1)[0]
-              for u, v in zip(*winograd.kernel_gradient_tiles(x, g, kd, t))]
+  products = [
+    _slab_dw(flat(u), flat(v), 1)[0] for u, v in zip(*winograd.kernel_gradient_tiles(x, g, kd, t))
+  ]
   return winograd.kernel_gradient_outputs(products, kd, t)
 
 
@@ -299,9 +324,12 @@ def conv_padded(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> Arr
   if kernel.shape[-1] == 1:
     return tap_products.conv_valid(_pad_for_conv(x, kernel.shape[:nd], pads), kernel)
   lift = (1,) * (3 - nd)
-  y = _slab_conv(x.reshape(x.shape[0], *lift, *x.shape[1:]),
-                 kernel.reshape(*lift, *kernel.shape), ((0, 0),) * len(lift) + pads)
-  return y.reshape(y.shape[0], *y.shape[1 + len(lift):])
+  y = _slab_conv(
+    x.reshape(x.shape[0], *lift, *x.shape[1:]),
+    kernel.reshape(*lift, *kernel.shape),
+    ((0, 0),) * len(lift) + pads,
+  )
+  return y.reshape(y.shape[0], *y.shape[1 + len(lift) :])
 
 
 def conv_valid(x: Array, kernel: Array) -> Array:

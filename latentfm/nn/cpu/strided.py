@@ -36,8 +36,9 @@ def depth_to_space(x: Array, block: Sequence[int]) -> Array:
   return x.reshape(b, *[m * s for m, s in zip(n, block)], x.shape[-1])
 
 
-def strided_conv(x: Array, kernel: Array, strides: Sequence[int],
-                 padding: Sequence[tuple[int, int]]) -> Array:
+def strided_conv(
+  x: Array, kernel: Array, strides: Sequence[int], padding: Sequence[tuple[int, int]]
+) -> Array:
   """`layers.conv` as zero padding, space-to-depth by the stride and a stride-1 VALID conv.
 
   Output m reads padded inputs s*m + t, t < k. With the kernel zero-padded to kb*s taps
@@ -45,21 +46,25 @@ def strided_conv(x: Array, kernel: Array, strides: Sequence[int],
   tap reaches are cropped; missing ones are zeros, which only meet zero taps. Blocks of padding
   alone go to `conv_padded`, which skips their gradient.
   """
-  nd, ks = x.ndim - 2, kernel.shape[:x.ndim - 2]
+  nd, ks = x.ndim - 2, kernel.shape[: x.ndim - 2]
   kb = [-(-k // s) for k, s in zip(ks, strides)]
-  pads = [(lo, ((n + lo + hi - k) // s + b) * s - n - lo)
-          for n, k, s, b, (lo, hi) in zip(x.shape[1:-1], ks, strides, kb, padding)]
+  pads = [
+    (lo, ((n + lo + hi - k) // s + b) * s - n - lo)
+    for n, k, s, b, (lo, hi) in zip(x.shape[1:-1], ks, strides, kb, padding)
+  ]
   zero_blocks = tuple((lo // s, max(hi, 0) // s) for (lo, hi), s in zip(pads, strides))
-  x = zero_pad(x, [(lo - s * zl, hi - s * zh)
-                    for (lo, hi), s, (zl, zh) in zip(pads, strides, zero_blocks)])
+  x = zero_pad(
+    x, [(lo - s * zl, hi - s * zh) for (lo, hi), s, (zl, zh) in zip(pads, strides, zero_blocks)]
+  )
   if all(s == 1 for s in strides):
     return conv_padded(x, kernel, zero_blocks)
   kernel = jnp.pad(kernel, [(0, b * s - k) for k, s, b in zip(ks, strides, kb)] + [(0, 0)] * 2)
   cin, cout = kernel.shape[-2:]
   kernel = kernel.reshape(*[d for pair in zip(kb, strides) for d in pair], cin, cout)
   kernel = kernel.transpose(*range(0, 2 * nd, 2), *range(1, 2 * nd, 2), 2 * nd, 2 * nd + 1)
-  return conv_padded(space_to_depth(x, strides),
-                     kernel.reshape(*kb, math.prod(strides) * cin, cout), zero_blocks)
+  return conv_padded(
+    space_to_depth(x, strides), kernel.reshape(*kb, math.prod(strides) * cin, cout), zero_blocks
+  )
 
 
 def subpixel_plan(k: int, s: int, c: int) -> tuple[int, int, np.ndarray]:
@@ -73,16 +78,19 @@ def subpixel_plan(k: int, s: int, c: int) -> tuple[int, int, np.ndarray]:
   for e in range(s):
     ts = [r - e + c for r in range(s)]
     d_lo = min(-((k - 1 - t) // s) for t in ts)  # ceil((t - k + 1) / s)
-    taps = np.array([[t - s * d if 0 <= t - s * d < k else -1 for t in ts]
-                     for d in range(d_lo, max(t // s for t in ts) + 1)])
+    taps = np.array(
+      [
+        [t - s * d if 0 <= t - s * d < k else -1 for t in ts]
+        for d in range(d_lo, max(t // s for t in ts) + 1)
+      ]
+    )
     plans.append((len(taps), e, d_lo, taps))
   return min(plans, key=lambda p: p[:2])[1:]
 
 
-def conv_transpose(x: Array, kernel: Array, strides: Sequence[int],
-                   crop: Sequence[int]) -> Array:
+def conv_transpose(x: Array, kernel: Array, strides: Sequence[int], crop: Sequence[int]) -> Array:
   """`layers.conv_transpose` as one stride-1 conv giving all output phases, then depth-to-space."""
-  nd, ks = x.ndim - 2, kernel.shape[:x.ndim - 2]
+  nd, ks = x.ndim - 2, kernel.shape[: x.ndim - 2]
   pads, crops = [], []
   for axis, (size, k, s, c) in enumerate(zip(x.shape[1:-1], ks, strides, crop)):
     e, d_lo, taps = subpixel_plan(k, s, c)

@@ -53,9 +53,12 @@ def _cotangent_rows(g: Array, kernel_shape) -> Array:
   size = tuple(s + k - 1 for s, k in zip(g.shape[1:-1], kernel_shape))
   channels_first = jnp.moveaxis(g, -1, 0)  # (co, B, *out)
   padded = jnp.pad(channels_first, ((0, 0), (0, 0), *[(k - 1, k - 1) for k in kernel_shape]))
-  rows = jnp.stack([padded[(slice(None), *_window([k - 1 - o for k, o in zip(kernel_shape, t)],
-                                                  size))]
-                    for t in _taps(kernel_shape)])  # (taps, co, B, *in)
+  rows = jnp.stack(
+    [
+      padded[(slice(None), *_window([k - 1 - o for k, o in zip(kernel_shape, t)], size))]
+      for t in _taps(kernel_shape)
+    ]
+  )  # (taps, co, B, *in)
   return rows.reshape(rows.shape[0] * rows.shape[1], -1)
 
 
@@ -68,9 +71,10 @@ def input_gradient(g: Array, w: Array) -> Array:
   w_cols = jnp.moveaxis(w, -1, 0).reshape(co, len(taps) * ci)
   z = jnp.dot(g, w_cols, preferred_element_type=jnp.float32)
   z = z.reshape(*g.shape[:-1], len(taps), ci)
-  dx = sum(jnp.pad(z[..., i, :], ((0, 0), *[(o, k - 1 - o) for o, k in zip(t, kernel_shape)],
-                                  (0, 0)))
-           for i, t in enumerate(taps))
+  dx = sum(
+    jnp.pad(z[..., i, :], ((0, 0), *[(o, k - 1 - o) for o, k in zip(t, kernel_shape)], (0, 0)))
+    for i, t in enumerate(taps)
+  )
   return dx.astype(g.dtype)
 
 
@@ -88,8 +92,9 @@ def _conv_valid_bwd(res, g):
   ci = x.shape[-1]
   rows = _cotangent_rows(g, w.shape[:nd])  # (taps * co, B * prod(in))
   w_rows = jnp.moveaxis(w, -1, nd).reshape(rows.shape[0], ci)  # (taps * co, ci)
-  dx = jax.lax.dot_general(rows, w_rows, (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32).reshape(x.shape)
+  dx = jax.lax.dot_general(
+    rows, w_rows, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  ).reshape(x.shape)
   dw = jnp.dot(rows, x.reshape(-1, ci), preferred_element_type=jnp.float32)
   dw = dw.reshape(*w.shape[:nd], w.shape[-1], ci)
   return dx.astype(x.dtype), jnp.moveaxis(dw, -1, nd).astype(w.dtype)

@@ -29,7 +29,7 @@ def matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   n = m + r - 1
   if not (m >= 1 and r >= 1 and n - 1 <= len(_POINTS)):
     raise ValueError(f"F({m}, {r}) needs {n - 1} finite points; {len(_POINTS)} are defined")
-  points = _POINTS[:n - 1]
+  points = _POINTS[: n - 1]
   at, g = np.zeros((m, n)), np.zeros((n, r))
   for k, p in enumerate(points):
     at[:, k] = [p**i for i in range(m)]
@@ -62,7 +62,7 @@ def tiles_needed(n: int, m: int) -> int:
 
 def _tile_slices(x: Array, step: int, count: int, q: int) -> list[Array]:
   """Slice i of each of q tiles starting every `step` slices, i < count: arrays (B, q, ...)."""
-  return [x[:, i:i + step * (q - 1) + 1:step] for i in range(count)]
+  return [x[:, i : i + step * (q - 1) + 1 : step] for i in range(count)]
 
 
 def input_tiles(x: Array, m: int, r: int) -> list[Array]:
@@ -93,8 +93,9 @@ def kernel_gradient_tiles(x: Array, g: Array, r: int, t: int) -> tuple[list[Arra
   """
   q = g.shape[1] // t
   if q < 1 or g.shape[1] != t * q or x.shape[1] != t * q + r - 1:
-    raise ValueError(f"{g.shape[1]} cotangent and {x.shape[1]} input slices are not {t} * q "
-                     f"and {t} * q + {r - 1}")
+    raise ValueError(
+      f"{g.shape[1]} cotangent and {x.shape[1]} input slices are not {t} * q and {t} * q + {r - 1}"
+    )
   bt, gm, _ = matrices(r, t)
   xs, gs = _tile_slices(x, t, t + r - 1, q), _tile_slices(g, t, t, q)
   return [_combine(row, xs) for row in bt], [_combine(row, gs) for row in gm]
