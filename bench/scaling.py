@@ -24,7 +24,7 @@ def child(args) -> None:
   import jax
   import numpy as np
 
-  from bench.run import timeit
+  from bench.measure import timeit
   from experiments.configs.flow import get_config
   from latentfm.train import compiler, flow_step, host_memory, parallel
 
