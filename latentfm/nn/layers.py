@@ -5,20 +5,16 @@ volumes). Every convolution keeps its weights as one `kernel` of shape
 `(*kernel_size, in_features, out_features)` plus a `bias`, whatever formulation computes it, so
 that the arithmetic in `conv` / `conv_transpose` can change without changing checkpoints.
 
-Two implementations give the same numbers, chosen per module by its `conv_impl` field (fed from
-a config's `model.conv_impl`): "lax", one `lax.conv_general_dilated` per layer (the reference;
-forward and reverse mode), and "fast", the XLA:CPU formulations of `latentfm.nn.cpu` (XLA:CPU
-differentiates strided, transposed and 3D convolutions slowly; reverse mode only). "auto", the
-default, is "fast" on the CPU and "lax" on accelerators; inside `with use_conv_impl(...)` (for
-tests and benchmarks) "auto" means the implementation given there. The choice is read when a
-function is traced: a module built with "fast" or "lax" always runs that implementation.
+Two implementations give the same numbers, chosen per module by its `conv_impl` field (see
+`latentfm.nn.conv_impl`, re-exported here): "lax", one `lax.conv_general_dilated` per layer (the
+reference; forward and reverse mode), and "fast", the XLA:CPU formulations of `latentfm.nn.cpu`
+(XLA:CPU differentiates strided, transposed and 3D convolutions slowly; reverse mode only).
 
 Initialisation follows PyTorch's defaults for `ConvNd` / `ConvTransposeNd` (uniform with bound
 1/sqrt(fan_in)), as in the reference implementation.
 """
 
-from collections.abc import Iterator, Sequence
-import contextlib
+from collections.abc import Sequence
 import math
 from typing import Any
 
@@ -28,14 +24,13 @@ from jax import lax
 import jax.numpy as jnp
 
 from latentfm.nn import group_norm
+from latentfm.nn.conv_impl import CONV_IMPLS, resolve_conv_impl, use_conv_impl  # noqa: F401
 from latentfm.nn.cpu import edge_pad as cpu_edge_pad
 from latentfm.nn.cpu import strided
 from latentfm.nn.cpu.slab_conv import dimension_numbers
 
 Array = jax.Array
 IntOrSeq = int | Sequence[int]
-CONV_IMPLS = ("auto", "fast", "lax")
-_auto_override: list[str] = []  # innermost `use_conv_impl` last
 
 
 def _tuple(v: IntOrSeq, n: int) -> tuple[int, ...]:
@@ -70,37 +65,6 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
 def _to_dtype(x: Array, dtype: Any) -> Array:
   """`x` in the computation dtype `dtype`, or as it is when `dtype` is None."""
   return x if dtype is None else x.astype(dtype)
-
-
-def resolve_conv_impl(impl: str = "auto") -> str:
-  """ "fast" or "lax" for a `conv_impl` value of `CONV_IMPLS`; a clear ValueError otherwise.
-
-  "auto" is the implementation of the innermost `use_conv_impl`, else "fast" on the CPU and
-  "lax" on accelerators (`jax.default_backend()`).
-  """
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"unknown conv_impl {impl!r}; choose one of {CONV_IMPLS}")
-  if impl != "auto":
-    return impl
-  if _auto_override:
-    return _auto_override[-1]
-  return "fast" if jax.default_backend() == "cpu" else "lax"
-
-
-@contextlib.contextmanager
-def use_conv_impl(impl: str) -> Iterator[None]:
-  """Makes "auto" mean `impl` ("fast" or "lax") for functions traced inside the block.
-
-  For tests and benchmarks that compare the implementations on one module; code that runs a
-  model picks its implementation with the module's `conv_impl` field instead.
-  """
-  if impl not in CONV_IMPLS[1:]:
-    raise ValueError(f"use_conv_impl takes 'fast' or 'lax', got {impl!r}")
-  _auto_override.append(impl)
-  try:
-    yield
-  finally:
-    _auto_override.pop()
 
 
 def conv(
