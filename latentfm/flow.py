@@ -40,7 +40,14 @@ def interpolate(z0: Array, z1: Array, t: Array) -> Array:
 
 
 def target_velocity(z0: Array, z1: Array) -> Array:
-  """Velocity of the straight path, dz_t/dt = z1 - z0: (B, ...) from two (B, ...) latents."""
+  """Velocity of the straight path from data to noise, dz_t/dt = z1 - z0 (the same at every t).
+
+  Args:
+    z0: (B, ...) data latents (t = 0).
+    z1: (B, ...) noise, the same shape (t = 1).
+  Returns:
+    (B, ...) velocities, z0's shape and dtype.
+  """
   return z1 - z0
 
 
@@ -87,7 +94,13 @@ def drop_labels(key: Array, labels: Array, p_uncond: float, null_label: int) -> 
   """Classifier-free guidance training: each label becomes `null_label` with probability
   `p_uncond`, so one network learns both the conditional and the unconditional field.
 
-  Args: labels int `(B,)`. Returns int32 `(B,)`.
+  Args:
+    key: PRNG key of the drops.
+    labels: int `(B,)` classes in [0, null_label).
+    p_uncond: probability in [0, 1] that a label is dropped.
+    null_label: the network's null class (its number of classes).
+  Returns:
+    int32 `(B,)`: each label, or `null_label` where it was dropped.
   """
   drop = jax.random.bernoulli(key, p_uncond, labels.shape)
   return jnp.where(drop, null_label, labels).astype(jnp.int32)
@@ -96,9 +109,19 @@ def drop_labels(key: Array, labels: Array, p_uncond: float, null_label: int) -> 
 def label_condition(
   key: Array, labels: Array | None, num_classes: int, p_uncond: float, train: bool
 ) -> dict[str, Array]:
-  """The network's `label` keyword for one batch: none for an unconditional model (num_classes
-  0), else the labels int `(B,)`, each dropped to the null class with probability `p_uncond`
-  while training (drawn from `fold_in(key, 3)`, leaving the other draws of `key` unchanged)."""
+  """The network's `label` keyword for one batch.
+
+  Args:
+    key: the batch's PRNG key; the drops are drawn from `fold_in(key, 3)`, leaving the other
+      draws of `key` unchanged.
+    labels: int `(B,)` classes in [0, num_classes), or None for an unconditional model.
+    num_classes: the network's classes (0: unconditional).
+    p_uncond: probability in [0, 1] that a label is dropped to the null class `num_classes`.
+    train: drop labels (training) or pass them unchanged (evaluation).
+  Returns:
+    `{}` for an unconditional model, else `{"label": int (B,)}`; a ValueError if a
+    conditional model gets no labels.
+  """
   if num_classes <= 0:
     return {}
   if labels is None:
@@ -172,7 +195,11 @@ class LatentStats:
   std: Array
 
   def to_dict(self) -> dict[str, list[float]]:
-    """Plain lists of floats, ready for `json.dump`."""
+    """Plain lists of floats, ready for `json.dump`.
+
+    Returns:
+      `{"mean": [C floats], "std": [C floats]}`.
+    """
     return {
       "mean": np.asarray(self.mean, np.float64).tolist(),
       "std": np.asarray(self.std, np.float64).tolist(),
@@ -180,13 +207,32 @@ class LatentStats:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "LatentStats":
+    """The statistics `to_dict` wrote.
+
+    Args:
+      d: a mapping with `mean` and `std`, C numbers each.
+    Returns:
+      `LatentStats` with float32 (C,) `mean` and `std`.
+    """
     return cls(mean=np.asarray(d["mean"], np.float32), std=np.asarray(d["std"], np.float32))
 
   def to_json(self) -> str:
+    """`to_dict` as a JSON string.
+
+    Returns:
+      `{"mean": [...], "std": [...]}` as JSON text.
+    """
     return json.dumps(self.to_dict())
 
   @classmethod
   def from_json(cls, s: str) -> "LatentStats":
+    """The statistics `to_json` wrote.
+
+    Args:
+      s: JSON text with `mean` and `std`, C numbers each.
+    Returns:
+      `LatentStats` with float32 (C,) `mean` and `std`.
+    """
     return cls.from_dict(json.loads(s))
 
 
@@ -207,10 +253,24 @@ def compute_latent_stats(latents: Array | np.ndarray, eps: float = 1e-6) -> Late
 
 
 def normalize(z: Array, stats: LatentStats) -> Array:
-  """(z - mean) / std per channel: (..., C) latents -> (..., C), z's dtype."""
+  """(z - mean) / std per channel: encoder latents to about zero mean and unit variance.
+
+  Args:
+    z: (..., C) latents as the encoder gives them.
+    stats: their per-channel statistics (`compute_latent_stats`).
+  Returns:
+    (..., C) normalised latents, z's dtype.
+  """
   return (z - jnp.asarray(stats.mean, z.dtype)) / jnp.asarray(stats.std, z.dtype)
 
 
 def denormalize(z: Array, stats: LatentStats) -> Array:
-  """Inverse of `normalize`, z * std + mean per channel: (..., C) -> (..., C), z's dtype."""
+  """Inverse of `normalize`, z * std + mean per channel: back to the encoder's latents.
+
+  Args:
+    z: (..., C) normalised latents (e.g. a sampler's output).
+    stats: the per-channel statistics they were normalised with.
+  Returns:
+    (..., C) latents as the decoder takes them, z's dtype.
+  """
   return z * jnp.asarray(stats.std, z.dtype) + jnp.asarray(stats.mean, z.dtype)

@@ -92,14 +92,26 @@ def integrate(
   t1: float = 0.0,
   max_steps: int = 4096,
 ) -> tuple[Array, Array]:
-  """Integrates dz/dt = velocity_fn(z, t) from `t0` to `t1`; returns `(z(t1), nfe)`.
+  """Integrates dz/dt = velocity_fn(z, t) from `t0` to `t1`.
 
-  `velocity_fn(z, t)` takes the whole batch and a scalar time. The solve is compiled once per
-  velocity function (for a pytree such as `velocity_from_model`, per static part), solver,
-  tolerances and input shape; new array leaves (e.g. new parameters) and a new `steps` reuse
-  it. `solver` is one of `SOLVERS`: fixed-step solvers take `steps` steps of size
-  (t1 - t0) / steps, adaptive ones start from that step and take at most `max_steps`.
-  `nfe` (an int32 scalar) counts the velocity evaluations made, rejected steps included.
+  The solve is compiled once per velocity function (for a pytree such as
+  `velocity_from_model`, per static part), solver, tolerances and input shape; new array leaves
+  (e.g. new parameters) and a new `steps` reuse it.
+
+  Args:
+    velocity_fn: `fn(z, t)`: the whole batch (B, ...) and a scalar time in [0, 1] to
+      velocities of z's shape.
+    z1: (B, ...) the state at `t0`, e.g. N(0, I) noise (B, d, h, w, C) for sampling.
+    solver: one of `SOLVERS`. Fixed-step solvers (`euler`, `heun`, `midpoint`) take `steps`
+      steps of size (t1 - t0) / steps; adaptive ones (`tsit5`, `dopri5`) start from that step
+      and adapt it with a PID controller.
+    steps: in [1, max_steps].
+    rtol, atol: positive relative and absolute tolerances of the adaptive solvers.
+    t0, t1: start and end times, each in [0, 1]; the default 1 → 0 goes from noise to data.
+    max_steps: the most steps an adaptive solve may take (accepted and rejected).
+  Returns:
+    `(z(t1), nfe)`: z(t1) of z1's shape and dtype, and nfe an int32 scalar counting the
+    velocity evaluations made, rejected steps included.
   """
   if solver not in _SOLVERS:
     raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")

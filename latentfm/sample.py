@@ -65,14 +65,29 @@ ALL_SOLVERS = SOLVERS + ddpm.SAMPLERS  # rectified flow's ODE solvers, then the 
 
 
 def default_solver(objective: str) -> str:
-  """The sampler `sample` uses when none is named: `euler` for rectified flow, the ancestral
-  `ddpm` sampler for DDPM (on the trained demo DDPM, DDIM with eta 0 leaves the latents at about
-  twice the data's spread and scores far worse; bench/RESULTS.md)."""
+  """The sampler `sample` uses when none is named.
+
+  The ancestral sampler for DDPM: on the trained demo DDPM, DDIM with eta 0 leaves the latents
+  at about twice the data's spread and scores far worse (bench/RESULTS.md).
+
+  Args:
+    objective: `rectified_flow` or `ddpm`.
+  Returns:
+    `euler` for rectified flow, `ddpm` for DDPM.
+  """
   return "ddpm" if objective == "ddpm" else "euler"
 
 
 def check_solver(objective: str, solver: str) -> None:
-  """ValueError unless `solver` samples models of `objective` (`rectified_flow` or `ddpm`)."""
+  """Checks that a sampler fits the model's objective.
+
+  Args:
+    objective: `rectified_flow` or `ddpm`.
+    solver: one of `ALL_SOLVERS`.
+  Returns:
+    None; a ValueError naming the allowed samplers unless `solver` is one of `SOLVERS` for
+    rectified flow or of `ddpm.SAMPLERS` for DDPM.
+  """
   allowed = ddpm.SAMPLERS if objective == "ddpm" else SOLVERS
   if solver not in allowed:
     raise ValueError(
@@ -94,13 +109,25 @@ def generate_latents(
   atol: float = 1e-5,
   max_steps: int = 4096,
 ) -> tuple[Array, Array]:
-  """Noise `z1` (B, d, h, w, C) to normalised latents with either objective's sampler.
+  """Noise `z1` to normalised latents with either objective's sampler.
 
-  Rectified flow integrates `network` (the velocity) with `solver` in `SOLVERS` (`key`
-  unused; `steps`, `rtol`, `atol`, `max_steps` as for `integrate`). DDPM runs
-  `ddpm.sample_ddpm` (`solver="ddpm"`) or `ddpm.sample_ddim` (`"ddim"`, `steps`, `eta`) with
-  `network` as the noise predictor and `key` for the step noise.
-  Returns `(z0 (B, d, h, w, C), nfe)`, nfe an int32 scalar: network evaluations per batch.
+  Rectified flow integrates `network` (the velocity) from t = 1 to 0 with `solver`. DDPM runs
+  `ddpm.sample_ddpm` (`solver="ddpm"`, all T steps) or `ddpm.sample_ddim` (`"ddim"`) with
+  `network` as the noise predictor.
+
+  Args:
+    network: `fn(z (B, d, h, w, C), t scalar) -> (B, d, h, w, C)`, e.g. a `ModelVelocity`.
+    z1: (B, d, h, w, C) N(0, I) noise.
+    key: PRNG key of DDPM's step noise (unused by rectified flow).
+    objective: `rectified_flow` or `ddpm`.
+    schedule: the DDPM noise schedule (`Models.schedule`); None for rectified flow.
+    solver: one of `SOLVERS` for rectified flow, `ddpm` or `ddim` for DDPM (`check_solver`).
+    steps: solver steps (`integrate`), or DDIM's steps.
+    eta: DDIM's noise level in [0, 1] (0: deterministic).
+    rtol, atol, max_steps: the adaptive solvers' tolerances and step limit (`integrate`).
+  Returns:
+    `(z0, nfe)`: normalised latents (B, d, h, w, C) (about N(0, I) per channel for a trained
+    model), and nfe an int32 scalar: network evaluations per batch.
   """
   check_solver(objective, solver)
   if solver == "ddpm":
@@ -137,11 +164,19 @@ def sample(
   volumes at a time.
 
   Args:
+    key: PRNG key of the noise (and of DDPM's step noise).
+    models: from `load`.
+    num: how many volumes, >= 1.
     labels: None (unconditional), one class or `num` classes (a class-conditional model only).
     guidance: classifier-free guidance weight w: v = v_u + w (v_c - v_u) (for a DDPM model the
       same on the predicted noise); 1 samples the conditional field, 0 the unconditional one.
       An evaluation of the guided field is one batched network call on twice the batch and
       counts as one NFE.
+    solver: None (`default_solver`), or a sampler of the model's objective (`check_solver`).
+    steps, rtol, atol, max_steps: as for `integrate` (`steps` also DDIM's steps).
+    eta: DDIM's noise level in [0, 1].
+    snap_to_codebook: replace each latent vector by its nearest code before decoding.
+    batch_size: volumes per solve and decode, >= 1.
     decode_tile: None, or the tile size of a tiled decode (see `decode`).
   Returns:
     volumes float32 `[num, D, H, W]` in [0, 1], and the most NFE any batch used.
@@ -177,8 +212,15 @@ def sample(
 
 
 def balanced_labels(num: int, num_classes: int) -> np.ndarray:
-  """`num` labels with equal counts per class (the first `num % num_classes` classes get one
-  more), in class order. Returns int32 `(num,)`."""
+  """Class labels for a class-balanced sample set.
+
+  Args:
+    num: how many labels, >= 0.
+    num_classes: the flow's classes, >= 1 (a ValueError otherwise).
+  Returns:
+    int32 `(num,)` in class order, equal counts per class; the first `num % num_classes`
+    classes get one more.
+  """
   if num_classes < 1:
     raise ValueError("balanced sampling needs a class-conditional flow (model.num_classes > 0)")
   counts = num // num_classes + (np.arange(num_classes) < num % num_classes)
@@ -194,15 +236,23 @@ def write_samples(
   prefix: str = "sample",
   labels: Any = None,
 ) -> list[str]:
-  """Writes volumes [N, D, H, W] as NIfTI plus one tri-planar PNG; returns the NIfTI paths.
+  """Writes volumes as NIfTI files plus one tri-planar PNG of the first eight.
+
+  `directory` must be new or empty (a ValueError otherwise); it appears only once complete.
 
   Args:
+    directory: the folder to create.
+    volumes: float `[N, D, H, W]`, values in [0, 1] (as `sample` returns them).
     geometry: a `latentfm.data.geometry.Geometry` (e.g. `Models.geometry`, the training data's
       median voxel size and orientation); None: `spacing` mm on every axis, identity
       direction. Either way the volume's centre is at (0, 0, 0) mm.
     labels: int `(N,)` (the classes they were sampled for): the file names carry the class,
       `<prefix>_<i>_class<k>.nii.gz`, and `labels.csv` lists file and class.
-  `directory` must be new or empty (a ValueError otherwise); it appears only once complete.
+    spacing: the isotropic voxel size in mm used when `geometry` is None.
+    prefix: the start of the file names, `<prefix>_<i>.nii.gz`, and of the PNG's,
+      `<prefix>s.png`.
+  Returns:
+    The N NIfTI paths, in volume order, under `directory`.
   """
   from latentfm import atomic_write, viz  # pylint: disable=import-outside-toplevel
   from latentfm.data import geometry as geometry_lib  # pylint: disable=import-outside-toplevel

@@ -53,11 +53,24 @@ class Volume:
   direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
   def replace(self, **changes) -> "Volume":
+    """A copy with some fields changed.
+
+    Args:
+      **changes: new values of `array`, `spacing`, `origin` or `direction`.
+    Returns:
+      A new `Volume`; this one is unchanged.
+    """
     return dataclasses.replace(self, **changes)
 
 
 def is_volume_file(path: str | os.PathLike) -> bool:
-  """Whether `path` (str or path-like) ends in one of `SUFFIXES`, case-insensitively."""
+  """Whether a file name is a volume this module reads and writes.
+
+  Args:
+    path: a file name or path (str or path-like).
+  Returns:
+    True if it ends in one of `SUFFIXES`, case-insensitively.
+  """
   name = os.fspath(path).lower()
   return any(name.endswith(s) for s in SUFFIXES)
 
@@ -224,8 +237,14 @@ def _check_not_truncated(path: str) -> None:
 
 
 def check_finite_nonconstant(array: np.ndarray, name: str) -> None:
-  """Raises `VolumeError` naming `name` if `array` (any shape) holds NaN/Inf or a single
-  value."""
+  """Checks that a volume's voxels are finite and not all equal.
+
+  Args:
+    array: the voxels, any shape.
+    name: the file (or other source) the error message names.
+  Returns:
+    None; raises `VolumeError` naming `name` if `array` holds NaN/Inf or a single value.
+  """
   if not np.all(np.isfinite(array)):
     bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     raise VolumeError(f"{name}: volume contains {bad} NaN/Inf voxels")
@@ -242,6 +261,8 @@ def write_volume(
     path: the file to write, with one of `SUFFIXES`.
     volume: a `Volume`, or a bare (D, H, W) array (any values; written as float32).
     spacing: (x, y, z) voxel size in mm for a bare array (default 1 mm); ignored for a `Volume`.
+  Returns:
+    None. The file appears under `path` only once complete (written to a temporary name first).
   Raises:
     VolumeError: naming the file, for an unsupported suffix or an array that is not 3D.
   """

@@ -51,7 +51,14 @@ FeatureExtractor = Callable[[np.ndarray], np.ndarray]
 
 
 def as_volumes(volumes) -> np.ndarray:
-  """Returns float32 ``[N, D, H, W]`` (a trailing channel of 1 is dropped)."""
+  """Volumes in the layout every extractor takes.
+
+  Args:
+    volumes: array-like ``[N, D, H, W]`` or ``[N, D, H, W, 1]``, values in [0, 1].
+  Returns:
+    float32 ``[N, D, H, W]`` (a trailing channel of 1 is dropped); a ValueError for any
+    other shape.
+  """
   v = np.asarray(volumes, dtype=np.float32)
   if v.ndim == 5 and v.shape[-1] == 1:
     v = v[..., 0]
@@ -163,8 +170,15 @@ def random_conv_features(
   module docstring). Deterministic: the same seed gives the same features
   (independent of ``batch_size`` up to float32 rounding).
 
+  Args:
+    seed: seed of the convolution weights.
+    widths: output channels of each stride-2 convolution.
+    kernel_size: the convolutions' edge length.
+    scales: average-pooling factors of the intensity and gradient statistics.
+    histogram_bins: bins of each intensity histogram over [0, 1].
+    batch_size: volumes per compiled call.
   Returns:
-    A :data:`FeatureExtractor` returning float64 ``[N, F]``.
+    A :data:`FeatureExtractor`: volumes ``[N, D, H, W]`` in [0, 1] to float64 ``[N, F]``.
   """
   weights = _init_conv_weights(seed, tuple(widths), kernel_size)
   fn = functools.partial(_random_conv_apply, weights, scales=tuple(scales), bins=histogram_bins)
@@ -177,9 +191,15 @@ def intensity_histogram_features(bins: int = 32, foreground: float = 0.05) -> Fe
   Voxels above ``foreground`` are binned into ``bins`` equal bins of
   ``(foreground, 1]``; the counts are normalised to sum to 1 (a volume with no
   foreground gives zeros). The last feature is the foreground fraction of the
-  volume. Output ``[N, bins + 1]``, float64.
+  volume.
 
-  Returns: a feature extractor `[N, D, H, W] in [0, 1] -> (N, bins + 1)`.
+  Args:
+    bins: histogram bins, >= 1.
+    foreground: the intensity in [0, 1) above which a voxel counts as foreground.
+  Returns:
+    A feature extractor: volumes ``[N, D, H, W]`` in [0, 1] to float64 ``[N, bins + 1]``,
+    each row's first ``bins`` values in [0, 1] summing to 1 (0 with no foreground), the last
+    the foreground fraction in [0, 1].
   """
 
   def extract(volumes) -> np.ndarray:

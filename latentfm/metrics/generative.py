@@ -195,8 +195,14 @@ def pairwise_ms_ssim(
 ) -> np.ndarray:
   """MS-SSIM of pairs ``(i, j), i < j``: all of them, or a random subset.
 
-  Returns ``[P]`` values, pairs in lexicographic order (or in the drawn order
-  when ``max_pairs`` is below the number of pairs). Higher = more similar.
+  Args:
+    volumes: ``[N, D, H, W]`` in [0, 1], N >= 2.
+    max_pairs: None (all N (N - 1) / 2 pairs) or the number of pairs to draw.
+    seed: seed of the drawn pairs.
+    batch_size: pairs per compiled call.
+  Returns:
+    float64 ``[P]`` values in [0, 1], pairs in lexicographic order (or in the drawn order
+    when ``max_pairs`` is below the number of pairs). Higher = more similar.
   """
   v = as_volumes(volumes)
   i, j = np.triu_indices(len(v), 1)
@@ -219,8 +225,15 @@ def diversity(generated, real, max_pairs: int | None = None, seed: int = 0) -> d
 
   Lower values mean a more diverse set. A generated value well above the
   real one suggests mode collapse (samples too alike); well below it can mean
-  noisy or implausible samples. Returns ``generated_ms_ssim``,
-  ``real_ms_ssim`` and their ``difference`` (generated - real; ideally ~0).
+  noisy or implausible samples.
+
+  Args:
+    generated: ``[N, D, H, W]`` in [0, 1], N >= 2.
+    real: ``[M, D, H, W]`` in [0, 1], M >= 2.
+    max_pairs, seed: as for :func:`pairwise_ms_ssim`, for each set.
+  Returns:
+    ``{"generated_ms_ssim", "real_ms_ssim"}`` (floats in [0, 1]) and their ``difference``
+    (generated - real, in [-1, 1]; ideally ~0).
   """
   gen = float(pairwise_ms_ssim(generated, max_pairs, seed).mean())
   ref = float(pairwise_ms_ssim(real, max_pairs, seed).mean())
@@ -296,7 +309,16 @@ def nearest_neighbour_distances(
 
   Without ``feature_fn``: voxel-space RMSE ``sqrt(mean((q - r)^2))``,
   computed in ``batch_size`` blocks to bound memory. With it: Euclidean
-  distance between ``feature_fn`` vectors. Returns ``([Nq], [Nq])``.
+  distance between ``feature_fn`` vectors.
+
+  Args:
+    queries: ``[Nq, D, H, W]`` in [0, 1].
+    references: ``[Nr, D, H, W]`` in [0, 1], the same (D, H, W) without ``feature_fn``.
+    feature_fn: None (voxel RMSE) or a :data:`FeatureExtractor`.
+    batch_size: volumes per block of the voxel-space search.
+  Returns:
+    ``(distances, indices)``: float64 ``[Nq]`` distances >= 0 (RMSE in [0, 1] in voxel
+    space), and int64 ``[Nq]`` indices into ``references``.
   """
   if feature_fn is None:
     q, r = as_volumes(queries), as_volumes(references)
@@ -332,6 +354,12 @@ def memorisation_report(
   ``chance_fraction``. A ``fraction_flagged`` near that is expected; well
   above it, or any sample at distance ~0, points to memorisation.
 
+  Args:
+    generated: ``[Ng, D, H, W]`` in [0, 1].
+    train: ``[Nt, D, H, W]`` in [0, 1], the training scans.
+    held_out: ``[Nh, D, H, W]`` in [0, 1], real scans the model never saw.
+    feature_fn: None (voxel RMSE) or a :data:`FeatureExtractor`.
+    batch_size: volumes per block of the voxel-space search.
   Returns:
     Dict with ``generated_to_train`` [Ng], ``generated_nn_index`` [Ng] (index
     into ``train``), ``held_out_to_train`` [Nh], ``privacy_threshold``,

@@ -104,7 +104,14 @@ def psnr(x: Array, y: Array, data_range: float = 1.0) -> Array:
 
 
 def gaussian_window(win_size: int, sigma: float) -> np.ndarray:
-  """1D Gaussian of ``win_size`` taps (odd), centred and normalised to sum 1."""
+  """The SSIM window: a centred, normalised 1D Gaussian.
+
+  Args:
+    win_size: taps, a positive odd integer (a ValueError otherwise).
+    sigma: the Gaussian's standard deviation in voxels, > 0.
+  Returns:
+    float64 ``(win_size,)`` weights in (0, 1] summing to 1.
+  """
   if win_size < 1 or win_size % 2 == 0:
     raise ValueError(f"win_size must be a positive odd integer, got {win_size}.")
   t = np.arange(win_size, dtype=np.float64) - (win_size - 1) // 2
@@ -185,6 +192,13 @@ def ms_ssim_scales(
   window, one scale is used with the window shrunk to the largest odd size
   ``<= min(spatial_shape)``. For ``win_size=11``: 64^3 -> 3 scales,
   128^3 -> 4, 176^3 -> 5; 8^3 -> 1 scale with a 7-voxel window.
+
+  Args:
+    spatial_shape: the (D, H, W) of the volumes, each >= 1.
+    win_size: the requested window, odd.
+    max_scales: the most scales, the length of the weights (5 by default).
+  Returns:
+    ``(num_scales, win_size)``: 1 <= num_scales <= max_scales, and the odd window used.
   """
   sides = [int(n) for n in spatial_shape]
   if min(sides) < 1:

@@ -24,7 +24,12 @@ def deep_csf_profile(volumes, depths=DEPTHS, brain_threshold: float = 0.05) -> n
   """CSF fraction of the brain deeper than each relative depth (distance to the brain surface
   over its maximum), with CSF split from tissue by Otsu's threshold as in `tissue_volumes`.
 
-  Args: volumes `[N, D, H, W]` in [0, 1]. Returns float64 `[N, len(depths)]` in [0, 1].
+  Args:
+    volumes: `[N, D, H, W]` in [0, 1].
+    depths: relative depths in [0, 1).
+    brain_threshold: the intensity above which a voxel is brain (holes filled).
+  Returns:
+    float64 `[N, len(depths)]` in [0, 1] (0 for a volume with no brain).
   """
   rows = []
   for vol in as_volumes(volumes):
@@ -42,7 +47,10 @@ def deep_csf_profile(volumes, depths=DEPTHS, brain_threshold: float = 0.05) -> n
 def stage_features(volumes) -> np.ndarray:
   """The classifier's inputs: CSF and ventricle fractions, then `deep_csf_profile`.
 
-  Args: volumes `[N, D, H, W]` in [0, 1]. Returns float64 `[N, 2 + len(DEPTHS)]`.
+  Args:
+    volumes: `[N, D, H, W]` in [0, 1].
+  Returns:
+    float64 `[N, 2 + len(DEPTHS)]`, every value a fraction in [0, 1].
   """
   m = tissue_volumes(volumes)
   return np.concatenate([np.stack([m[k] for k in MEASURES], 1), deep_csf_profile(volumes)], 1)
@@ -106,8 +114,15 @@ def per_stage_morphometry(
   """For each requested stage: generated vs real CSF and ventricle fractions (means with 95%
   bootstrap intervals) and their Wasserstein-1 distance.
 
-  Args: samples `[N, D, H, W]` with their requested labels int `(N,)`; real volumes
-  `[M, D, H, W]` with their labels int `(M,)`. Returns {stage: {measure: {model, real, w1}}}.
+  Args:
+    samples: `[N, D, H, W]` generated volumes in [0, 1].
+    sample_labels: int `(N,)`, the stage each was sampled for.
+    real: `[M, D, H, W]` real volumes in [0, 1].
+    real_labels: int `(M,)`, their stages.
+  Returns:
+    `{stage: {measure: {"model", "real", "w1"}}}` for each stage in `sample_labels` and each
+    of `MEASURES`: `mean_ci` of the generated and the real fractions (in [0, 1]) and their
+    Wasserstein-1 distance (>= 0; None when no real volume has that stage).
   """
   ms, mr = tissue_volumes(samples), tissue_volumes(real)
   out = {}
