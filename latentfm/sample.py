@@ -67,8 +67,8 @@ ALL_SOLVERS = SOLVERS + ddpm.SAMPLERS  # rectified flow's ODE solvers, then the 
 def default_solver(objective: str) -> str:
   """The sampler `sample` uses when none is named.
 
-  The ancestral sampler for DDPM: on the trained demo DDPM, DDIM with eta 0 leaves the latents
-  at about twice the data's spread and scores far worse (bench/RESULTS.md).
+  The ancestral sampler for DDPM: DDIM with eta 0 carries the trained predictor's low-SNR
+  error to the output (`latentfm.ddpm`, bench/RESULTS.md).
 
   Args:
     objective: `rectified_flow` or `ddpm`.

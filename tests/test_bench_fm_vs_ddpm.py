@@ -15,10 +15,16 @@ def _flat(d, prefix=""):
   return out
 
 
-def test_the_two_runs_differ_only_in_objective_sampler_and_rate():
+def test_the_two_runs_differ_only_in_objective_sampler_eta_and_rate():
   runs = fm_vs_ddpm.configs("demo", 40)
   fm, dm = (_flat(runs[o].to_dict()) for o in fm_vs_ddpm.OBJECTIVES)
-  assert {k for k in fm if fm[k] != dm[k]} == {"flow.objective", "sample.solver", "optim.lr"}
+  assert {k for k in fm if fm[k] != dm[k]} == {
+    "flow.objective",
+    "sample.solver",
+    "sample.eta",
+    "optim.lr",
+  }
+  assert dm["sample.eta"] == 1.0  # eta 0 carries the predictor's low-SNR error (latentfm.ddpm)
   assert dm["flow.objective"] == "ddpm" and fm["train.num_steps"] == 40
   assert fm["train.sample_every"] == 0 and fm["train.ckpt_every"] == 40
   reference = _flat(flow_configs.get_config("ddpm_demo").to_dict())

@@ -178,3 +178,20 @@ def test_ddpm_config_is_medicaldiffusions_baseline():
   assert c.model.time_scale * (T - 1) / T == T - 1  # the embedding sees the integer step
   assert (c.optim.lr, c.optim.ema_decay, c.ddpm.clip_denoised) == (1e-4, 0.995, True)
   assert get_config("thesis").flow.objective == "rectified_flow"
+
+
+def test_eta_1_corrects_a_predictor_error_that_eta_0_carries_to_the_output():
+  """An error of 0.05 in the predicted noise near t = T - 1, where the exact prediction is
+  nearly z itself, makes z0^ = error / sqrt(alpha_bar) saturate the clip; the deterministic
+  sampler keeps that +-bound pattern (here a shift of the mean), the stochastic one washes it out
+  (the trained demo DDPM's failure at eta = 0, bench/RESULTS.md)."""
+  s = ddpm.make_schedule(T, clip_z0=4.0)
+  exact = _gaussian_predictor(s)
+  pattern = 0.05 * jnp.sign(_normal((1, 1, 1, 1, 4), 5))
+  noisy = lambda z, t_net: exact(z, t_net) + jnp.where(t_net > 0.9, pattern, 0.0)
+  z_last = jax.random.normal(jax.random.key(0), (4096, 1, 1, 1, 4))
+  shift = {}
+  for eta in (0.0, 1.0):
+    z0, _ = ddpm.sample_ddim(noisy, z_last, jax.random.key(1), s, steps=50, eta=eta)
+    shift[eta] = np.abs(np.asarray(z0).reshape(-1, 4).mean(0) - MU).max()
+  assert shift[0.0] > 0.3 and shift[1.0] < 0.12, shift
