@@ -206,8 +206,11 @@ def table(rows: Sequence[dict]) -> str:
   return "\n".join([header] + [format_row(r) for r in rows])
 
 
-def plot(path: str, curve: Sequence[dict], sweep: Sequence[dict]) -> None:
-  """Three panels of FD / floor: against training steps, training time and sampling NFE."""
+def plot(path: str, curve: Sequence[dict], sweep: Sequence[dict]) -> list[str]:
+  """Three panels of FD / floor: against training steps, training time and sampling NFE.
+
+  Returns: the labels of the training curves drawn, one per objective present in `curve`.
+  """
   # pylint: disable=import-outside-toplevel
   import matplotlib
 
@@ -215,16 +218,16 @@ def plot(path: str, curve: Sequence[dict], sweep: Sequence[dict]) -> None:
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+  drawn = []
   for objective, colour in zip(OBJECTIVES, ("tab:blue", "tab:red")):
     rows = [r for r in curve if r["objective"] == objective]
+    if not rows:  # left out by --objectives: no empty legend entry
+      continue
     sampler = CURVE_SAMPLER[objective][0]
+    drawn.append(f"{objective} ({sampler}-50)")
     for ax, key in zip(axes[:2], ("step", "train_seconds")):
       ax.plot(
-        [r[key] for r in rows],
-        [r["fd_ratio"] for r in rows],
-        "o-",
-        color=colour,
-        label=f"{objective} ({sampler}-50)",
+        [r[key] for r in rows], [r["fd_ratio"] for r in rows], "o-", color=colour, label=drawn[-1]
       )
     kinds = sorted({r["sampler"].split(" ")[0] for r in sweep if r["objective"] == objective})
     for kind, marker in zip(kinds, ("o-", "s--")):
@@ -250,6 +253,7 @@ def plot(path: str, curve: Sequence[dict], sweep: Sequence[dict]) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  return drawn
 
 
 def run(args) -> dict:

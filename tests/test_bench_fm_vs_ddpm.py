@@ -86,8 +86,13 @@ def test_table_and_plot(tmp_path):
   text = fm_vs_ddpm.table(curve[:1])
   assert text.splitlines()[0].startswith("| objective | step | train_seconds |")
   assert text.splitlines()[2] == "| rectified_flow | 1 | 10.0 | x | 50 | 2 | 2.99 |  |  |  |"
-  fm_vs_ddpm.plot(str(tmp_path / "p.png"), curve, sweep)
+  assert fm_vs_ddpm.plot(str(tmp_path / "p.png"), curve, sweep) == [
+    "rectified_flow (euler-50)",
+    "ddpm (ddim-50)",
+  ]
   assert (tmp_path / "p.png").stat().st_size > 10_000
+  ddpm_only = [r for r in curve if r["objective"] == "ddpm"]
+  assert fm_vs_ddpm.plot(str(tmp_path / "d.png"), ddpm_only, []) == ["ddpm (ddim-50)"]
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
