@@ -21,6 +21,21 @@ def define_flags(default_config: str) -> None:
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and config.")
 
 
+def define_solver_flags() -> None:
+  """--solver, --steps and --eta, shared by the commands that sample a trained flow."""
+  flags.DEFINE_enum(
+    "solver",
+    None,
+    ["euler", "heun", "midpoint", "tsit5", "dopri5", "ddpm", "ddim"],
+    "Rectified flow: an ODE solver (default euler); DDPM: ddpm (ancestral, all "
+    "steps; the default) or ddim.",
+  )
+  flags.DEFINE_integer(
+    "steps", 50, "Fixed-step solvers and ddim: steps; adaptive: initial step 1/steps."
+  )
+  flags.DEFINE_float("eta", 0.0, "ddim: noise level (0 deterministic, 1 ancestral).")
+
+
 def fail(message: str, code: int = 2) -> None:
   """One line on stderr and exit `code` (2 = bad input, no traceback)."""
   prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "latentfm"

@@ -25,15 +25,7 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A trained flow stage's workdir.")
   flags.DEFINE_integer("num_samples", 0, "Volumes to generate (0: as many as held-out volumes).")
   flags.DEFINE_string("samples", None, "Read these NIfTI samples instead of generating.")
-  flags.DEFINE_enum(
-    "solver",
-    None,
-    ["euler", "heun", "midpoint", "tsit5", "dopri5", "ddpm", "ddim"],
-    "Rectified flow: an ODE solver (default euler); DDPM: ddpm (ancestral, all "
-    "steps) or ddim (default).",
-  )
-  flags.DEFINE_integer("steps", 50, "Solver steps (ddim: network evaluations).")
-  flags.DEFINE_float("eta", 0.0, "ddim: noise level (0 deterministic, 1 ancestral).")
+  common.define_solver_flags()
   flags.DEFINE_integer("seed", 1234, "Sampling seed.")
   flags.DEFINE_integer("per_stage", 4, "Conditional flows: samples per stage and guidance weight.")
   flags.DEFINE_integer(

@@ -34,17 +34,7 @@ def define_flags() -> None:
   )
   flags.DEFINE_integer("num", 8, "Number of volumes.")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
-  flags.DEFINE_enum(
-    "solver",
-    None,
-    ["euler", "heun", "midpoint", "tsit5", "dopri5", "ddpm", "ddim"],
-    "Rectified flow: an ODE solver (default euler); DDPM: ddpm (ancestral, all "
-    "steps) or ddim (default).",
-  )
-  flags.DEFINE_integer(
-    "steps", 50, "Fixed-step solvers and ddim: steps; adaptive: initial step 1/steps."
-  )
-  flags.DEFINE_float("eta", 0.0, "ddim: noise level (0 deterministic, 1 ancestral).")
+  common.define_solver_flags()
   flags.DEFINE_bool("snap", False, "Snap latents to the nearest codebook vectors first.")
   flags.DEFINE_integer("label", None, "Conditional flows: the class (stage) of every volume.")
   flags.DEFINE_bool("balanced", False, "Conditional flows: equal counts of every class.")
