@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     "| classifier accuracy | s |\n|---|---|---|---|---|---|"
   )
   print(_row("real", stage_means(volumes, labels, k), f"{accuracy:.2f} (5-fold CV)", "–"))
+  chance = stages.ordered_chance(
+    tissue_volumes(volumes)["ventricle_fraction"], labels, args.per_stage
+  )
+  print(f"| real, {args.per_stage} per stage: ventricle means rising in {chance:.0%} of draws |")
   asked = np.repeat(np.arange(k, dtype=np.int32), args.per_stage)
   for w in (float(x) for x in args.guidance.split(",")):
     start = time.perf_counter()

@@ -20,6 +20,7 @@ import numpy as np
 
 from latentfm.metrics import generative
 from latentfm.metrics import stages as stage_metrics
+from latentfm.metrics.features import tissue_volumes
 
 
 def _present(labels: np.ndarray, num_classes: int) -> list[int]:
@@ -128,6 +129,7 @@ def editing(
   metrics = {
     "edit": stage_metrics.edit_metrics(edited[other], volumes[src_idx[other]], truth[other]),
     "solver": solver,
+    "subjects": len(volumes),
     "nfe": int(nfe),
   }
   same = ~other
@@ -212,12 +214,26 @@ def run(
   section["ordered"] = {
     m: stage_metrics.ordered_like(section["per_stage"], m) for m in stage_metrics.MEASURES
   }
+  measured = tissue_volumes(real[known])
+  section["ordered_chance"] = {
+    m: stage_metrics.ordered_chance(measured[m], real_labels[known], per_stage)
+    for m in stage_metrics.MEASURES
+  }
   _sweep_plot(os.path.join(out_dir, "guidance.png"), rows, section["fd_floor"])
   _stage_montage(os.path.join(out_dir, "stages.png"), volumes, labels)
   seeds = cohort_seeds(vq_dir, held_out.names)
   if seeds is not None and models.objective == "rectified_flow":
+    chosen = _round_robin(held_out.labels, edit_subjects)
     section["editing"], montage = editing(
-      models, held_out.volumes, held_out.labels, seeds, vq_shape, classes, guidance, solver, steps
+      models,
+      held_out.volumes[chosen],
+      held_out.labels[chosen],
+      seeds[chosen],
+      vq_shape,
+      classes,
+      guidance,
+      solver,
+      steps,
     )
     _edit_montage(os.path.join(out_dir, "editing.png"), montage)
   return section
@@ -336,14 +352,16 @@ def to_markdown(section: dict) -> str:
     "",
     "Generated stage means ordered like the real ones: "
     + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in section["ordered"].items())
-    + ".",
+    + f". Real scans drawn {section['per_stage_samples']} per stage come out ordered in "
+    + ", ".join(f"{k} {v:.0%}" for k, v in section["ordered_chance"].items())
+    + " of draws, the most this check can show with so few samples.",
   ]
   if "editing" in section:
     e, r = section["editing"]["edit"], section["editing"]["round_trip"]
     lines += [
       "",
-      "Counterfactual editing of the held-out scans to every other stage (inverted "
-      f"and regenerated with {section['editing']['solver']}, NFE "
+      f"Counterfactual editing of {section['editing']['subjects']} held-out scans to every "
+      "other stage (inverted and regenerated with {section['editing']['solver']}, NFE "
       f"{section['editing']['nfe']} both ways), against the same subject generated at "
       "that stage:",
       "",

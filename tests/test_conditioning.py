@@ -165,6 +165,20 @@ def test_stage_classifier_and_per_stage_morphometry_on_real_stages(real32):
   assert not stage_metrics.ordered_like(swapped, "ventricle_fraction")
 
 
+def test_ordered_chance_is_one_for_separate_stages_and_a_permutation_for_equal_ones():
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(4), 50)
+  separate = labels * 10.0 + rng.normal(0, 1, 200)
+  assert stage_metrics.ordered_chance(separate, labels, 2) == 1.0
+  # The same values in every stage: any of the 4! orders is as likely, so about 1 / 24.
+  same = np.tile(rng.normal(0, 1, 50), 4)
+  assert abs(stage_metrics.ordered_chance(same, labels, 4, draws=20000) - 1 / 24) < 0.01
+  # Overlapping stages: more samples per stage make the order more certain.
+  overlap = labels * 0.5 + rng.normal(0, 1, 200)
+  chances = [stage_metrics.ordered_chance(overlap, labels, n) for n in (1, 4, 16)]
+  assert chances[0] < chances[1] < chances[2] < 1.0
+
+
 def test_edit_metrics_against_truth(real32):
   volumes, labels = real32
   template = cohort.load_template((32, 32, 32))

@@ -226,7 +226,13 @@ def test_evaluate_report(trained):
   from experiments import evaluate
 
   markdown = evaluate.run(
-    str(trained / "flow"), num_samples=4, solver="euler", steps=4, seed=0, per_stage=1
+    str(trained / "flow"),
+    num_samples=4,
+    solver="euler",
+    steps=4,
+    seed=0,
+    per_stage=1,
+    edit_subjects=1,
   )
   report = json.loads((trained / "flow" / "eval" / "report.json").read_text())
   assert report["sizes"] == {"samples": 4, "train": 6, "held_out": 2}
@@ -250,7 +256,13 @@ def test_evaluate_report(trained):
   assert [r["guidance"] for r in stages["sweep"]] == [0.0, 1.0, 2.0, 4.0]
   assert all(0 <= r["accuracy"] <= 1 and r["fd"] > 0 for r in stages["sweep"])
   assert sorted(stages["per_stage"]) == [str(s) for s in stages["classes"]]
-  assert set(stages["editing"]) == {"edit", "round_trip", "solver", "nfe"}
+  assert set(stages["editing"]) == {"edit", "round_trip", "solver", "nfe", "subjects"}
+  # edit_subjects=1 of the 2 held-out scans: that scan edited to the other classes only.
+  assert stages["editing"]["subjects"] == 1
+  assert stages["editing"]["edit"]["psnr"]["edit"]["n"] == len(stages["classes"]) - 1
+  assert set(stages["ordered_chance"]) == {"csf_fraction", "ventricle_fraction"}
+  assert all(0 <= v <= 1 for v in stages["ordered_chance"].values())
+  assert "of draws, the most this check can show" in markdown
   assert "## Per stage" in markdown and "| guidance w |" in markdown
 
 

@@ -150,6 +150,26 @@ def ordered_like(per_stage: dict, measure: str) -> bool:
   return bool(np.array_equal(np.argsort(model), np.argsort(real)))
 
 
+def ordered_chance(
+  values: np.ndarray, labels: np.ndarray, per_stage: int, draws: int = 2000, seed: int = 0
+) -> float:
+  """How often `per_stage` real values per stage, drawn with replacement, have stage means in
+  the order of the full set's: what the `ordered_like` check of that many samples per stage can
+  show at best. Stages whose spreads overlap make it a coin toss with few samples.
+
+  Args: values `(N,)` of one measure of real volumes; labels int `(N,)`; per_stage >= 1.
+  Returns: the fraction of draws in [0, 1].
+  """
+  values, labels = np.asarray(values, np.float64), np.asarray(labels)
+  stages = sorted(set(labels.tolist()))
+  target = np.argsort([values[labels == s].mean() for s in stages])
+  rng = np.random.default_rng(seed)
+  means = np.stack(
+    [rng.choice(values[labels == s], (draws, per_stage)).mean(axis=1) for s in stages], axis=1
+  )
+  return float(np.mean(np.all(np.argsort(means, axis=1) == target, axis=1)))
+
+
 def edit_metrics(edited: np.ndarray, source: np.ndarray, truth: np.ndarray) -> dict:
   """Counterfactual edits against the true counterfactual (same subject, target stage).
 
