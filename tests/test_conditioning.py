@@ -10,7 +10,7 @@ from experiments.configs import flow as flow_configs
 from latentfm import flow, sample
 from latentfm.data import cohort
 from latentfm.metrics import stages as stage_metrics
-from latentfm.nn.unet3d import UNet3D, count_params
+from latentfm.nn.unet3d import UNet3D, count_params, timestep_embedding
 
 THESIS_PARAMS = 37_910_568
 
@@ -49,6 +49,21 @@ def test_label_changes_the_field_and_none_is_the_null_class():
   np.testing.assert_array_equal(out(None), out(jnp.array([3, 3])))
   with pytest.raises(ValueError, match="unconditional"):
     _tiny_unet(0).init(jax.random.PRNGKey(1), z, t, label=jnp.array([0, 1]))
+
+
+def test_label_embedding_starts_at_the_time_embeddings_scale():
+  # A label table initialised far below the time embedding left the trained demo flow almost
+  # blind to the stage; both must start comparable.
+  net = _tiny_unet(4)
+  z = jnp.zeros((5, 4, 4, 4, 2))
+  t = jnp.linspace(0.0, 1.0, 5)
+  params = net.init(jax.random.PRNGKey(1), z, t)["params"]
+  d0, d1 = params["time_mlp_0"], params["time_mlp_1"]
+  temb = timestep_embedding(t * net.time_scale, net.channels) @ d0["kernel"] + d0["bias"]
+  temb = jax.nn.silu(temb) @ d1["kernel"] + d1["bias"]
+  time_norm = float(jnp.linalg.norm(temb, axis=1).mean())
+  label_norm = float(jnp.linalg.norm(params["label_embed"]["embedding"], axis=1).mean())
+  assert 0.3 < label_norm / time_norm < 10
 
 
 def test_drop_labels_rate_and_extremes():
