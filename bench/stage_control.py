@@ -12,6 +12,7 @@ means differ by a fraction of their spread; this measures the same with more.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -24,12 +25,27 @@ from latentfm.metrics.features import tissue_volumes
 from latentfm.train import stages as stage_io
 
 
-def real_volumes(flow_dir: str) -> tuple[np.ndarray, np.ndarray]:
-  """The flow's real volumes `[N, D, H, W]` in [0, 1] and stages int `(N,)`: its VQ-GAN's
-  training and held-out splits together."""
+def real_volumes(flow_dir: str, reference: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Real volumes `[N, D, H, W]` in [0, 1] and their stages int `(N,)`.
+
+  Args:
+    flow_dir: a trained flow stage.
+    reference: 0: its VQ-GAN's training and held-out splits together; N > 0: N subjects of a
+      balanced embedded cohort with another seed, on the same grid (written to
+      `flow_dir/stage_reference_N`), for flows trained on a cohort that lacks some stages.
+  """
   vq_dir = stage_io.load_stage_config(flow_dir, "flow").vqgan_workdir
   vq_config = stage_io.load_stage_config(vq_dir, "vqgan")
-  train, held_out = loader.load_splits(vq_config.data, vq_dir, vq_config.seed)
+  data, workdir, seed = vq_config.data, vq_dir, vq_config.seed
+  if reference > 0:
+    if data.dir:
+      raise SystemExit(
+        f"--reference needs a flow trained on the embedded cohort; {vq_dir} read {data.dir}"
+      )
+    data = data.copy_and_resolve_references()
+    data.cohort_size, data.stage_proportions = int(reference), None
+    workdir, seed = os.path.join(flow_dir, f"stage_reference_{reference}"), seed + 1
+  train, held_out = loader.load_splits(data, workdir, seed)
   volumes = np.concatenate([train.volumes, held_out.volumes])
   return volumes, np.concatenate([train.labels, held_out.labels]).astype(np.int32)
 
@@ -61,13 +77,20 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--solver", default="euler")
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--seed", type=int, default=7)
+  parser.add_argument(
+    "--reference",
+    type=int,
+    default=0,
+    help="Compare with N subjects of a balanced embedded cohort instead of the flow's own data "
+    "(for a flow trained on stage proportions).",
+  )
   args = parser.parse_args(argv)
 
   models = sample.load(args.workdir)
   k = models.num_classes
   if k < 1:
     raise SystemExit(f"{args.workdir}: the flow is unconditional (model.num_classes 0)")
-  volumes, labels = real_volumes(args.workdir)
+  volumes, labels = real_volumes(args.workdir, args.reference)
   features = stages.stage_features(volumes)
   accuracy = stages.cross_validated_accuracy(features, labels)
   classifier = stages.fit_classifier(features, labels)

@@ -361,7 +361,7 @@ def to_markdown(section: dict) -> str:
     lines += [
       "",
       f"Counterfactual editing of {section['editing']['subjects']} held-out scans to every "
-      "other stage (inverted and regenerated with {section['editing']['solver']}, NFE "
+      f"other stage (inverted and regenerated with {section['editing']['solver']}, NFE "
       f"{section['editing']['nfe']} both ways), against the same subject generated at "
       "that stage:",
       "",

@@ -263,6 +263,10 @@ def test_evaluate_report(trained):
   assert set(stages["ordered_chance"]) == {"csf_fraction", "ventricle_fraction"}
   assert all(0 <= v <= 1 for v in stages["ordered_chance"].values())
   assert "of draws, the most this check can show" in markdown
+  assert (
+    "editing of 1 held-out scans to every other stage (inverted and regenerated with euler"
+    in markdown
+  )
   assert "## Per stage" in markdown and "| guidance w |" in markdown
 
 
