@@ -243,8 +243,8 @@ class UNet3D(nn.Module):
       null = jnp.full((z.shape[0],), self.num_classes, jnp.int32)
       label = null if label is None else jnp.asarray(label, jnp.int32).reshape(z.shape[0])
       # Unit-variance rows (PyTorch's nn.Embedding default, as in ADM) start the label at the
-      # time embedding's scale; rows of std 0.02 stayed a tenth of it after the demo's 1,600
-      # steps, and the samples hardly depended on the stage asked for.
+      # time embedding's scale: rows that start far smaller stay a small perturbation of it
+      # through a short training run, and the field then hardly depends on the label.
       temb = temb + nn.Embed(
         self.num_classes + 1, tdim, name="label_embed", embedding_init=nn.initializers.normal(1.0)
       )(label).astype(dtype)
