@@ -138,6 +138,8 @@ def train_and_evaluate(
       config, workdir, run.main_process
     )
     dataset = loader.Dataset(latents, labels, tuple(map(str, range(len(latents)))))
+    if config.flow.get("balance_classes", False):
+      dataset = loader.class_balanced(dataset)
     state = run.start(
       create_state(jax.random.PRNGKey(config.seed), config, latents.shape[1:]), dataset
     )

@@ -142,7 +142,7 @@ def test_stage_figures_draw_inside_the_evaluate_command(tmp_path):
     "stage_eval; evaluate.define_flags(); flags.FLAGS(['x']); v = np.zeros((2, 8, 8, 8)); "
     "stage_eval._stage_montage(sys.argv[1] + '/s.png', v, np.array([0, 3])); "
     "stage_eval._edit_montage(sys.argv[1] + '/e.png', {'truth': v, 'edit': v, "
-    "'targets': np.array([0, 3]), 'source': 0})"
+    "'residual': v, 'targets': np.array([0, 3]), 'source': 0})"
   )
   done = subprocess.run(
     [sys.executable, "-c", code, str(tmp_path)],

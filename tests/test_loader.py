@@ -120,3 +120,13 @@ def test_process_shards_are_disjoint():
 def test_batch_larger_than_data_rejected():
   with pytest.raises(ValueError, match="cannot fill a batch"):
     loader.make_loader(_dataset(3), 4, train=True)
+
+
+def test_class_balanced_draws_every_class_equally():
+  labels = np.array([3, 3, 3, 3, 3, 2, 2, 1], np.int32)
+  ds = loader.Dataset(np.arange(8, dtype=np.float32)[:, None], labels, tuple("abcdefgh"))
+  out = loader.class_balanced(ds)
+  assert sorted(np.unique(out.labels, return_counts=True)[1]) == [5, 5, 5]
+  assert set(out.names) == set(ds.names)  # every scan kept, the rare ones repeated
+  assert out.names.count("h") == 5 and out.names.count("f") == 3
+  np.testing.assert_array_equal(out.volumes[:, 0], [ds.names.index(n) for n in out.names])

@@ -56,6 +56,20 @@ def trained(tmp_path_factory):
   return root
 
 
+def test_flow_balances_classes_when_asked(trained, tmp_path, monkeypatch):
+  class Drawn(Exception):
+    pass
+
+  def spy(dataset):
+    raise Drawn(dataset.labels)
+
+  monkeypatch.setattr(flow_stage.loader, "class_balanced", spy)
+  c = tiny_flow(trained / "vqgan")
+  c.flow.balance_classes = True
+  with pytest.raises(Drawn):
+    flow_stage.train_and_evaluate(c, str(tmp_path / "flow"))
+
+
 def test_vqgan_outputs_and_resume(trained):
   vq = trained / "vqgan"
   rows = read_metrics(str(vq))
@@ -167,6 +181,14 @@ def test_conditional_sampling_and_editing(trained):
   shift = (table[jnp.array([1, 3])] - table[jnp.array([2, 0])]).reshape(-1, 1, 1, 1, 1)
   expected = np.asarray(sample.decode(models, normalize(z, models.stats) + shift))
   np.testing.assert_allclose(edited, expected, atol=1e-4)
+  # A residual edit adds to the scan the difference of the decodings under target and source.
+  kept, nfe = sample.edit(toy_models, a, [1, 3], [2, 3], steps=4, solver="euler", residual=True)
+  assert nfe == 8
+  shift = (table[jnp.array([1, 3])] - table[jnp.array([2, 3])]).reshape(-1, 1, 1, 1, 1)
+  back = normalize(z, models.stats) + shift
+  expected = np.clip(a + sample.decode(models, back) - round_trip, 0, 1)
+  np.testing.assert_allclose(kept[0], expected[0], atol=1e-4)
+  np.testing.assert_allclose(kept[1], a[1], atol=1e-5)  # its own class: the scan itself
   with pytest.raises(ValueError, match="strength"):
     sample.edit(models, a, 0, 1, strength=0.0)
 
@@ -256,10 +278,12 @@ def test_evaluate_report(trained):
   assert [r["guidance"] for r in stages["sweep"]] == [0.0, 1.0, 2.0, 4.0]
   assert all(0 <= r["accuracy"] <= 1 and r["fd"] > 0 for r in stages["sweep"])
   assert sorted(stages["per_stage"]) == [str(s) for s in stages["classes"]]
-  assert set(stages["editing"]) == {"edit", "round_trip", "solver", "nfe", "subjects"}
+  assert set(stages["editing"]) == {"edit", "residual", "round_trip", "solver", "nfe", "subjects"}
   # edit_subjects=1 of the 2 held-out scans: that scan edited to the other classes only.
   assert stages["editing"]["subjects"] == 1
   assert stages["editing"]["edit"]["psnr"]["edit"]["n"] == len(stages["classes"]) - 1
+  assert stages["editing"]["residual"]["psnr"]["edit"]["n"] == len(stages["classes"]) - 1
+  assert "| residual edit vs truth |" in markdown
   assert set(stages["ordered_chance"]) == {"csf_fraction", "ventricle_fraction"}
   assert all(0 <= v <= 1 for v in stages["ordered_chance"].values())
   assert "of draws, the most this check can show" in markdown

@@ -66,6 +66,8 @@ def _base() -> ml_collections.ConfigDict:
   # Classifier-free guidance: the probability that a training label is replaced by the null
   # class, so that one network also learns the unconditional field (conditional models only).
   c.flow.p_uncond = 0.1
+  # Draw every class equally often in training (`loader.class_balanced`), for imbalanced data.
+  c.flow.balance_classes = False
 
   # The DDPM objective (latentfm.ddpm), used when flow.objective = "ddpm". medicaldiffusion's
   # values: cosine schedule (s 0.008, betas <= 0.9999), 300 steps, noise target, L1 loss.

@@ -65,6 +65,23 @@ class Dataset:
     return geometry.summarise(self.spacings, self.directions)
 
 
+def class_balanced(dataset: Dataset) -> Dataset:
+  """The dataset with each class's scans repeated up to the largest class's count.
+
+  Training on it draws every class equally often, so a rare class's label embedding is trained
+  as often as the common ones' (its few scans are seen more often: check for memorisation).
+
+  Args:
+    dataset: with labels int [N].
+
+  Returns:
+    A `Dataset` of classes x (largest class count) items, each class's scans cycled in order.
+  """
+  classes, counts = np.unique(dataset.labels, return_counts=True)
+  indices = [np.resize(np.flatnonzero(dataset.labels == c), counts.max()) for c in classes.tolist()]
+  return dataset.subset(np.concatenate(indices))
+
+
 def _file_stamp(path: str) -> str:
   """Size and modification time: a changed stamp invalidates the cache (OSError if unusable)."""
   st = os.stat(path)
