@@ -29,6 +29,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 1234, "Sampling seed.")
   flags.DEFINE_integer("per_stage", 4, "Conditional flows: samples per stage and guidance weight.")
   flags.DEFINE_integer(
+    "stage_samples",
+    0,
+    "Conditional flows: samples per stage of the per-stage morphometry (0: --per_stage).",
+  )
+  flags.DEFINE_integer(
     "edit_subjects",
     0,
     "Conditional flows on the embedded cohort: held-out scans to edit to every stage (0: all).",
@@ -91,6 +96,7 @@ def run(
   guidance: float = 1.0,
   eta: float = 0.0,
   edit_subjects: int = 0,
+  stage_samples: int = 0,
 ) -> str:
   """Evaluates the flow in `workdir` (holding its lock): writes `workdir/eval/report.{json,md}`
   and figures; returns the Markdown report.
@@ -110,6 +116,7 @@ def run(
       guidance,
       eta,
       edit_subjects,
+      stage_samples,
     )
 
 
@@ -124,6 +131,7 @@ def _evaluate(
   guidance: float,
   eta: float,
   edit_subjects: int = 0,
+  stage_samples: int = 0,
 ) -> str:
   # pylint: disable=import-outside-toplevel
   import jax
@@ -200,6 +208,7 @@ def _evaluate(
       solver=solver,
       steps=steps,
       edit_subjects=edit_subjects,
+      stage_samples=stage_samples,
     )
   atomic_write.write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1))
   markdown = report_lib.to_markdown(report)
@@ -228,6 +237,7 @@ def main(argv: list[str]) -> None:
         guidance=f.guidance,
         eta=f.eta,
         edit_subjects=f.edit_subjects,
+        stage_samples=f.stage_samples,
       )
     )
   )

@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from experiments import stage_figures
 from latentfm.metrics import generative
 from latentfm.metrics import stages as stage_metrics
 from latentfm.metrics.features import tissue_volumes
@@ -182,12 +183,15 @@ def run(
   solver: str = "euler",
   steps: int = 50,
   edit_subjects: int = 0,
+  stage_samples: int = 0,
 ) -> dict:
   """The per-stage section of the report (see the module docstring); figures go to `out_dir`.
 
   Args: train, held_out: `loader.Dataset`s of the VQ-GAN's real data (volumes with labels);
-  extract: the headline feature extractor; guidance: the weight of the per-stage morphometry;
-  edit_subjects: how many held-out scans to edit (0: all), taken one stage after another.
+  extract: the headline feature extractor; per_stage: samples per stage and sweep weight;
+  guidance: the weight of the per-stage morphometry; stage_samples: samples per stage of the
+  morphometry (0: per_stage; more are drawn at `guidance` only); edit_subjects: how many
+  held-out scans to edit (0: all), taken one stage after another.
   """
   real = np.concatenate([train.volumes, held_out.volumes])
   real_labels = np.concatenate([train.labels, held_out.labels])
@@ -222,17 +226,30 @@ def run(
   )
   section["guidance"] = float(guidance)
   volumes, labels = kept[float(guidance)]
+  stage_samples = max(stage_samples, per_stage)
+  if stage_samples > per_stage:  # more samples where the ordering is checked, not at every w
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from latentfm import sample  # pylint: disable=import-outside-toplevel
+
+    more = np.repeat(np.asarray(classes, np.int32), stage_samples - per_stage)
+    extra, _ = sample.sample(
+      jax.random.fold_in(key, len(sweep_ws)), models, len(more), labels=more,
+      guidance=float(guidance), solver=solver, steps=steps,
+    )  # fmt: skip
+    volumes, labels = np.concatenate([volumes, extra]), np.concatenate([labels, more])
+  section["stage_samples"] = stage_samples
   section["per_stage"] = stage_metrics.per_stage_morphometry(volumes, labels, real, real_labels)
   section["ordered"] = {
     m: stage_metrics.ordered_like(section["per_stage"], m) for m in stage_metrics.MEASURES
   }
   measured = tissue_volumes(real[known])
   section["ordered_chance"] = {
-    m: stage_metrics.ordered_chance(measured[m], real_labels[known], per_stage)
+    m: stage_metrics.ordered_chance(measured[m], real_labels[known], stage_samples)
     for m in stage_metrics.MEASURES
   }
-  _sweep_plot(os.path.join(out_dir, "guidance.png"), rows, section["fd_floor"])
-  _stage_montage(os.path.join(out_dir, "stages.png"), volumes, labels)
+  stage_figures.sweep_plot(os.path.join(out_dir, "guidance.png"), rows, section["fd_floor"])
+  stage_figures.stage_montage(os.path.join(out_dir, "stages.png"), volumes, labels)
   seeds = cohort_seeds(vq_dir, held_out.names)
   if seeds is not None and models.objective == "rectified_flow":
     chosen = _round_robin(held_out.labels, edit_subjects)
@@ -247,7 +264,7 @@ def run(
       solver,
       steps,
     )
-    _edit_montage(os.path.join(out_dir, "editing.png"), montage)
+    stage_figures.edit_montage(os.path.join(out_dir, "editing.png"), montage)
   return section
 
 
@@ -257,66 +274,6 @@ def _round_robin(labels: np.ndarray, num: int) -> np.ndarray:
     range(len(labels)), key=lambda i: (int(np.sum(labels[:i] == labels[i])), int(labels[i]))
   )
   return np.asarray(order[:num] if num > 0 else order, np.int64)
-
-
-def _sweep_plot(path: str, rows: list, floor: float) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  fig, ax = plt.subplots(figsize=(4.5, 3.2))
-  ax.plot([r["fd"] for r in rows], [r["accuracy"] for r in rows], "o-")
-  for r in rows:
-    ax.annotate(
-      f"w={r['guidance']:g}",
-      (r["fd"], r["accuracy"]),
-      fontsize=8,
-      xytext=(4, 4),
-      textcoords="offset points",
-    )
-  ax.axvline(floor, color="k", ls="--", lw=1, label="FD floor (held-out real)")
-  ax.set_xlabel("Fréchet distance to training set (lower is better)")
-  ax.set_ylabel("stage classifier accuracy")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def _stage_montage(path: str, volumes: np.ndarray, labels: np.ndarray) -> None:
-  # Not experiments.cohort: importing a command's module defines its flags a second time.
-  from latentfm import viz  # pylint: disable=import-outside-toplevel
-  from latentfm.data.cohort import STAGE_NAMES, VENTRICLE_LEVEL  # pylint: disable=import-outside-toplevel
-
-  rows = [i for s in sorted(set(labels.tolist())) for i in np.flatnonzero(labels == s)[:2]]
-  viz.save_triplanar(
-    path,
-    volumes[rows],
-    [f"asked {STAGE_NAMES[labels[i]]}" for i in rows],
-    title="samples per requested stage",
-    at=VENTRICLE_LEVEL,
-  )
-
-
-def _edit_montage(path: str, montage: dict) -> None:
-  # Not experiments.cohort: importing a command's module defines its flags a second time.
-  from latentfm import viz  # pylint: disable=import-outside-toplevel
-  from latentfm.data.cohort import STAGE_NAMES, VENTRICLE_LEVEL  # pylint: disable=import-outside-toplevel
-
-  source = STAGE_NAMES[montage["source"]]
-  volumes, captions = [], []
-  for i, t in enumerate(montage["targets"]):  # per target stage: truth, edit, residual edit
-    volumes += [montage["truth"][i], montage["edit"][i], montage["residual"][i]]
-    to = f"{source}→{STAGE_NAMES[t]}"
-    captions += [f"truth {STAGE_NAMES[t]}", f"edit {to}", f"residual {to}"]
-  viz.save_triplanar(
-    path,
-    np.stack(volumes),
-    captions,
-    title="counterfactual editing of one held-out subject:\ntrue stage, edit, residual edit",
-    at=VENTRICLE_LEVEL,
-  )
 
 
 def to_markdown(section: dict) -> str:
@@ -349,8 +306,8 @@ def to_markdown(section: dict) -> str:
   ]
   lines += [
     "",
-    f"Morphometry per requested stage at w = {section['guidance']:g} "
-    "(generated vs real of that stage; W1 between them):",
+    f"Morphometry per requested stage at w = {section['guidance']:g}, "
+    f"{section['stage_samples']} samples per stage (generated vs real of that stage; W1):",
     "",
     "| stage | CSF fraction: model | real | W1 | ventricle fraction: model | real | W1 |",
     "|---|---|---|---|---|---|---|",
@@ -365,7 +322,7 @@ def to_markdown(section: dict) -> str:
     "",
     "Generated stage means ordered like the real ones: "
     + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in section["ordered"].items())
-    + f". Real scans drawn {section['per_stage_samples']} per stage come out ordered in "
+    + f". Real scans drawn {section['stage_samples']} per stage come out ordered in "
     + ", ".join(f"{k} {v:.0%}" for k, v in section["ordered_chance"].items())
     + " of draws, the most this check can show with so few samples.",
   ]
@@ -388,6 +345,8 @@ def to_markdown(section: dict) -> str:
       f"{fmt(e['ssim']['unedited'])} |",
       f"| ventricle-fraction shift | {fmt(e['ventricle_shift']['edit'])} | "
       f"{fmt(d['ventricle_shift']['edit'])} | truth: {fmt(e['ventricle_shift']['truth'])} |",
+      f"| ventricle shift gain (slope on the true shift; 1: the true change, 0: none) | "
+      f"{e['shift_gain']:.2f} | {d['shift_gain']:.2f} | 0 |",
       "",
       f"Inversion round trip (own stage): PSNR {fmt(r['psnr_to_input'])} dB to the "
       f"input, {fmt(r['psnr_to_vqgan_recon'])} dB to the VQ-GAN reconstruction.",

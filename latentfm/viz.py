@@ -83,3 +83,60 @@ def save_triplanar(
     fig.savefig(partial, dpi=100)
   plt.close(fig)
   return path
+
+
+def save_grid(
+  path: str,
+  volumes,
+  row_labels: Sequence[str],
+  col_labels: Sequence[str],
+  title: str | None = None,
+  planes: Sequence[str] = ("axial", "coronal"),
+  at: Sequence[float] = (0.5, 0.5, 0.5),
+) -> str:
+  """Writes a PNG comparing volumes side by side: one column per volume of a row.
+
+  Args:
+    path: the PNG to write.
+    volumes: `[R, C, D, H, W]` in [0, 1], e.g. rows of methods and columns of conditions.
+    row_labels: R names; col_labels: C names.
+    title: above the grid.
+    planes: which of `PLANES` to show; each row of volumes gives one figure row per plane.
+    at: the fractional position of the slices (see `mid_slices`).
+
+  Returns:
+    `path`.
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  grid = np.asarray(volumes, np.float32)
+  if grid.ndim != 5 or grid.shape[:2] != (len(row_labels), len(col_labels)):
+    raise ValueError(
+      f"expected [{len(row_labels)}, {len(col_labels)}, D, H, W] volumes, got {grid.shape}"
+    )
+  unknown = sorted(set(planes) - set(PLANES))
+  if unknown:
+    raise ValueError(f"planes must be among {PLANES}, got {unknown}")
+  rows, cols = grid.shape[0] * len(planes), grid.shape[1]
+  fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 0.4, 1.6 * rows + 0.6), squeeze=False)
+  for r, (label, volumes_row) in enumerate(zip(row_labels, grid)):
+    for p, plane in enumerate(planes):
+      for c, vol in enumerate(volumes_row):
+        ax = axes[r * len(planes) + p, c]
+        ax.imshow(mid_slices(vol, at)[PLANES.index(plane)], cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if r == 0 and p == 0:
+          ax.set_title(col_labels[c], fontsize=9)
+        if c == 0:
+          ax.set_ylabel(f"{label}\n{plane}", fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  with atomic_write.atomic_path(path) as partial:
+    fig.savefig(partial, dpi=100)
+  plt.close(fig)
+  return path

@@ -139,9 +139,9 @@ def test_stage_figures_draw_inside_the_evaluate_command(tmp_path):
   # imported another command's module would define its flags again and crash at the end.
   code = (
     "import sys, numpy as np; from absl import flags; from experiments import evaluate, "
-    "stage_eval; evaluate.define_flags(); flags.FLAGS(['x']); v = np.zeros((2, 8, 8, 8)); "
-    "stage_eval._stage_montage(sys.argv[1] + '/s.png', v, np.array([0, 3])); "
-    "stage_eval._edit_montage(sys.argv[1] + '/e.png', {'truth': v, 'edit': v, "
+    "stage_figures; evaluate.define_flags(); flags.FLAGS(['x']); v = np.zeros((2, 8, 8, 8)); "
+    "stage_figures.stage_montage(sys.argv[1] + '/s.png', v, np.array([0, 3])); "
+    "stage_figures.edit_montage(sys.argv[1] + '/e.png', {'truth': v, 'edit': v, "
     "'residual': v, 'targets': np.array([0, 3]), 'source': 0})"
   )
   done = subprocess.run(

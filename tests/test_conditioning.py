@@ -10,6 +10,7 @@ from experiments.configs import flow as flow_configs
 from latentfm import flow, sample
 from latentfm.data import cohort
 from latentfm.metrics import stages as stage_metrics
+from latentfm.metrics.features import tissue_volumes
 from latentfm.nn.unet3d import UNet3D, count_params, timestep_embedding
 
 THESIS_PARAMS = 37_910_568
@@ -207,6 +208,16 @@ def test_edit_metrics_against_truth(real32):
     m["ventricle_shift"]["edit"]["mean"], m["ventricle_shift"]["truth"]["mean"]
   )
   assert m["ventricle_shift"]["truth"]["mean"] > 0  # stage 3 has larger ventricles
+  assert m["shift_gain"] == pytest.approx(1.0)
+  assert stage_metrics.edit_metrics(source, source, truth)["shift_gain"] == 0.0  # no change
+  shrunk = np.stack([cohort.make_subject(template, 0, int(k)) for k in seeds[1:3]])
+  assert stage_metrics.edit_metrics(shrunk, source[1:], truth[1:])["shift_gain"] < 0  # wrong way
+  # One perfect edit and two unedited scans: the slope weighs each by its true shift squared.
+  part = stage_metrics.edit_metrics(np.stack([truth[0], *source[1:]]), source, truth)
+  v = {k: tissue_volumes(x)["ventricle_fraction"] for k, x in (("s", source), ("t", truth))}
+  true_shift = v["t"] - v["s"]
+  assert 0 < part["shift_gain"] < 1
+  assert part["shift_gain"] == pytest.approx(true_shift[0] ** 2 / np.sum(true_shift**2))
 
 
 def test_edited_subjects_cover_the_stages_first():

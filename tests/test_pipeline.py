@@ -255,6 +255,7 @@ def test_evaluate_report(trained):
     seed=0,
     per_stage=1,
     edit_subjects=1,
+    stage_samples=2,
   )
   report = json.loads((trained / "flow" / "eval" / "report.json").read_text())
   assert report["sizes"] == {"samples": 4, "train": 6, "held_out": 2}
@@ -278,6 +279,10 @@ def test_evaluate_report(trained):
   assert [r["guidance"] for r in stages["sweep"]] == [0.0, 1.0, 2.0, 4.0]
   assert all(0 <= r["accuracy"] <= 1 and r["fd"] > 0 for r in stages["sweep"])
   assert sorted(stages["per_stage"]) == [str(s) for s in stages["classes"]]
+  # The morphometry has stage_samples per stage, the sweep per_stage at each weight.
+  assert stages["stage_samples"] == 2 and stages["per_stage_samples"] == 1
+  assert {m["ventricle_fraction"]["model"]["n"] for m in stages["per_stage"].values()} == {2}
+  assert "at w = 1, 2 samples per stage" in markdown
   assert set(stages["editing"]) == {"edit", "residual", "round_trip", "solver", "nfe", "subjects"}
   # edit_subjects=1 of the 2 held-out scans: that scan edited to the other classes only.
   assert stages["editing"]["subjects"] == 1

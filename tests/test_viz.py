@@ -37,3 +37,16 @@ def test_slices_at_fractional_position():
   np.testing.assert_array_equal(axial, vol[0])
   np.testing.assert_array_equal(coronal, vol[::-1, 9, :])
   np.testing.assert_array_equal(sagittal, vol[::-1, :, 3])
+
+
+def test_grid_of_volumes(tmp_path):
+  grid = np.random.default_rng(0).uniform(size=(3, 4, 8, 8, 8)).astype(np.float32)
+  path = viz.save_grid(str(tmp_path / "g.png"), grid, ["a", "b", "c"], list("wxyz"), title="t")
+  from matplotlib.image import imread  # pylint: disable=import-outside-toplevel
+
+  assert imread(path).shape[:2] == (1020, 680)  # 3 x 2 plane rows, 4 columns of 1.6 in at 100 dpi
+  with pytest.raises(ValueError, match=r"\[3, 4, D, H, W\]"):
+    viz.save_grid(str(tmp_path / "bad.png"), grid[:, :3], ["a", "b", "c"], list("wxyz"))
+  with pytest.raises(ValueError, match="planes"):
+    viz.save_grid(str(tmp_path / "bad.png"), grid, ["a", "b", "c"], list("wxyz"), planes=["up"])
+  assert not (tmp_path / "bad.png").exists()

@@ -175,7 +175,9 @@ def edit_metrics(edited: np.ndarray, source: np.ndarray, truth: np.ndarray) -> d
 
   Args: edited, source (the unedited scans), truth: `[N, D, H, W]` in [0, 1].
   Returns: PSNR/SSIM of the edit vs the truth and of the unedited scan vs the truth (the
-  baseline), each a mean with interval, and the ventricle-fraction shift of edit and truth.
+  baseline), each a mean with interval; the ventricle-fraction shift of edit and truth; and
+  `shift_gain`, the least-squares slope of the edits' shifts on the true shifts (edits go both
+  ways, so mean shifts cancel; 1: the true change, 0: none, < 0: the wrong way).
   """
   out = {}
   for name, fn in (("psnr", image.psnr), ("ssim", image.ssim)):
@@ -191,4 +193,8 @@ def edit_metrics(edited: np.ndarray, source: np.ndarray, truth: np.ndarray) -> d
     "edit": mean_ci(v["edit"] - v["source"]),
     "truth": mean_ci(v["truth"] - v["source"]),
   }
+  true_shift = v["truth"] - v["source"]
+  out["shift_gain"] = float(
+    np.sum((v["edit"] - v["source"]) * true_shift) / max(np.sum(true_shift**2), 1e-30)
+  )
   return out
