@@ -33,6 +33,14 @@ def define_flags() -> None:
     0,
     "Conditional flows: samples per stage of the per-stage morphometry (0: --per_stage).",
   )
+  flags.DEFINE_float(
+    "edit_guidance", None, "Conditional flows: guidance weight of the edits (sample.edit's)."
+  )
+  flags.DEFINE_float(
+    "edit_strength",
+    None,
+    "Conditional flows: how far the edits invert, in (0, 1] (1: to noise; sample.edit's).",
+  )
   flags.DEFINE_integer(
     "edit_subjects",
     0,
@@ -97,6 +105,8 @@ def run(
   eta: float = 0.0,
   edit_subjects: int = 0,
   stage_samples: int = 0,
+  edit_guidance: float | None = None,
+  edit_strength: float | None = None,
 ) -> str:
   """Evaluates the flow in `workdir` (holding its lock): writes `workdir/eval/report.{json,md}`
   and figures; returns the Markdown report.
@@ -117,6 +127,8 @@ def run(
       eta,
       edit_subjects,
       stage_samples,
+      edit_guidance,
+      edit_strength,
     )
 
 
@@ -132,6 +144,8 @@ def _evaluate(
   eta: float,
   edit_subjects: int = 0,
   stage_samples: int = 0,
+  edit_guidance: float | None = None,
+  edit_strength: float | None = None,
 ) -> str:
   # pylint: disable=import-outside-toplevel
   import jax
@@ -209,6 +223,8 @@ def _evaluate(
       steps=steps,
       edit_subjects=edit_subjects,
       stage_samples=stage_samples,
+      edit_guidance=edit_guidance,
+      edit_strength=edit_strength,
     )
   atomic_write.write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1))
   markdown = report_lib.to_markdown(report)
@@ -238,6 +254,8 @@ def main(argv: list[str]) -> None:
         eta=f.eta,
         edit_subjects=f.edit_subjects,
         stage_samples=f.stage_samples,
+        edit_guidance=f.edit_guidance,
+        edit_strength=f.edit_strength,
       )
     )
   )

@@ -84,11 +84,13 @@ def editing(
   seeds: np.ndarray,
   shape,
   classes: list[int],
-  guidance: float,
+  guidance: float | None,
   solver: str = "euler",
   steps: int = 50,
+  strength: float | None = None,
 ) -> tuple[dict, dict]:
-  """Edits every scan to every other class present and back to its own (the round trip).
+  """Edits every scan to every other class present and back to its own (the round trip),
+  at `sample.edit`'s guidance and strength (None: its defaults).
 
   Returns (metrics, montage volumes): metrics has `edit` (`stage_metrics.edit_metrics` over all
   edits) and `round_trip` (PSNR of the round trip against the input and against the VQ-GAN's
@@ -103,6 +105,8 @@ def editing(
   from latentfm.metrics import image
   from latentfm.nn.vqgan import from_model_range, to_model_range
 
+  guidance = editing_lib.EDIT_GUIDANCE if guidance is None else guidance
+  strength = editing_lib.EDIT_STRENGTH if strength is None else strength
   template = cohort.load_template(tuple(int(s) for s in shape))
   src_idx, targets = [], []
   for i in range(len(labels)):
@@ -118,6 +122,7 @@ def editing(
       labels[src_idx[j : j + 8]],
       targets[j : j + 8],
       guidance=guidance,
+      strength=strength,
       solver=solver,
       steps=steps,
     )
@@ -141,6 +146,8 @@ def editing(
       residual[scored], volumes[src_idx[scored]], truth[scored]
     ),
     "solver": solver,
+    "guidance": float(guidance),
+    "strength": float(strength),
     "subjects": len(volumes),
     "nfe": int(nfe),
   }
@@ -184,6 +191,8 @@ def run(
   steps: int = 50,
   edit_subjects: int = 0,
   stage_samples: int = 0,
+  edit_guidance: float | None = None,
+  edit_strength: float | None = None,
 ) -> dict:
   """The per-stage section of the report (see the module docstring); figures go to `out_dir`.
 
@@ -191,7 +200,8 @@ def run(
   extract: the headline feature extractor; per_stage: samples per stage and sweep weight;
   guidance: the weight of the per-stage morphometry; stage_samples: samples per stage of the
   morphometry (0: per_stage; more are drawn at `guidance` only); edit_subjects: how many
-  held-out scans to edit (0: all), taken one stage after another.
+  held-out scans to edit (0: all), taken one stage after another; edit_guidance,
+  edit_strength: `sample.edit`'s guidance and strength (None: its defaults).
   """
   real = np.concatenate([train.volumes, held_out.volumes])
   real_labels = np.concatenate([train.labels, held_out.labels])
@@ -260,9 +270,10 @@ def run(
       seeds[chosen],
       vq_shape,
       classes,
-      guidance,
+      edit_guidance,
       solver,
       steps,
+      edit_strength,
     )
     stage_figures.edit_montage(os.path.join(out_dir, "editing.png"), montage)
   return section
@@ -332,7 +343,8 @@ def to_markdown(section: dict) -> str:
     lines += [
       "",
       f"Counterfactual editing of {section['editing']['subjects']} held-out scans to every "
-      f"other stage (inverted and regenerated with {section['editing']['solver']}, NFE "
+      f"other stage (inverted to t = {section['editing']['strength']:g} and regenerated at "
+      f"w = {section['editing']['guidance']:g} with {section['editing']['solver']}, NFE "
       f"{section['editing']['nfe']} both ways), against the same subject generated at "
       "that stage. The residual edit is the scan plus the edit minus the scan regenerated "
       "at its own stage (`sample.edit(..., residual=True)`):",

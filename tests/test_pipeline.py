@@ -177,12 +177,20 @@ def test_conditional_sampling_and_editing(trained):
   toy_models = dataclasses.replace(
     models, velocity=sample.velocity_from_model(toy, table, null_label=4)
   )
-  edited, _ = sample.edit(toy_models, a, [1, 3], [2, 0], steps=4, solver="euler")
+  full = {"steps": 4, "solver": "euler", "strength": 1.0, "guidance": 1.0}
+  edited, _ = sample.edit(toy_models, a, [1, 3], [2, 0], **full)
   shift = (table[jnp.array([1, 3])] - table[jnp.array([2, 0])]).reshape(-1, 1, 1, 1, 1)
   expected = np.asarray(sample.decode(models, normalize(z, models.stats) + shift))
   np.testing.assert_allclose(edited, expected, atol=1e-4)
+  # Inverting to t = 0.5 adds half of table[source]; guidance 2 doubles the way back's field.
+  partial, _ = sample.edit(
+    toy_models, a, [1, 3], [2, 0], **{**full, "strength": 0.5, "guidance": 2}
+  )
+  shift = 0.5 * (table[jnp.array([1, 3])] - 2 * table[jnp.array([2, 0])]).reshape(-1, 1, 1, 1, 1)
+  expected = np.asarray(sample.decode(models, normalize(z, models.stats) + shift))
+  np.testing.assert_allclose(partial, expected, atol=1e-4)
   # A residual edit adds to the scan the difference of the decodings under target and source.
-  kept, nfe = sample.edit(toy_models, a, [1, 3], [2, 3], steps=4, solver="euler", residual=True)
+  kept, nfe = sample.edit(toy_models, a, [1, 3], [2, 3], residual=True, **full)
   assert nfe == 8
   shift = (table[jnp.array([1, 3])] - table[jnp.array([2, 3])]).reshape(-1, 1, 1, 1, 1)
   back = normalize(z, models.stats) + shift
@@ -256,6 +264,8 @@ def test_evaluate_report(trained):
     per_stage=1,
     edit_subjects=1,
     stage_samples=2,
+    edit_guidance=2.0,
+    edit_strength=0.5,
   )
   report = json.loads((trained / "flow" / "eval" / "report.json").read_text())
   assert report["sizes"] == {"samples": 4, "train": 6, "held_out": 2}
@@ -283,7 +293,10 @@ def test_evaluate_report(trained):
   assert stages["stage_samples"] == 2 and stages["per_stage_samples"] == 1
   assert {m["ventricle_fraction"]["model"]["n"] for m in stages["per_stage"].values()} == {2}
   assert "at w = 1, 2 samples per stage" in markdown
-  assert set(stages["editing"]) == {"edit", "residual", "round_trip", "solver", "nfe", "subjects"}
+  assert set(stages["editing"]) == {
+    "edit", "residual", "round_trip", "solver", "guidance", "strength", "nfe", "subjects"
+  }  # fmt: skip
+  assert (stages["editing"]["guidance"], stages["editing"]["strength"]) == (2.0, 0.5)
   # edit_subjects=1 of the 2 held-out scans: that scan edited to the other classes only.
   assert stages["editing"]["subjects"] == 1
   assert stages["editing"]["edit"]["psnr"]["edit"]["n"] == len(stages["classes"]) - 1
@@ -293,8 +306,8 @@ def test_evaluate_report(trained):
   assert all(0 <= v <= 1 for v in stages["ordered_chance"].values())
   assert "of draws, the most this check can show" in markdown
   assert (
-    "editing of 1 held-out scans to every other stage (inverted and regenerated with euler"
-    in markdown
+    "editing of 1 held-out scans to every other stage (inverted to t = 0.5 and regenerated "
+    "at w = 2 with euler" in markdown
   )
   assert "## Per stage" in markdown and "| guidance w |" in markdown
 
