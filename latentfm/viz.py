@@ -76,13 +76,7 @@ def save_triplanar(
         ax.set_title(plane, fontsize=9)
       if j == 0 and row_labels is not None:
         ax.set_ylabel(row_labels[i], fontsize=8)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  with atomic_write.atomic_path(path) as partial:  # same suffix: the format stays PNG
-    fig.savefig(partial, dpi=100)
-  plt.close(fig)
-  return path
+  return _finish(fig, path, title)
 
 
 def save_grid(
@@ -133,10 +127,17 @@ def save_grid(
           ax.set_title(col_labels[c], fontsize=9)
         if c == 0:
           ax.set_ylabel(f"{label}\n{plane}", fontsize=8)
+  return _finish(fig, path, title)
+
+
+def _finish(fig, path: str, title: str | None) -> str:
+  """Titles, lays out and writes `fig` to `path` (atomically, PNG), then closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  with atomic_write.atomic_path(path) as partial:
+  with atomic_write.atomic_path(path) as partial:  # same suffix: the format stays PNG
     fig.savefig(partial, dpi=100)
   plt.close(fig)
   return path
