@@ -64,3 +64,21 @@ def tiny_vqgan_config(**loss):
   for k, v in loss.items():
     setattr(c.loss, k, v)
   return c
+
+
+def tiny_flow(vq_dir, num_steps=3):
+  """The `demo` flow config shrunk to train in seconds on `tiny_vqgan_config` latents."""
+  from experiments.configs import flow as flow_configs  # pylint: disable=import-outside-toplevel
+
+  c = flow_configs.get_config("demo")
+  c.vqgan_workdir = str(vq_dir)
+  c.model.channels = 8
+  c.model.time_embed_dim = 16
+  c.model.channel_mults, c.model.attention_levels = (1, 2), (1,)
+  c.train.batch_size = 2
+  c.train.num_steps = num_steps
+  c.train.log_every = 1
+  c.train.sample_every = 3
+  c.train.ckpt_every = 3
+  c.sample.steps = 4
+  return c
